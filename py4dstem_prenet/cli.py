@@ -1,0 +1,181 @@
+"""The ``prenet`` command line.
+
+Commands
+--------
+prenet demo          simulate the built-in crystal scan and calibrate it, print a table
+prenet simulate OUT  write a simulated DataCube (EMD/HDF5) and its ground truth (.npz)
+prenet benchmark     run the benchmark, write BENCHMARKS.md tables and plots
+prenet info          versions of the package and its dependencies
+
+Exit codes: 0 success, 2 bad arguments or input, 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import __version__
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (v > 0 and np.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _shape(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 128x128, got {text!r}") from None
+    if len(shape) != 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"shape must be two positive sizes like 128x128, got {text!r}")
+    return shape
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .baselines import fit_origin, get_origin, get_origin_friedel
+    from .evaluation import centre_errors
+    from .evaluation.benchmark import bright_disk_scene
+    from .simulation import Detector, simulate_datacube
+
+    rng = np.random.default_rng(args.seed)
+    scene = bright_disk_scene(rng, args.detector)
+    dc, truth = simulate_datacube(args.scan, args.detector, "crystal", args.dose, (1.02, 0.6),
+                                  detector=Detector(hot_fraction=2e-4, hot_level=10.0), scene=scene, seed=args.seed)
+    print(f"Simulated crystal scan: scan {args.scan}, detector {args.detector}, {args.dose:.0e} e-/pattern, "
+          f"bright Bragg disks, hot pixels, descan drift, a/b = {truth.ratio}")
+    methods = {
+        "py4DSTEM get_origin": lambda: get_origin(dc),
+        "py4DSTEM get_origin + fit_origin": lambda: fit_origin(*get_origin(dc)),
+        "py4DSTEM get_origin_friedel": lambda: get_origin_friedel(dc),
+    }
+    print("\n| origin method | mean px | median px | > 1 px | patterns/s |")
+    print("|---|---|---|---|---|")
+    n = truth.origin[..., 0].size
+    for name, fn in methods.items():
+        t0 = time.perf_counter()
+        qx0, qy0 = fn()
+        dt = time.perf_counter() - t0
+        e = centre_errors(np.stack([qx0, qy0], -1), truth.origin)
+        print(f"| {name} | {e['mean']:.3f} | {e['median']:.3f} | {100 * e['fail']:.0f}% | {n / dt:.0f} |")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import py4DSTEM
+
+    from .simulation import Detector, simulate_datacube
+
+    if os.path.exists(args.out) and not args.overwrite:
+        print(f"prenet: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    dc, truth = simulate_datacube(args.scan, args.detector, args.kind, args.dose, (args.ratio, np.radians(args.theta)),
+                                  detector=Detector(hot_fraction=args.hot_fraction), beam_stop=args.beam_stop,
+                                  seed=args.seed)
+    tmp = args.out + ".partial"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    py4DSTEM.save(tmp, dc, mode="o")
+    os.replace(tmp, args.out)
+    np.savez(args.out + ".truth.npz", origin=truth.origin, ellipse=np.array(truth.ellipse), clean=truth.clean,
+             dose=truth.dose)
+    print(f"wrote {args.out} and {args.out}.truth.npz")
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from .evaluation.benchmark import BenchmarkConfig, run_benchmark
+
+    cfg = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
+    res = run_benchmark(cfg, progress=lambda m: print(f"[benchmark] {m}", file=sys.stderr))
+    table = res.to_markdown()
+    print(table)
+    if args.out:
+        command = "prenet benchmark" + (" --quick" if args.quick else "") + f" --out {args.out}"
+        with open(args.out, "w") as f:
+            f.write("# Benchmarks\n\nRegenerate with:\n\n```\n" + command + "\n```\n\n" + table)
+        plot = os.path.splitext(args.out)[0] + "_origin_denoise.png"
+        res.plot(plot)
+        print(f"wrote {args.out} and {plot}", file=sys.stderr)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import importlib.metadata as md
+
+    print(f"py4dstem-prenet {__version__}")
+    for pkg in ("py4DSTEM", "torch", "numpy", "scipy", "h5py", "emdfile", "abtem"):
+        try:
+            print(f"  {pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            print(f"  {pkg} not installed")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of ``prenet``."""
+    p = argparse.ArgumentParser(
+        prog="prenet",
+        description="Automatic preprocessing of 4D-STEM data for py4DSTEM: denoising, origin (descan) and "
+                    "elliptical-distortion calibration, with a simulator and benchmarks.",
+    )
+    p.add_argument("--version", action="version", version=f"py4dstem-prenet {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="simulate the built-in crystal scan, calibrate it and print a table")
+    d.add_argument("--dose", type=_positive_float, default=1e4, help="electrons per pattern (default 1e4)")
+    d.add_argument("--scan", type=_shape, default=(16, 16), help="scan shape, e.g. 16x16")
+    d.add_argument("--detector", type=_shape, default=(128, 128), help="detector shape, e.g. 128x128")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("simulate", help="write a simulated DataCube (EMD) and its ground truth")
+    s.add_argument("out", help="output .h5 file (EMD, opens with py4DSTEM.read)")
+    s.add_argument("--kind", default="crystal", choices=["crystal", "amorphous", "polycrystalline", "vacuum", "mixed"])
+    s.add_argument("--dose", type=_positive_float, default=1e4, help="electrons per pattern")
+    s.add_argument("--scan", type=_shape, default=(16, 16))
+    s.add_argument("--detector", type=_shape, default=(128, 128))
+    s.add_argument("--ratio", type=_positive_float, default=1.02, help="ellipse a/b")
+    s.add_argument("--theta", type=float, default=30.0, help="ellipse angle, degrees from the qx (row) axis")
+    s.add_argument("--hot-fraction", type=float, default=0.0, help="fraction of hot pixels")
+    s.add_argument("--beam-stop", action="store_true", help="add a beam stop over the bright-field disk")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    s.set_defaults(func=_cmd_simulate)
+
+    b = sub.add_parser("benchmark", help="compare methods on held-out simulated data")
+    b.add_argument("--quick", action="store_true", help="small configuration (seconds)")
+    b.add_argument("--out", default=None, help="write the tables to this markdown file, plots next to it")
+    b.set_defaults(func=_cmd_benchmark)
+
+    i = sub.add_parser("info", help="versions of the package and its dependencies")
+    i.set_defaults(func=_cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``prenet``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+        print(f"prenet: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Benchmark harness: every method on the same simulated data, in the same run.
+
+``run_benchmark`` simulates held-out scans (seeds disjoint from any training
+stream), runs the registered origin, ellipse and denoising methods on them, and
+returns a :class:`BenchmarkResult` whose :meth:`~BenchmarkResult.to_markdown` is
+the table in BENCHMARKS.md and whose :meth:`~BenchmarkResult.plot` draws error
+versus dose with the Cramer-Rao curve.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+import tracemalloc
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..baselines import (aligned_mean_pattern, ellipse_amorphous_ring, ellipse_fit_1d, ellipse_from_bragg_vectors,
+                         fit_origin, gaussian_denoise, get_origin, get_origin_friedel, tensor_svd_denoise)
+from ..simulation import Detector, random_scene, simulate_datacube, simulate_patterns
+from .metrics import centre_errors, ellipse_errors, mse, psnr
+
+__all__ = ["BenchmarkConfig", "BenchmarkResult", "run_benchmark", "classical_methods", "bright_disk_scene"]
+
+OriginMethod = Callable[[object, dict], tuple[np.ndarray, np.ndarray]]
+EllipseMethod = Callable[[object, dict], tuple[float, float]]
+DenoiseMethod = Callable[[np.ndarray], np.ndarray]
+
+#: Seeds of the benchmark's scans start here; training streams must never use them.
+BENCHMARK_SEED = 10_000_000
+
+
+@dataclass
+class BenchmarkConfig:
+    """What the benchmark simulates.
+
+    Attributes
+    ----------
+    doses : tuple of float
+        Electrons per pattern.
+    scan_shape : tuple of int
+        Probe positions of each origin/denoising scan.
+    n_scans : int
+        Independent scans (different crystals, zone axes, descan) per dose.
+    detector_shape : tuple of int
+        Detector pixels.
+    sim_patterns : int
+        Patterns generated for the simulation-speed measurement.
+    ellipse : tuple of float
+        (a/b, theta) of the ellipse scans.
+    """
+
+    doses: tuple = (1e2, 1e3, 1e4, 1e5, 1e6)
+    scan_shape: tuple = (12, 12)
+    n_scans: int = 3
+    detector_shape: tuple = (128, 128)
+    sim_patterns: int = 10_000
+    ellipse: tuple = (1.02, 0.6)
+
+    @classmethod
+    def quick(cls) -> "BenchmarkConfig":
+        """A small configuration for tests and smoke runs (seconds)."""
+        return cls(doses=(1e3, 1e5), scan_shape=(4, 4), n_scans=1, detector_shape=(96, 96), sim_patterns=200)
+
+
+@dataclass
+class BenchmarkResult:
+    """Tables of the benchmark (lists of row dicts) and run information."""
+
+    config: BenchmarkConfig
+    origin: list = field(default_factory=list)
+    ellipse: list = field(default_factory=list)
+    denoise: list = field(default_factory=list)
+    simulation: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        """Render the tables as markdown."""
+        lines = [
+            f"Run: py4dstem-prenet {self.info.get('version')}, {self.info.get('machine')}, "
+            f"{self.info.get('date')}, {self.info.get('seconds', 0):.0f} s in all.",
+            "",
+            "### Simulation speed",
+            "",
+            f"{self.simulation.get('n', 0)} random {self.simulation.get('shape')} training patterns "
+            f"(all families, noise, defects, labels): {self.simulation.get('seconds', 0):.1f} s, "
+            f"{self.simulation.get('per_second', 0):.0f} patterns/s, one process.",
+            "",
+            "### Origin (centre) on crystal scans with bright Bragg disks, with and without hot pixels",
+            "",
+            "Error is the distance to the geometric centre of the bright-field disk, px. "
+            "CRLB: Cramer-Rao bound (RMS over the patterns of sqrt(var_qx + var_qy)). "
+            "Speed: patterns/s on this machine; peak: traced Python heap of the call.",
+            "",
+            "| method | data | dose (e-/pattern) | mean | median | p99 | RMS | CRLB RMS | RMS/CRLB | > 1 px "
+            "| patterns/s | peak MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.origin:
+            lines.append(
+                f"| {r['method']} | {r['data']} | {r['dose']:.0e} | {r['mean']:.3f} | {r['median']:.3f} | {r['p99']:.2f} | "
+                f"{r['rms']:.3f} | {r['crlb_rms']:.4f} | {r['rms'] / r['crlb_rms']:.1f} | {100 * r['fail']:.1f}% | "
+                f"{r['per_second']:.0f} | {r['peak_mb']:.0f} |"
+            )
+        lines += [
+            "",
+            "### Ellipse (one estimate per scan, from all its patterns)",
+            "",
+            f"True a/b = {self.config.ellipse[0]}, theta = {np.degrees(self.config.ellipse[1]):.1f} deg.",
+            "",
+            "| method | data | dose | est. a/b | abs d(a/b) | abs d(theta) deg | seconds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in self.ellipse:
+            lines.append(
+                f"| {r['method']} | {r['data']} | {r['dose']:.0e} | {r['ratio']:.4f} | {r['d_ratio']:.4f} | "
+                f"{r['d_theta_deg']:.2f} | {r['seconds']:.2f} |"
+            )
+        lines += [
+            "",
+            "### Denoising (crystal scans; MSE against the clean expected counts)",
+            "",
+            "| method | dose | MSE | MSE / noisy MSE | PSNR dB | patterns/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in self.denoise:
+            lines.append(
+                f"| {r['method']} | {r['dose']:.0e} | {r['mse']:.4g} | {r['mse_ratio']:.3f} | {r['psnr']:.1f} | "
+                f"{r['per_second']:.0f} |"
+            )
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str) -> None:
+        """Write error-versus-dose (with the CRLB) and denoising plots to ``path`` (PNG)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        ax = axes[0]
+        keys = sorted({(r["method"], r["data"]) for r in self.origin})
+        for m, d in keys:
+            rows = [r for r in self.origin if r["method"] == m and r["data"] == d]
+            ls = "o-" if "hot" not in d else "s:"
+            ax.loglog([r["dose"] for r in rows], [r["median"] for r in rows], ls, label=f"{m}, {d}")
+        rows = [r for r in self.origin if (r["method"], r["data"]) == keys[0]] if keys else []
+        ax.loglog([r["dose"] for r in rows], [r["crlb_rms"] for r in rows], "k--", label="Cramer-Rao bound")
+        ax.set_xlabel("dose (electrons / pattern)")
+        ax.set_ylabel("median origin error (px)")
+        ax.set_title("Origin error vs dose")
+        ax.legend(fontsize=7)
+        ax = axes[1]
+        for m in sorted({r["method"] for r in self.denoise}):
+            rows = [r for r in self.denoise if r["method"] == m]
+            ax.semilogx([r["dose"] for r in rows], [r["mse_ratio"] for r in rows], "o-", label=m)
+        ax.axhline(0.5, color="k", ls=":", lw=1)
+        ax.set_xlabel("dose (electrons / pattern)")
+        ax.set_ylabel("MSE / MSE of the noisy input")
+        ax.set_title("Denoising")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def bright_disk_scene(rng: np.random.Generator, shape: tuple[int, int], brightness: float = 1.5):
+    """A crystal scene whose brightest Bragg disk outshines the bright-field disk.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Random source.
+    shape : tuple of int
+        Detector shape.
+    brightness : float
+        Brightest Bragg disk relative to the bright-field disk.
+    """
+    while True:
+        scene = random_scene(rng, shape, "crystal")
+        if len(scene.spots) > 4:
+            break
+    inten = scene.spot_intensity.copy()
+    inten[1:] *= brightness / inten[1:].max()
+    scene.spot_intensity = inten
+    return scene
+
+
+def classical_methods() -> dict[str, dict]:
+    """py4DSTEM's classical methods and the classical denoisers, keyed by table."""
+
+    def friedel(dc, ctx):
+        return get_origin_friedel(dc)
+
+    def mean_ring(fit):
+        def method(dc, ctx):
+            qx0, qy0 = fit_origin(*get_origin(dc))
+            mean, centre = aligned_mean_pattern(dc, qx0, qy0)
+            return fit(mean, centre, ctx["fitradii"])
+        return method
+
+    def bragg(dc, ctx):
+        qx0, qy0 = fit_origin(*get_origin(dc))
+        return ellipse_from_bragg_vectors(dc, qx0, qy0, ctx["disk_radius"], ctx["fitradii"])
+
+    return {
+        "origin": {
+            "py4DSTEM get_origin (default r)": lambda dc, ctx: get_origin(dc),
+            "py4DSTEM get_origin (r hand-set to the true radius)": lambda dc, ctx: get_origin(dc, r=ctx["disk_radius"]),
+            "py4DSTEM get_origin (true r) + fit_origin": lambda dc, ctx: fit_origin(*get_origin(dc, r=ctx["disk_radius"])),
+            "py4DSTEM get_origin_friedel": friedel,
+        },
+        "ellipse": {
+            "py4DSTEM fit_ellipse_1D (aligned mean)": (mean_ring(ellipse_fit_1d), ("polycrystalline", "amorphous")),
+            "py4DSTEM fit_ellipse_amorphous_ring (aligned mean)": (mean_ring(ellipse_amorphous_ring), ("amorphous",)),
+            "py4DSTEM Bragg vectors + fit_p_ellipse": (bragg, ("polycrystalline",)),
+        },
+        "denoise": {
+            "gaussian filter (sigma of 0.25/0.5/1/2 best vs truth)": None,
+            "tensor SVD (Anscombe, noise-edge ranks)": lambda x: tensor_svd_denoise(x),
+        },
+    }
+
+
+def _timed(fn, *args):
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    out = fn(*args)
+    dt = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return out, dt, peak / 2**20
+
+
+def _origin_rows(methods: dict, cubes: list, condition: str, dose: float) -> list[dict]:
+    crlb = np.concatenate([t.crlb.reshape(-1, 2) for _, t in cubes])
+    crlb_rms = float(np.sqrt(np.mean(np.sum(crlb**2, axis=1))))
+    truth_o = np.concatenate([t.origin.reshape(-1, 2) for _, t in cubes])
+    rows = []
+    for name, fn in methods.items():
+        preds, seconds, peak = [], 0.0, 0.0
+        for dc, truth in cubes:
+            (qx0, qy0), dt, pk = _timed(fn, dc, {"disk_radius": truth.scene.disk_radius})
+            preds.append(np.stack([qx0, qy0], -1).reshape(-1, 2))
+            seconds += dt
+            peak = max(peak, pk)
+        rows.append({"method": name, "data": condition, "dose": dose,
+                     **centre_errors(np.concatenate(preds), truth_o),
+                     "crlb_rms": crlb_rms, "per_second": len(truth_o) / seconds, "peak_mb": peak})
+    return rows
+
+
+def _denoise_rows(methods: dict, cubes: list, dose: float) -> list[dict]:
+    noisy = np.concatenate([dc.data for dc, _ in cubes])
+    clean = np.concatenate([t.clean for _, t in cubes])
+    n_pat = noisy.shape[0] * noisy.shape[1]
+    base = mse(noisy, clean)
+    rows = [{"method": "noisy input", "dose": dose, "mse": base, "mse_ratio": 1.0,
+             "psnr": psnr(noisy, clean), "per_second": float("inf")}]
+    for name, fn in methods.items():
+        if fn is None:  # Gaussian filter with the sigma that is best against the truth
+            best = None
+            for sigma in (0.25, 0.5, 1.0, 2.0):
+                out, dt, _ = _timed(lambda s=sigma: np.concatenate([gaussian_denoise(c.data, s) for c, _ in cubes]))
+                m = mse(out, clean)
+                if best is None or m < best[0]:
+                    best = (m, out, dt)
+            m, out, dt = best
+        else:
+            outs, dt = [], 0.0
+            for dc, _ in cubes:
+                o, d, _ = _timed(fn, dc.data)
+                outs.append(o)
+                dt += d
+            out = np.concatenate(outs)
+            m = mse(out, clean)
+        rows.append({"method": name, "dose": dose, "mse": m, "mse_ratio": m / base,
+                     "psnr": psnr(out, clean), "per_second": n_pat / dt})
+    return rows
+
+
+def run_benchmark(
+    config: BenchmarkConfig | None = None,
+    extra_methods: dict[str, dict] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchmarkResult:
+    """Run every method on the same held-out simulated data.
+
+    Parameters
+    ----------
+    config : BenchmarkConfig, optional
+        What to simulate (the full default when None).
+    extra_methods : dict, optional
+        More methods in the layout of :func:`classical_methods` (e.g. PreNet's).
+    progress : callable, optional
+        Called with a short message before each stage.
+
+    Returns
+    -------
+    BenchmarkResult
+    """
+    cfg = config or BenchmarkConfig()
+    say = progress or (lambda msg: None)
+    methods = classical_methods()
+    for table, entries in (extra_methods or {}).items():
+        if table not in methods:
+            raise ValueError(f"unknown table {table!r}; use 'origin', 'ellipse' or 'denoise'")
+        methods[table].update(entries)
+    t_start = time.perf_counter()
+    res = BenchmarkResult(config=cfg)
+    shape = tuple(cfg.detector_shape)
+
+    say(f"simulation speed: {cfg.sim_patterns} patterns")
+    simulate_patterns(50, shape, np.random.default_rng(BENCHMARK_SEED - 2))  # warm py4DSTEM's caches
+    t0 = time.perf_counter()
+    simulate_patterns(cfg.sim_patterns, shape, np.random.default_rng(BENCHMARK_SEED - 1))
+    dt = time.perf_counter() - t0
+    res.simulation = {"n": cfg.sim_patterns, "shape": shape, "seconds": dt, "per_second": cfg.sim_patterns / dt}
+
+    conditions = {
+        "crystal (random disk brightness)": Detector(),
+        "bright Bragg disks": Detector(),
+        "bright Bragg disks + hot pixels": Detector(hot_fraction=5e-4, hot_level=10.0),
+    }
+    for di, dose in enumerate(cfg.doses):
+        for ci, (condition, detector) in enumerate(conditions.items()):
+            say(f"origin, {condition}, dose {dose:.0e}")
+            cubes = []
+            for s in range(cfg.n_scans):
+                seed = BENCHMARK_SEED + 1000 * di + 100 * ci + s
+                rng = np.random.default_rng(seed)
+                scene = bright_disk_scene(rng, shape) if "bright" in condition else None
+                dc, truth = simulate_datacube(
+                    cfg.scan_shape, shape, "crystal", dose, cfg.ellipse, detector=detector,
+                    scene=scene, seed=seed, compute_crlb=True,
+                )
+                cubes.append((dc, truth))
+            res.origin.extend(_origin_rows(methods["origin"], cubes, condition, dose))
+            if ci == 1:
+                say(f"denoising, dose {dose:.0e}")
+                res.denoise.extend(_denoise_rows(methods["denoise"], cubes, dose))
+
+    ratio, theta = cfg.ellipse
+    for data_kind in ("polycrystalline", "amorphous"):
+        for dose in (cfg.doses[len(cfg.doses) // 2],):
+            say(f"ellipse, {data_kind}, dose {dose:.0e}")
+            seed = BENCHMARK_SEED + 500_000 + (data_kind == "amorphous")
+            dc, truth = simulate_datacube(cfg.scan_shape, shape, data_kind, dose, cfg.ellipse,
+                                          detector=Detector(), seed=seed)
+            ring = truth.scene.rings[int(np.argmax(truth.scene.rings[:, 2]))] if len(truth.scene.rings) else None
+            ctx = {"disk_radius": truth.scene.disk_radius,
+                   "fitradii": (0.85 * ring[0], 1.15 * ring[0] * ratio) if ring is not None else None}
+            for name, (fn, kinds) in methods["ellipse"].items():
+                if data_kind not in kinds:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    est_ratio, est_theta = fn(dc, ctx)
+                except Exception as exc:  # a failed classical fit is a result, not a crash
+                    say(f"  {name} failed: {exc}")
+                    est_ratio, est_theta = float("nan"), float("nan")
+                dt = time.perf_counter() - t0
+                res.ellipse.append({"method": name, "data": data_kind, "dose": dose, "ratio": est_ratio,
+                                    "seconds": dt, **ellipse_errors(est_ratio, est_theta, ratio, theta)})
+    res.info = {
+        "version": __version__,
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+                   f"{__import__('os').cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": time.perf_counter() - t_start,
+    }
+    return res
