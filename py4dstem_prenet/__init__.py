@@ -6,3 +6,7 @@ evaluation harness.
 """
 
 __version__ = "0.1.0"
+
+from .preprocess import preprocess  # noqa: E402
+
+__all__ = ["preprocess", "__version__"]

@@ -5,6 +5,8 @@ Commands
 prenet demo          simulate the built-in crystal scan and calibrate it, print a table
 prenet simulate OUT  write a simulated DataCube (EMD/HDF5) and its ground truth (.npz)
 prenet benchmark     run the benchmark, write BENCHMARKS.md tables and plots
+prenet train DIR     retrain the three networks from a seed
+prenet preprocess IN OUT   denoise and calibrate a file, write EMD
 prenet info          versions of the package and its dependencies
 
 Exit codes: 0 success, 2 bad arguments or input, 1 any other failure.
@@ -113,6 +115,39 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train_all
+
+    cfg = TrainConfig.tiny() if args.tiny else TrainConfig()
+    cfg.seed = args.seed
+    metrics = train_all(args.out_dir, cfg, log=lambda m: print(f"[train] {m}", file=sys.stderr))
+    print(metrics)
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    import py4DSTEM
+
+    from .preprocess import preprocess
+
+    if not os.path.exists(args.input):
+        raise FileNotFoundError(f"no such file: {args.input}")
+    if os.path.exists(args.output) and not args.overwrite:
+        print(f"prenet: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    dc = py4DSTEM.read(args.input)
+    if not isinstance(dc, py4DSTEM.DataCube):
+        raise ValueError(f"{args.input} does not hold a DataCube at its root")
+    out = preprocess(dc, denoise=not args.no_denoise, batch_size=args.batch_size, device=args.device)
+    tmp = args.output + ".partial"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    py4DSTEM.save(tmp, out, mode="o")
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import importlib.metadata as md
 
@@ -161,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="write the tables to this markdown file, plots next to it")
     b.set_defaults(func=_cmd_benchmark)
 
+    t = sub.add_parser("train", help="retrain the denoiser, centre and ellipse networks from a seed")
+    t.add_argument("out_dir", help="folder for <model>.pt and <model>.json")
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("preprocess", help="denoise and calibrate a 4D-STEM file, write EMD with the calibration")
+    r.add_argument("input", help="a file py4DSTEM.read opens (EMD/HDF5)")
+    r.add_argument("output", help="output EMD (.h5), written to a temporary name and renamed when complete")
+    r.add_argument("--no-denoise", action="store_true", help="calibrate only")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    r.add_argument("--overwrite", action="store_true")
+    r.set_defaults(func=_cmd_preprocess)
+
     i = sub.add_parser("info", help="versions of the package and its dependencies")
     i.set_defaults(func=_cmd_info)
     return p
@@ -172,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError) as exc:
         print(f"prenet: error: {exc}", file=sys.stderr)
         return 2
 

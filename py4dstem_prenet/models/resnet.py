@@ -1,0 +1,65 @@
+"""ResNet regressors for the origin and the ellipse (CoordConv input, fixed 64x64 view)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BasicBlock", "ResNetRegressor"]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016) with GroupNorm."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.n1 = nn.GroupNorm(4, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.n2 = nn.GroupNorm(4, cout)
+        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(4, cout))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.n1(self.conv1(x)))
+        return F.relu(self.n2(self.conv2(y)) + self.skip(x))
+
+
+class ResNetRegressor(nn.Module):
+    """ResNet mapping a (N, 1, 64, 64) view to ``outputs`` numbers.
+
+    Two coordinate channels (CoordConv) are appended to the input and the final
+    8x8 feature map is flattened rather than pooled, so that positions survive.
+
+    Parameters
+    ----------
+    outputs : int
+        Number of regressed values.
+    widths : tuple of int
+        Channels of the four stages (strides 1, 2, 2, 2).
+    size : int
+        Side of the square input view, pixels.
+    """
+
+    def __init__(self, outputs: int, widths: tuple[int, int, int, int] = (16, 32, 48, 64), size: int = 64) -> None:
+        super().__init__()
+        if outputs < 1 or size % 8:
+            raise ValueError("outputs must be >= 1 and size a multiple of 8")
+        self.size = size
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.GroupNorm(4, widths[0]), nn.ReLU())
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            layers += [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w)]
+            cin = w
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * (size // 8) ** 2, 128), nn.ReLU(), nn.Linear(128, outputs))
+        g = torch.linspace(-1, 1, size)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(g, g, indexing="ij"))[None], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Regress from a batch (N, 1, size, size) of already normalised views."""
+        if x.shape[-2:] != (self.size, self.size):
+            raise ValueError(f"expected views of {self.size}x{self.size}, got {tuple(x.shape[-2:])}")
+        x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
+        return self.head(self.body(self.stem(x)))

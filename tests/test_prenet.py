@@ -1,0 +1,122 @@
+"""Models, weights, refinement and the preprocess adapter."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import py4dstem_prenet as prenet
+from py4dstem_prenet.models import CBAMUNet, ResNetRegressor
+from py4dstem_prenet.pretrained import WEIGHTS_DIR, WeightsError, load_model
+from py4dstem_prenet.refine import refine_origin
+from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
+from py4dstem_prenet.training import TrainConfig, train_all
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("w"))
+    train_all(d, TrainConfig.tiny(), log=lambda m: None)
+    return d
+
+
+def test_models_shapes_and_non_negative_output():
+    u = CBAMUNet(base=8)
+    y = u(torch.rand(2, 1, 37, 50) * 5)
+    assert y.shape == (2, 1, 37, 50) and torch.all(y >= 0)
+    r = ResNetRegressor(4)
+    assert r(torch.rand(3, 1, 64, 64)).shape == (3, 4)
+    with pytest.raises(ValueError):
+        r(torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError):
+        CBAMUNet(base=2)
+
+
+def test_friedel_edge_refinement_is_sub_pixel():
+    scene = Scene(disk_radius=8.0, spots=[[0, 0], [20, 5], [-20, -5]], spot_intensity=[1, 2, 0.5],
+                  texture=[[0.3, 0.1, 0], [0, 0, 0], [0, 0, 0]])
+    true = torch.tensor([[60.3, 66.8], [58.9, 70.2]])
+    x = torch.stack([torch.from_numpy(render(scene, (128, 128), o.numpy(), 1.03, 0.4) * 50) for o in true])[:, None]
+    r = refine_origin(x.float(), true + torch.tensor([[0.8, -0.6], [-0.9, 0.4]]))
+    assert torch.linalg.norm(r - true, dim=1).max() < 0.05
+
+
+def test_weights_errors(tiny_weights, tmp_path):
+    d = str(tmp_path / "w")
+    shutil.copytree(tiny_weights, d)
+    assert load_model("centre", d) is not None
+    with open(os.path.join(d, "centre.pt"), "ab") as f:
+        f.write(b"corrupt")
+    with pytest.raises(WeightsError, match="does not match"):
+        load_model("centre", d)
+    card = json.load(open(os.path.join(d, "ellipse.json")))
+    card["package_version"] = "9.9.0"
+    json.dump(card, open(os.path.join(d, "ellipse.json"), "w"))
+    with pytest.raises(WeightsError, match="trained for"):
+        load_model("ellipse", d)
+    os.remove(os.path.join(d, "denoiser.json"))
+    with pytest.raises(WeightsError, match="no model card"):
+        load_model("denoiser", d)
+    with pytest.raises(ValueError):
+        load_model("segmenter", d)
+
+
+def test_preprocess_contract(tiny_weights):
+    dc, _ = simulate_datacube((3, 2), (64, 48), "crystal", 1e3, (1.02, 0.3), seed=0)
+    before = dc.data.copy()
+    out = prenet.preprocess(dc, weights_dir=tiny_weights, progress=False)
+    assert out is not dc and np.array_equal(dc.data, before)
+    assert out.data.dtype == np.float32 and out.data.shape == dc.data.shape and np.all(out.data >= 0)
+    qx0, qy0 = out.calibration.get_origin()
+    assert qx0.shape == (3, 2) and np.all(np.isfinite(qx0))
+    a, b, theta = out.calibration.get_ellipse()
+    assert a >= 1 and b == 1
+    md = out.metadata["prenet"]
+    assert md["version"] == prenet.__version__ and md["origin_sigma"].shape == (3, 2)
+    calib = prenet.preprocess(dc, denoise=False, ellipse=False, weights_dir=tiny_weights, progress=False)
+    np.testing.assert_array_equal(calib.data, dc.data.astype(np.float32))
+    same = prenet.preprocess(dc, inplace=True, center=False, ellipse=False, weights_dir=tiny_weights, progress=False)
+    assert same is dc
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int32, np.float64])
+def test_preprocess_dtypes_single_pattern_and_nan(tiny_weights, dtype):
+    import py4DSTEM
+
+    data = (np.random.default_rng(0).poisson(3.0, (1, 1, 40, 33))).astype(dtype)
+    dc = py4DSTEM.DataCube(data=data)
+    out = prenet.preprocess(dc, weights_dir=tiny_weights, progress=False)
+    assert out.data.shape == (1, 1, 40, 33) and np.all(np.isfinite(out.data))
+    f = data.astype(np.float64)
+    f[0, 0, 3, 3] = np.nan
+    f[0, 0, 4, 4] = np.inf
+    out = prenet.preprocess(py4DSTEM.DataCube(data=f), weights_dir=tiny_weights, progress=False)
+    assert np.all(np.isfinite(out.data))
+
+
+def test_preprocess_bad_input(tiny_weights):
+    import py4DSTEM
+
+    with pytest.raises(TypeError, match="DataCube"):
+        prenet.preprocess(np.zeros((2, 2, 32, 32)))
+    with pytest.raises(ValueError, match="16 x 16"):
+        prenet.preprocess(py4DSTEM.DataCube(data=np.zeros((2, 2, 8, 8))), weights_dir=tiny_weights)
+    with pytest.raises(ValueError, match="batch_size"):
+        prenet.preprocess(py4DSTEM.DataCube(data=np.zeros((2, 2, 32, 32))), batch_size=0, weights_dir=tiny_weights)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(WEIGHTS_DIR, "centre.pt")), reason="no shipped weights")
+def test_shipped_weights_find_the_origin_where_get_origin_fails():
+    from py4dstem_prenet.evaluation.benchmark import bright_disk_scene
+
+    rng = np.random.default_rng(123)
+    dc, truth = simulate_datacube((4, 4), (128, 128), "crystal", 1e4, (1.02, 0.6),
+                                  detector=Detector(hot_fraction=5e-4, hot_level=10.0),
+                                  scene=bright_disk_scene(rng, (128, 128)), seed=123)
+    out = prenet.preprocess(dc, progress=False)
+    qx0, qy0 = out.calibration.get_origin()
+    err = np.hypot(qx0 - truth.origin[..., 0], qy0 - truth.origin[..., 1])
+    assert np.median(err) < 0.3 and err.max() < 1.0
