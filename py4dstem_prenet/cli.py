@@ -59,9 +59,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                   detector=Detector(hot_fraction=2e-4, hot_level=10.0), scene=scene, seed=args.seed)
     print(f"Simulated crystal scan: scan {args.scan}, detector {args.detector}, {args.dose:.0e} e-/pattern, "
           f"bright Bragg disks, hot pixels, descan drift, a/b = {truth.ratio}")
+    from .conventions import angle_difference
+    from .preprocess import preprocess
+
+    results = {}
+
+    def prenet_run():
+        results["out"] = preprocess(dc, progress=False)
+        return results["out"].calibration.get_origin()
+
+    r = truth.disk_radius
     methods = {
-        "py4DSTEM get_origin": lambda: get_origin(dc),
-        "py4DSTEM get_origin + fit_origin": lambda: fit_origin(*get_origin(dc)),
+        "PreNet (denoise, centre net + refinement)": prenet_run,
+        "py4DSTEM get_origin (default r)": lambda: get_origin(dc),
+        "py4DSTEM get_origin (r = true radius)": lambda: get_origin(dc, r=r),
+        "py4DSTEM get_origin (true r) + fit_origin": lambda: fit_origin(*get_origin(dc, r=r)),
         "py4DSTEM get_origin_friedel": lambda: get_origin_friedel(dc),
     }
     print("\n| origin method | mean px | median px | > 1 px | patterns/s |")
@@ -73,6 +85,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         dt = time.perf_counter() - t0
         e = centre_errors(np.stack([qx0, qy0], -1), truth.origin)
         print(f"| {name} | {e['mean']:.3f} | {e['median']:.3f} | {100 * e['fail']:.0f}% | {n / dt:.0f} |")
+    a, b, theta = results["out"].calibration.get_ellipse()
+    print(f"\nPreNet ellipse: a/b = {a / b:.4f} (true {truth.ratio}), theta = {np.degrees(theta):.2f} deg "
+          f"(true {np.degrees(truth.theta):.2f}); error {np.degrees(angle_difference(theta, truth.theta)):.2f} deg")
     return 0
 
 
@@ -99,10 +114,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from .evaluation.benchmark import BenchmarkConfig, run_benchmark
+    from .evaluation.benchmark import BenchmarkConfig, prenet_methods, run_benchmark
+    from .pretrained import WEIGHTS_DIR
 
     cfg = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
-    res = run_benchmark(cfg, progress=lambda m: print(f"[benchmark] {m}", file=sys.stderr))
+    extra = prenet_methods() if os.path.exists(os.path.join(WEIGHTS_DIR, "centre.pt")) else None
+    res = run_benchmark(cfg, extra, progress=lambda m: print(f"[benchmark] {m}", file=sys.stderr))
     table = res.to_markdown()
     print(table)
     if args.out:

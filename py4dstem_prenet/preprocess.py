@@ -15,9 +15,9 @@ import torch
 from . import __version__
 from .conventions import e12_to_ellipse
 from .pretrained import load_model, model_card
-from .refine import refine_origin
-from .training import E12_SCALE
-from .views import centred_view, full_view
+from .refine import log_polar_view, refine_ellipse, refine_origin
+from .training import E12_SCALE, _rmax, view_to_detector
+from .views import VIEW_SIZE, full_view, polar_view
 
 __all__ = ["preprocess", "PreprocessResult"]
 
@@ -37,6 +37,42 @@ def _median3(x: torch.Tensor) -> torch.Tensor:
     p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
     med = p.unfold(2, 3, 1).unfold(3, 3, 1).reshape(*x.shape, 9).median(dim=-1).values
     return torch.where(x > 4 * med + 10, med, x)
+
+
+def _ellipse_from_aligned_mean(denoised, raw, origin: np.ndarray, r_bf: float | None, batch_size: int, dev):
+    """Log-polar stretch fit on the origin-aligned mean (see :func:`refine_ellipse`).
+
+    Two radial bands are fitted: everything inside the detector, and the band of the
+    bright-field disk edge. The full band is used when its content is isotropic
+    (rings; quality >= 0.97); otherwise the bright-field band, whose edge is the
+    image of the round condenser aperture whatever the specimen.
+    """
+    nrx, nry, h, w = (int(s) for s in raw.shape)
+    n = nrx * nry
+    o_all = origin.reshape(n, 2)
+    edge = float(min(o_all[:, 0].min(), h - 1 - o_all[:, 0].max(), o_all[:, 1].min(), w - 1 - o_all[:, 1].max())) - 2
+    bands = {"full": (2.0, edge)}
+    if r_bf is not None and np.isfinite(r_bf):
+        bands["bright-field edge"] = (max(1.0, 0.4 * r_bf), min(edge, 1.2 * r_bf + 2))
+    bands = {k: v for k, v in bands.items() if v[1] > 2 * v[0] and v[1] > 4}
+    if not bands:
+        return None
+    sums = {k: 0.0 for k in bands}
+    src = denoised.reshape(n, h, w) if denoised is not None else None
+    for i0 in range(0, n, batch_size):
+        i1 = min(n, i0 + batch_size)
+        if src is not None:
+            x = torch.from_numpy(np.ascontiguousarray(src[i0:i1]))[:, None].float()
+        else:
+            x = _median3(_clean_batch(np.stack([np.asarray(raw[i // nry, i % nry]) for i in range(i0, i1)])))
+        x = (x / x.mean(dim=(2, 3), keepdim=True).clamp_min(1e-6)).to(dev)
+        o = torch.from_numpy(o_all[i0:i1]).float().to(dev)
+        for k, (r0, r1) in bands.items():
+            sums[k] = sums[k] + log_polar_view(x, o, r0, r1, 256, 180).sum(0).cpu().numpy()
+    results = {k: refine_ellipse(sums[k], *bands[k], iterations=4) for k in bands}
+    band = "full" if results.get("full", (0, 0, 0))[2] >= 0.97 or len(results) == 1 else "bright-field edge"
+    ratio, theta, quality = results[band]
+    return ratio, theta, quality, band
 
 
 def preprocess(
@@ -71,7 +107,10 @@ def preprocess(
     progress : bool
         Show a progress bar.
     refine : bool
-        Refine the network's origin by the Friedel symmetry of disk edges.
+        Physics refinement after the networks: the origin by the Friedel symmetry of
+        disk edges near the network's estimate, and the ellipse by a log-polar
+        stretch fit on the origin-aligned mean (the ResNet's median estimate is
+        kept in the metadata as ``ellipse_network``).
     fit_descan : bool
         Replace the per-pattern origins by a robust smooth (parabolic) descan fit
         (py4DSTEM ``fit_origin``); the measured ones stay in the metadata.
@@ -92,7 +131,8 @@ def preprocess(
     TypeError
         If ``datacube`` is not a py4DSTEM DataCube.
     ValueError
-        If its data is not 4D or the detector is smaller than 16 x 16 pixels.
+        If its data is not 4D, the detector is smaller than 16 x 16 pixels, or the
+        ellipse stage runs without origins (``center=False`` and no calibrated origin).
     """
     import py4DSTEM
     from emdfile import Metadata
@@ -121,9 +161,20 @@ def preprocess(
     origin_net = np.full((n, 2), np.nan)
     origin = np.full((n, 2), np.nan)
     sigma = np.full(n, np.nan)
+    radius = np.full(n, np.nan)
     e12 = np.full((n, 2), np.nan)
-    half = torch.tensor([h / 2, w / 2])
+    if ellipse and not center:
+        try:
+            qx_in, qy_in = datacube.calibration.get_origin()
+            given = np.stack([np.broadcast_to(qx_in, (nrx, nry)), np.broadcast_to(qy_in, (nrx, nry))], -1)
+            origin[:] = given.reshape(n, 2)
+        except Exception:
+            origin[:] = np.nan
+        if not np.all(np.isfinite(origin)):
+            raise ValueError("the ellipse stage needs origins: pass center=True or set "
+                             "datacube.calibration.set_origin(...) first")
     centre_px = torch.tensor([(h - 1) / 2, (w - 1) / 2])
+    px_per_view = 0.5 * (h + w) / VIEW_SIZE
     with torch.inference_mode():
         for i0 in tqdm(range(0, n, batch_size), disable=not progress, desc="PreNet", unit="batch"):
             i1 = min(n, i0 + batch_size)
@@ -138,18 +189,20 @@ def preprocess(
             out_data.reshape(n, h, w)[i0:i1] = x[:, 0].float().cpu().numpy()
             if center:
                 pred = models["centre"](full_view(dn)).float().cpu()
-                o = pred[:, :2] * half + centre_px
+                o = view_to_detector(pred[:, :2], (h, w))
                 origin_net[i0:i1] = o.numpy()
-                sigma[i0:i1] = (torch.exp(pred[:, 3]) * half.min()).numpy()
+                s_px = torch.exp(pred[:, 2]) * px_per_view
+                sigma[i0:i1] = s_px.numpy()
+                radius[i0:i1] = (torch.exp(pred[:, 3]) * min(h, w)).numpy()
                 if refine:
-                    r = refine_origin(dn.float(), o.to(dev)).cpu()
+                    r = refine_origin(dn.float(), o.to(dev), search=2.0).cpu()
                     # keep the refinement only where it agrees with the network's estimate
-                    ok = torch.linalg.norm(r - o, dim=1) <= torch.clamp(3 * torch.exp(pred[:, 3]) * half.min(), min=1.5)
+                    ok = torch.linalg.norm(r - o, dim=1) <= torch.clamp(3 * s_px, min=1.5)
                     o = torch.where(ok[:, None], r, o)
                 origin[i0:i1] = o.numpy()
             if ellipse:
-                o_e = torch.from_numpy(origin[i0:i1]).float() if center else centre_px.expand(i1 - i0, 2)
-                e = models["ellipse"](centred_view(dn.float(), o_e.to(dev), float(min(h, w)))).float().cpu()
+                o_e = torch.from_numpy(origin[i0:i1]).float()
+                e = models["ellipse"](polar_view(dn.float(), o_e.to(dev), _rmax((h, w)))).float().cpu()
                 e12[i0:i1] = e.numpy() * E12_SCALE
 
     if inplace:
@@ -175,9 +228,18 @@ def preprocess(
             qx0, qy0 = fit_origin(qx0, qy0, "parabola" if min(nrx, nry) >= 3 else "plane")
         result.calibration.set_origin((qx0, qy0))
     if ellipse:
-        med = np.median(e12, axis=0)
-        ratio, theta = e12_to_ellipse(med)
+        net_ratio, net_theta = e12_to_ellipse(np.median(e12, axis=0))
         md["e12_per_pattern"] = e12.reshape(nrx, nry, 2)
+        md["ellipse_network"] = np.array([float(net_ratio), 1.0, float(net_theta)])
+        ratio, theta = float(net_ratio), float(net_theta)
+        if refine:
+            r_bf = float(np.nanmedian(radius)) if center else None
+            est = _ellipse_from_aligned_mean(out_data if denoise else None, data, origin, r_bf, batch_size, dev)
+            if est is not None:
+                ratio, theta, quality, band = est
+                md["ellipse_refined_quality"] = quality
+                md["ellipse_refined_band"] = band
+        md["ellipse_method"] = "refined (log-polar stretch fit)" if refine else "network (median over scan)"
         result.calibration.set_ellipse((float(ratio), 1.0, float(theta)))
     result.metadata = md
     return result

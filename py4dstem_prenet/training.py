@@ -20,15 +20,15 @@ import torch.nn.functional as F
 
 from . import __version__
 from .conventions import ellipse_to_e12
-from .models import CBAMUNet, ResNetRegressor
+from .models import CBAMUNet, ResNetHeatmap, ResNetRegressor
 from .simulation import simulate_patterns
-from .views import VIEW_SIZE, centred_view, full_view
+from .views import VIEW_SIZE, full_view, polar_view
 
 __all__ = ["TrainConfig", "train_all", "build_model", "E12_SCALE", "CENTRE_OUTPUTS"]
 
 #: (e1, e2) are regressed in units of this ellipticity.
 E12_SCALE = 0.02
-#: Centre network outputs: (dqx, dqy) in half-detector units, log radius, log sigma.
+#: Centre network outputs: (qx, qy) in view pixels, log sigma (view px), log(radius / min(shape)).
 CENTRE_OUTPUTS = 4
 
 
@@ -54,26 +54,34 @@ class TrainConfig:
         Peak learning rate (Adam, cosine decay).
     base : int
         Base channels of the U-Net.
+    bank_structures, val_bank_structures : tuple of str
+        abTEM multislice banks mixed into the training and held-out sets (disjoint
+        structures); used when abtem is installed.
+    bank_fraction : float
+        Fraction of patterns drawn from the banks.
     """
 
     seed: int = 1
-    n_train: int = 8000
+    n_train: int = 16000
     n_val: int = 800
     detector_shape: tuple = (128, 128)
-    denoise_steps: int = 600
-    centre_steps: int = 900
-    ellipse_steps: int = 600
+    denoise_steps: int = 2500
+    centre_steps: int = 2000
+    ellipse_steps: int = 1500
     batch: int = 32
     denoise_batch: int = 16
     crop: int = 64
     lr: float = 2e-3
     base: int = 16
+    bank_structures: tuple = ("Si", "Cu", "GaAs", "Fe")
+    val_bank_structures: tuple = ("Au", "MgO")
+    bank_fraction: float = 0.15
 
     @classmethod
     def tiny(cls) -> "TrainConfig":
         """Seconds-long configuration for tests."""
         return cls(n_train=64, n_val=16, detector_shape=(64, 64), denoise_steps=3, centre_steps=3, ellipse_steps=3,
-                   batch=8, denoise_batch=4, crop=32, base=8)
+                   batch=8, denoise_batch=4, crop=32, base=8, bank_fraction=0.0)
 
 
 def build_model(name: str, base: int = 16) -> torch.nn.Module:
@@ -81,7 +89,7 @@ def build_model(name: str, base: int = 16) -> torch.nn.Module:
     if name == "denoiser":
         return CBAMUNet(base=base, levels=3)
     if name == "centre":
-        return ResNetRegressor(CENTRE_OUTPUTS)
+        return ResNetHeatmap(extra=1)
     if name == "ellipse":
         return ResNetRegressor(2)
     raise ValueError(f"unknown model {name!r}; choose 'denoiser', 'centre' or 'ellipse'")
@@ -91,21 +99,36 @@ def _schedule(opt: torch.optim.Optimizer, steps: int, lr: float):
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
 
 
+def detector_to_view(origin: torch.Tensor, shape: tuple[int, int], size: int = VIEW_SIZE) -> torch.Tensor:
+    """Detector pixels (qx, qy) -> :func:`~py4dstem_prenet.views.full_view` pixels."""
+    scale = torch.tensor([size / shape[0], size / shape[1]], dtype=origin.dtype)
+    return (origin + 0.5) * scale - 0.5
+
+
+def view_to_detector(v: torch.Tensor, shape: tuple[int, int], size: int = VIEW_SIZE) -> torch.Tensor:
+    """Inverse of :func:`detector_to_view`."""
+    scale = torch.tensor([size / shape[0], size / shape[1]], dtype=v.dtype)
+    return (v + 0.5) / scale - 0.5
+
+
 def _centre_targets(origin: torch.Tensor, radius: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    half = torch.tensor([shape[0] / 2, shape[1] / 2])
-    centre = torch.tensor([(shape[0] - 1) / 2, (shape[1] - 1) / 2])
-    return torch.cat([(origin - centre) / half, torch.log(radius / min(shape))[:, None]], dim=1)
+    return torch.cat([detector_to_view(origin, shape), torch.log(radius / min(shape))[:, None]], dim=1)
 
 
 def centre_nll(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Gaussian negative log-likelihood of the origin plus an L1 term on log radius."""
+    """Gaussian negative log-likelihood of the origin (view px) plus an L1 term on log radius.
+
+    ``pred`` is (qx, qy, log sigma, log radius); ``target`` is (qx, qy, log radius).
+    """
     d2 = ((pred[:, :2] - target[:, :2]) ** 2).sum(dim=1)
-    log_s = pred[:, 3].clamp(-12, 3)
-    return (0.5 * d2 * torch.exp(-2 * log_s) + 2 * log_s).mean() + (pred[:, 2] - target[:, 2]).abs().mean()
+    log_s = pred[:, 2].clamp(-8, 4)
+    return (0.5 * d2 * torch.exp(-2 * log_s) + 2 * log_s).mean() + 0.1 * d2.mean() + \
+        (pred[:, 3] - target[:, 2]).abs().mean()
 
 
-def _fov(shape) -> float:
-    return float(min(shape))
+def _rmax(shape) -> float:
+    """Largest radius of the ellipse network's polar view, pixels."""
+    return 0.5 * float(min(shape))
 
 
 def _train_denoiser(data, cfg, gen, log) -> tuple[torch.nn.Module, dict]:
@@ -147,10 +170,10 @@ def _train_regressor(name, data, cfg, gen, log) -> torch.nn.Module:
             target = _centre_targets(origin, torch.from_numpy(data["disk_radius"][idx]).float(), shape)
             loss = centre_nll(model(full_view(x)), target)
         else:
-            # train on origins perturbed like an imperfect centre estimate (0.3 px)
-            jitter = 0.3 * torch.randn(origin.shape, generator=gen)
+            # train on origins perturbed like an imperfect centre estimate (0.1 px)
+            jitter = 0.1 * torch.randn(origin.shape, generator=gen)
             target = torch.from_numpy(ellipse_to_e12(data["ratio"][idx], data["theta"][idx])).float() / E12_SCALE
-            loss = F.mse_loss(model(centred_view(x, origin + jitter, _fov(shape))), target)
+            loss = F.mse_loss(model(polar_view(x, origin + jitter, _rmax(shape))), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -171,18 +194,39 @@ def _validate(models: dict, val: dict) -> dict:
     mse_n = np.mean((val["noisy"] - val["clean"]) ** 2, axis=(1, 2))
     metrics["denoiser_median_mse_ratio"] = float(np.median(mse_d / np.maximum(mse_n, 1e-12)))
     cen = models["centre"].eval()
-    pred = torch.cat([cen(full_view(x[i:i + 64])) for i in range(0, len(x), 64)]).numpy()
-    half = np.array([shape[0] / 2, shape[1] / 2])
-    origin = pred[:, :2] * half + (np.asarray(shape) - 1) / 2
+    pred = torch.cat([cen(full_view(x[i:i + 64])) for i in range(0, len(x), 64)])
+    origin = view_to_detector(pred[:, :2], shape).numpy()
     err = np.hypot(*(origin - val["origin"]).T)
     metrics["centre_net_median_px"] = float(np.median(err))
     metrics["centre_net_fraction_over_1px"] = float(np.mean(err > 1))
     ell = models["ellipse"].eval()
     o = torch.from_numpy(val["origin"]).float()
-    e = torch.cat([ell(centred_view(x[i:i + 64], o[i:i + 64], _fov(shape))) for i in range(0, len(x), 64)]).numpy()
+    e = torch.cat([ell(polar_view(x[i:i + 64], o[i:i + 64], _rmax(shape))) for i in range(0, len(x), 64)]).numpy()
     true = ellipse_to_e12(val["ratio"], val["theta"])
     metrics["ellipse_net_rms_e12_per_pattern"] = float(np.sqrt(np.mean((e * E12_SCALE - true) ** 2)))
     return metrics
+
+
+def _banks(cfg: TrainConfig, log) -> tuple[list | None, list | None]:
+    """abTEM banks for training and validation (None without abtem or with fraction 0)."""
+    if cfg.bank_fraction <= 0:
+        return None, None
+    try:
+        import abtem  # noqa: F401
+    except ImportError:
+        log("abtem not installed: training on the analytic stream only")
+        return None, None
+    from .simulation.multislice import multislice_bank
+
+    def build(names):
+        banks = []
+        for i, name in enumerate(names):
+            log(f"abTEM bank: {name}")
+            banks.append(multislice_bank(name, thickness=300.0, exit_every=50.0, scan_gpts=3, cells=6,
+                                         semiangle=2.5 + i % 3))
+        return banks
+
+    return build(cfg.bank_structures), build(cfg.val_bank_structures)
 
 
 def _sha256(path: str) -> str:
@@ -218,9 +262,12 @@ def train_all(out_dir: str, config: TrainConfig | None = None, log=print) -> dic
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     shape = tuple(cfg.detector_shape)
+    bank, val_bank = _banks(cfg, log)
     log(f"simulating {cfg.n_train} training and {cfg.n_val} held-out patterns")
-    data = simulate_patterns(cfg.n_train, shape, np.random.default_rng(cfg.seed))
-    val = simulate_patterns(cfg.n_val, shape, np.random.default_rng(cfg.seed + 7_000_000))
+    data = simulate_patterns(cfg.n_train, shape, np.random.default_rng(cfg.seed), bank=bank,
+                             bank_fraction=cfg.bank_fraction if bank else 0.0)
+    val = simulate_patterns(cfg.n_val, shape, np.random.default_rng(cfg.seed + 7_000_000), bank=val_bank,
+                            bank_fraction=cfg.bank_fraction if val_bank else 0.0)
     t_data = time.perf_counter() - t0
     models = {}
     models["denoiser"], _ = _train_denoiser(data, cfg, gen, log)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["normalise", "full_view", "centred_view", "VIEW_SIZE"]
+__all__ = ["normalise", "full_view", "centred_view", "polar_view", "VIEW_SIZE"]
 
 #: Side of the square views, pixels.
 VIEW_SIZE = 64
@@ -63,3 +63,39 @@ def centred_view(x: torch.Tensor, origin: torch.Tensor, fov: float, size: int = 
     grid = torch.stack([2 * gy / max(w - 1, 1) - 1, 2 * gx / max(h - 1, 1) - 1], dim=-1)
     v = F.grid_sample(x.clamp_min(0), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return normalise(v)
+
+
+def polar_view(x: torch.Tensor, origin: torch.Tensor, r_max: float, n_r: int = VIEW_SIZE,
+               n_phi: int = VIEW_SIZE) -> torch.Tensor:
+    """Polar resampling around each origin: rows are radii 0..r_max, columns angles 0..pi.
+
+    Angles cover half a turn (an ellipse is symmetric under inversion) and each
+    column averages the ray at phi and at phi + pi. An elliptical distortion shows
+    up as a cos 2(phi - theta) ripple of every edge's radius.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, 1, H, W) patterns.
+    origin : torch.Tensor
+        (N, 2) origins (qx0, qy0), pixels.
+    r_max : float
+        Largest radius, pixels.
+    n_r, n_phi : int
+        Output size.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, 1, n_r, n_phi) normalised view.
+    """
+    n, _, h, w = x.shape
+    r = torch.linspace(0, r_max, n_r, dtype=x.dtype, device=x.device)
+    phi = torch.arange(n_phi, dtype=x.dtype, device=x.device) * (torch.pi / n_phi)
+    views = []
+    for sign in (1.0, -1.0):
+        gx = origin[:, 0, None, None] + sign * r[None, :, None] * torch.cos(phi)[None, None, :]
+        gy = origin[:, 1, None, None] + sign * r[None, :, None] * torch.sin(phi)[None, None, :]
+        grid = torch.stack([2 * gy / max(w - 1, 1) - 1, 2 * gx / max(h - 1, 1) - 1], dim=-1)
+        views.append(F.grid_sample(x.clamp_min(0), grid, mode="bilinear", padding_mode="zeros", align_corners=True))
+    return normalise(0.5 * (views[0] + views[1]))

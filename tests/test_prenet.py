@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import py4dstem_prenet as prenet
-from py4dstem_prenet.models import CBAMUNet, ResNetRegressor
+from py4dstem_prenet.models import CBAMUNet, ResNetHeatmap, ResNetRegressor
+from py4dstem_prenet.views import centred_view, full_view, polar_view
 from py4dstem_prenet.pretrained import WEIGHTS_DIR, WeightsError, load_model
 from py4dstem_prenet.refine import refine_origin
 from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
@@ -33,6 +34,20 @@ def test_models_shapes_and_non_negative_output():
         r(torch.rand(1, 1, 32, 32))
     with pytest.raises(ValueError):
         CBAMUNet(base=2)
+    out = ResNetHeatmap(extra=1)(torch.rand(2, 1, 64, 64))
+    assert out.shape == (2, 4) and torch.all((out[:, :2] >= 0) & (out[:, :2] <= 63))
+
+
+def test_views_put_the_origin_where_expected():
+    x = torch.zeros(1, 1, 96, 80)
+    x[0, 0, 40:43, 30:33] = 1.0  # centred on (41, 31)
+    v = centred_view(x, torch.tensor([[41.0, 31.0]]), 32.0, size=32)
+    peak = np.unravel_index(int(v[0, 0].argmax()), (32, 32))
+    assert abs(peak[0] - 15.5) <= 1 and abs(peak[1] - 15.5) <= 1
+    p = polar_view(x, torch.tensor([[41.0, 31.0]]), 20.0, 16, 8)
+    assert p.shape == (1, 1, 16, 8) and torch.all(p[0, 0, 0] == p[0, 0, 0, 0])  # r = 0 is one point
+    f = full_view(torch.rand(3, 1, 96, 80))
+    assert f.shape == (3, 1, 64, 64)
 
 
 def test_friedel_edge_refinement_is_sub_pixel():
@@ -120,3 +135,27 @@ def test_shipped_weights_find_the_origin_where_get_origin_fails():
     qx0, qy0 = out.calibration.get_origin()
     err = np.hypot(qx0 - truth.origin[..., 0], qy0 - truth.origin[..., 1])
     assert np.median(err) < 0.3 and err.max() < 1.0
+
+
+@pytest.mark.parametrize("kind,ratio,theta", [("polycrystalline", 1.03, 0.5), ("vacuum", 1.02, 2.2)])
+def test_log_polar_ellipse_refinement(kind, ratio, theta):
+    from py4dstem_prenet.conventions import angle_difference
+    from py4dstem_prenet.refine import log_polar_view, refine_ellipse
+
+    dc, truth = simulate_datacube((5, 5), (96, 96), kind, 1e5, (ratio, theta), detector=Detector(),
+                                  disk_radius=8.0, seed=2)
+    x = torch.from_numpy(dc.data.reshape(-1, 1, 96, 96))
+    o = torch.from_numpy(truth.origin.reshape(-1, 2)).float()
+    r_max = 9.6 + 2 if kind == "vacuum" else 36.0
+    lp = log_polar_view(x / x.mean(dim=(2, 3), keepdim=True), o, 3.0, r_max).sum(0).numpy()
+    est, th, quality = refine_ellipse(lp, 3.0, r_max)
+    assert abs(est - ratio) < 0.003 and np.degrees(angle_difference(th, theta)) < 3 and quality > 0.9
+
+
+def test_ellipse_stage_needs_origins(tiny_weights):
+    dc, _ = simulate_datacube((2, 2), (48, 48), "vacuum", 1e3, (1.0, 0.0), seed=0)
+    with pytest.raises(ValueError, match="needs origins"):
+        prenet.preprocess(dc, center=False, weights_dir=tiny_weights, progress=False)
+    dc.calibration.set_origin((np.full((2, 2), 23.5), np.full((2, 2), 23.5)))
+    out = prenet.preprocess(dc, center=False, denoise=False, weights_dir=tiny_weights, progress=False)
+    assert out.calibration.get_ellipse()[0] >= 1

@@ -137,3 +137,14 @@ def test_ten_thousand_patterns_under_a_minute():
     t0 = time.perf_counter()
     simulate_patterns(10_000, (128, 128), np.random.default_rng(1))
     assert time.perf_counter() - t0 < 60
+
+
+def test_rotation_rotates_the_ideal_pattern():
+    scene = Scene(disk_radius=3.0, spots=[[0, 0], [20, 0]], spot_intensity=[1, 1])
+    _, truth = simulate_datacube((1, 1), (96, 96), "crystal", 1e6, (1.0, 0.0), scene=scene, rotation=np.pi / 2,
+                                 descan_amplitude=0, jitter=0, thickness_variation=0, seed=0)
+    img = truth.clean[0, 0]
+    o = truth.origin[0, 0]
+    # the Bragg disk at +20 px along qx now sits at +20 px along qy
+    assert img[int(round(o[0])), int(round(o[1] + 20))] > 0.5 * img.max()
+    assert truth.rotation == pytest.approx(np.pi / 2)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BasicBlock", "ResNetRegressor"]
+__all__ = ["BasicBlock", "ResNetRegressor", "ResNetHeatmap"]
 
 
 class BasicBlock(nn.Module):
@@ -63,3 +63,47 @@ class ResNetRegressor(nn.Module):
             raise ValueError(f"expected views of {self.size}x{self.size}, got {tuple(x.shape[-2:])}")
         x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
         return self.head(self.body(self.stem(x)))
+
+
+class ResNetHeatmap(nn.Module):
+    """Fully convolutional ResNet locating one point by a soft-argmax heatmap.
+
+    Returns (qx, qy) in view pixels and log sigma, the log of the heatmap's
+    standard deviation (a per-pattern uncertainty), plus ``extra`` regressed numbers
+    from globally pooled features.
+
+    Parameters
+    ----------
+    extra : int
+        Additional regressed outputs (e.g. log disk radius).
+    widths : tuple of int
+        Channels of the three stages (strides 1, 2, 2): the heatmap is at 1/4 of
+        the view's resolution, upsampled bilinearly before the soft-argmax.
+    """
+
+    def __init__(self, extra: int = 1, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.GroupNorm(4, widths[0]), nn.ReLU())
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            layers += [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w)]
+            cin = w
+        self.body = nn.Sequential(*layers)
+        self.heat = nn.Conv2d(cin, 1, 1)
+        self.extra = nn.Linear(cin, extra) if extra else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) view -> (N, 3 + extra): qx, qy (view px), log sigma, extras."""
+        n, _, h, w = x.shape
+        f = self.body(self.stem(x))
+        logits = F.interpolate(self.heat(f), size=(h, w), mode="bilinear", align_corners=False).reshape(n, -1)
+        p = torch.softmax(logits, dim=1).reshape(n, h, w)
+        gx = torch.arange(h, dtype=x.dtype, device=x.device)
+        gy = torch.arange(w, dtype=x.dtype, device=x.device)
+        px, py = p.sum(dim=2), p.sum(dim=1)
+        mx, my = (px * gx).sum(dim=1), (py * gy).sum(dim=1)
+        var = (px * (gx - mx[:, None]) ** 2).sum(dim=1) + (py * (gy - my[:, None]) ** 2).sum(dim=1)
+        out = [mx[:, None], my[:, None], 0.5 * torch.log(var.clamp_min(1e-6) / 2)[:, None]]
+        if self.extra is not None:
+            out.append(self.extra(f.mean(dim=(2, 3))))
+        return torch.cat(out, dim=1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -46,6 +46,10 @@ class SimulationTruth:
     crlb : numpy.ndarray
         (R_Nx, R_Ny, 2) Cramer-Rao bound of the origin's standard deviation along
         qx and qy, pixels (NaN unless computed).
+    disk_radius : float
+        Bright-field disk radius, pixels (before the elliptical stretch).
+    rotation : float
+        Rotation applied to the ideal pattern, radians.
     """
 
     origin: np.ndarray
@@ -59,6 +63,8 @@ class SimulationTruth:
     dead: np.ndarray
     detector: Detector
     crlb: np.ndarray
+    disk_radius: float = float("nan")
+    rotation: float = 0.0
 
     @property
     def ellipse(self) -> tuple[float, float, float]:
@@ -119,6 +125,7 @@ def simulate_datacube(
     scene: Scene | None = None,
     seed: int | None = 0,
     compute_crlb: bool = False,
+    rotation: float = 0.0,
 ):
     """Simulate a 4D-STEM scan with descan drift, elliptical distortion and noise.
 
@@ -152,6 +159,10 @@ def simulate_datacube(
     compute_crlb : bool
         Also compute the Cramer-Rao bound of every origin (four extra renders per
         pattern), stored in ``truth.crlb``.
+    rotation : float
+        Rotation of the diffraction pattern relative to the scan axes, radians
+        (counter-clockwise from qx towards qy), applied to the ideal pattern before
+        the elliptical distortion: ``p = origin + D R(rotation) q``.
 
     Returns
     -------
@@ -183,6 +194,9 @@ def simulate_datacube(
         raise ValueError(f"ellipse a/b must be in [0.8, 1.25], got {ratio}")
     if scene is None:
         scene = random_scene(rng, shape, kind, disk_radius)
+    if rotation:
+        c, s_ = np.cos(rotation), np.sin(rotation)
+        scene = replace(scene, spots=scene.spots @ np.array([[c, -s_], [s_, c]]).T)
     origin = descan_origin(rng, scan_shape, shape, descan_amplitude, descan_curvature, jitter)
     hot, dead = detector.defect_masks(rng, shape)
     transmission = np.ones(shape)
@@ -234,6 +248,7 @@ def simulate_datacube(
     truth = SimulationTruth(
         origin=origin, ratio=float(ratio), theta=float(theta) % np.pi, clean=clean, dose=float(dose),
         scene=scene, transmission=transmission, hot=hot, dead=dead, detector=detector, crlb=crlb,
+        disk_radius=float(scene.disk_radius), rotation=float(rotation),
     )
     return py4DSTEM.DataCube(data=noisy), truth
 
@@ -246,6 +261,8 @@ def simulate_patterns(
     kinds: tuple[str, ...] | None = None,
     beam_stop_probability: float = 0.1,
     max_origin_offset: float = 0.15,
+    bank: dict | list | None = None,
+    bank_fraction: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Draw independent random training patterns with exact labels.
 
@@ -267,6 +284,12 @@ def simulate_patterns(
         Probability that a pattern has a beam stop.
     max_origin_offset : float
         Largest origin offset from the detector centre, fraction of each size.
+    bank : dict or list of dict, optional
+        abTEM multislice bank(s) (:func:`~py4dstem_prenet.simulation.multislice.multislice_bank`);
+        a fraction ``bank_fraction`` of the patterns is drawn from them, scaled to a random
+        disk radius and mapped through the same origin/ellipse/detector path.
+    bank_fraction : float
+        Fraction of patterns drawn from ``bank``.
 
     Returns
     -------
@@ -293,19 +316,32 @@ def simulate_patterns(
         "gain": np.empty(n),
     }
     centre = (np.asarray(shape, float) - 1) / 2
+    if bank is not None and not (0 <= bank_fraction <= 1):
+        raise ValueError(f"bank_fraction must be in [0, 1], got {bank_fraction}")
+    banks = [bank] if isinstance(bank, dict) else list(bank or [])
     for i in range(n):
-        kind = str(rng.choice(kinds)) if kinds else None
-        scene = random_scene(rng, shape, kind)
         origin = centre + rng.uniform(-max_origin_offset, max_origin_offset, 2) * np.asarray(shape)
         ratio, theta = random_ellipse(rng)
         dose = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         det = random_detector(rng)
-        field_ = speckle(rng, shape, scene.speckle_length) if scene.speckle > 0 else None
-        electrons = scale_to_dose(render(scene, shape, origin, ratio, theta, field_), dose)
+        if banks and rng.random() < bank_fraction:
+            from .multislice import bank_to_detector
+
+            b = banks[rng.integers(len(banks))]
+            radius = rng.uniform(0.03, 0.1) * min(shape)
+            pattern = b["patterns"][rng.integers(len(b["patterns"]))]
+            img = bank_to_detector(pattern, shape, origin, radius / b["disk_radius"], ratio, theta)
+        else:
+            kind = str(rng.choice(kinds)) if kinds else None
+            scene = random_scene(rng, shape, kind)
+            radius = scene.disk_radius
+            field_ = speckle(rng, shape, scene.speckle_length) if scene.speckle > 0 else None
+            img = render(scene, shape, origin, ratio, theta, field_)
+        electrons = scale_to_dose(img, dose)
         if rng.random() < beam_stop_probability:
             electrons = electrons * beam_stop_mask(
-                shape, origin + rng.normal(0, 1, 2), 1.2 * scene.disk_radius,
-                rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.2) * scene.disk_radius,
+                shape, origin + rng.normal(0, 1, 2), 1.2 * radius,
+                rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.2) * radius,
             )
         hot, dead = det.defect_masks(rng, shape)
         out["clean"][i] = det.expected_counts(electrons)
@@ -313,6 +349,6 @@ def simulate_patterns(
         out["origin"][i] = origin
         out["ratio"][i], out["theta"][i] = ratio, theta
         out["dose"][i] = dose
-        out["disk_radius"][i] = scene.disk_radius
+        out["disk_radius"][i] = radius
         out["gain"][i] = det.gain
     return out

@@ -41,11 +41,11 @@ class Scene:
     spots : numpy.ndarray
         (K, 2) disk centres (qx, qy), pixels relative to the origin; row 0 is the
         bright-field disk at (0, 0).
-    spot_intensity : numpy.ndarray
-        (K,) intensity per pixel of each disk, arbitrary units.
-    texture : numpy.ndarray
+    spot_intensity : numpy.ndarray, optional
+        (K,) intensity per pixel of each disk, arbitrary units (all 1 when None).
+    texture : numpy.ndarray, optional
         (K, 3) intensity variation inside each disk: linear gradients along qx and
-        qy, and a radial (quadratic) term, as fractions of the mean.
+        qy, and a radial (quadratic) term, as fractions of the mean (0 when None).
     rings : numpy.ndarray
         (M, 3) ring radius (px), Gaussian width (px) and peak intensity.
     speckle : float
@@ -61,8 +61,8 @@ class Scene:
     disk_radius: float
     edge_width: float = 1.0
     spots: np.ndarray = field(default_factory=lambda: np.zeros((1, 2)))
-    spot_intensity: np.ndarray = field(default_factory=lambda: np.ones(1))
-    texture: np.ndarray = field(default_factory=lambda: np.zeros((1, 3)))
+    spot_intensity: np.ndarray | None = None
+    texture: np.ndarray | None = None
     rings: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     speckle: float = 0.0
     speckle_length: float = 2.0
@@ -76,6 +76,10 @@ class Scene:
             raise ValueError(f"edge_width must be > 0, got {self.edge_width}")
         self.spots = np.asarray(self.spots, float).reshape(-1, 2)
         k = len(self.spots)
+        if self.spot_intensity is None:
+            self.spot_intensity = np.ones(k)
+        if self.texture is None:
+            self.texture = np.zeros((k, 3))
         self.spot_intensity = np.asarray(self.spot_intensity, float).reshape(k)
         self.texture = np.asarray(self.texture, float).reshape(k, 3)
         self.rings = np.asarray(self.rings, float).reshape(-1, 3)
