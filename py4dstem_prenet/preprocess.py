@@ -39,7 +39,22 @@ def _median3(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 4 * med + 10, med, x)
 
 
-def _ellipse_from_aligned_mean(denoised, raw, origin: np.ndarray, r_bf: float | None, batch_size: int, dev):
+#: Below this many counts per pattern the edge refinement reads the denoised pattern;
+#: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
+#: costs more edge precision than its noise reduction brings; measured, see BENCHMARKS.md).
+LOW_DOSE_COUNTS = 5e3
+
+
+def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None) -> torch.Tensor:
+    """Per pattern: denoised at low counts, hot-pixel-filtered recording otherwise."""
+    raw = _median3(x).float()
+    if denoised is None:
+        return raw
+    low = x.sum(dim=(1, 2, 3)) < LOW_DOSE_COUNTS
+    return torch.where(low[:, None, None, None], denoised.float(), raw)
+
+
+def _ellipse_from_aligned_mean(raw, origin: np.ndarray, r_bf: float | None, batch_size: int, dev):
     """Log-polar stretch fit on the origin-aligned mean (see :func:`refine_ellipse`).
 
     Two radial bands are fitted: everything inside the detector, and the band of the
@@ -58,13 +73,9 @@ def _ellipse_from_aligned_mean(denoised, raw, origin: np.ndarray, r_bf: float | 
     if not bands:
         return None
     sums = {k: 0.0 for k in bands}
-    src = denoised.reshape(n, h, w) if denoised is not None else None
     for i0 in range(0, n, batch_size):
         i1 = min(n, i0 + batch_size)
-        if src is not None:
-            x = torch.from_numpy(np.ascontiguousarray(src[i0:i1]))[:, None].float()
-        else:
-            x = _median3(_clean_batch(np.stack([np.asarray(raw[i // nry, i % nry]) for i in range(i0, i1)])))
+        x = _median3(_clean_batch(np.stack([np.asarray(raw[i // nry, i % nry]) for i in range(i0, i1)])))
         x = (x / x.mean(dim=(2, 3), keepdim=True).clamp_min(1e-6)).to(dev)
         o = torch.from_numpy(o_all[i0:i1]).float().to(dev)
         for k, (r0, r1) in bands.items():
@@ -173,7 +184,6 @@ def preprocess(
         if not np.all(np.isfinite(origin)):
             raise ValueError("the ellipse stage needs origins: pass center=True or set "
                              "datacube.calibration.set_origin(...) first")
-    centre_px = torch.tensor([(h - 1) / 2, (w - 1) / 2])
     px_per_view = 0.5 * (h + w) / VIEW_SIZE
     with torch.inference_mode():
         for i0 in tqdm(range(0, n, batch_size), disable=not progress, desc="PreNet", unit="batch"):
@@ -181,28 +191,25 @@ def preprocess(
             block = flat[i0:i1] if flat is not None else np.stack(
                 [np.asarray(data[i // nry, i % nry]) for i in range(i0, i1)])
             x = _clean_batch(block).to(dev)
-            if denoise:
-                x = models["denoiser"](x)
-                dn = x
-            else:
-                dn = _median3(x)
-            out_data.reshape(n, h, w)[i0:i1] = x[:, 0].float().cpu().numpy()
+            y = models["denoiser"](x) if denoise else x
+            out_data.reshape(n, h, w)[i0:i1] = y[:, 0].float().cpu().numpy()
             if center:
-                pred = models["centre"](full_view(dn)).float().cpu()
+                # the calibrators were trained on recorded (noisy) patterns: they see x
+                pred = models["centre"](full_view(x)).float().cpu()
                 o = view_to_detector(pred[:, :2], (h, w))
                 origin_net[i0:i1] = o.numpy()
                 s_px = torch.exp(pred[:, 2]) * px_per_view
                 sigma[i0:i1] = s_px.numpy()
                 radius[i0:i1] = (torch.exp(pred[:, 3]) * min(h, w)).numpy()
                 if refine:
-                    r = refine_origin(dn.float(), o.to(dev), search=2.0).cpu()
+                    r = refine_origin(_refinement_input(x, y if denoise else None), o.to(dev), search=2.0).cpu()
                     # keep the refinement only where it agrees with the network's estimate
                     ok = torch.linalg.norm(r - o, dim=1) <= torch.clamp(3 * s_px, min=1.5)
                     o = torch.where(ok[:, None], r, o)
                 origin[i0:i1] = o.numpy()
             if ellipse:
                 o_e = torch.from_numpy(origin[i0:i1]).float()
-                e = models["ellipse"](polar_view(dn.float(), o_e.to(dev), _rmax((h, w)))).float().cpu()
+                e = models["ellipse"](polar_view(x, o_e.to(dev), _rmax((h, w)))).float().cpu()
                 e12[i0:i1] = e.numpy() * E12_SCALE
 
     if inplace:
@@ -234,7 +241,9 @@ def preprocess(
         ratio, theta = float(net_ratio), float(net_theta)
         if refine:
             r_bf = float(np.nanmedian(radius)) if center else None
-            est = _ellipse_from_aligned_mean(out_data if denoise else None, data, origin, r_bf, batch_size, dev)
+            # the recorded patterns (hot pixels removed): averaging over the scan beats the noise,
+            # and no denoiser smoothing touches the edges
+            est = _ellipse_from_aligned_mean(data, origin, r_bf, batch_size, dev)
             if est is not None:
                 ratio, theta, quality, band = est
                 md["ellipse_refined_quality"] = quality

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["edge_map", "refine_origin"]
+__all__ = ["edge_map", "refine_origin", "log_polar_view", "refine_ellipse"]
 
 
 def _gauss_kernel(sigma: float, dtype, device) -> torch.Tensor:
@@ -112,10 +113,8 @@ def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float, r_max: f
     return 0.5 * acc[:, 0]
 
 
-def _shifts(profiles: "np.ndarray", reference: "np.ndarray", max_shift: int) -> tuple:
+def _shifts(profiles: np.ndarray, reference: np.ndarray, max_shift: int) -> tuple:
     """Sub-bin shift of every column of ``profiles`` against ``reference`` (rows = rho)."""
-    import numpy as np
-
     n_rho, n_phi = profiles.shape
     lags = np.arange(-max_shift, max_shift + 1)
     ref = reference - reference.mean()
@@ -129,11 +128,12 @@ def _shifts(profiles: "np.ndarray", reference: "np.ndarray", max_shift: int) -> 
     cols = np.arange(n_phi)
     m, c, p = cc[k - 1, cols], cc[k, cols], cc[k + 1, cols]
     den = m - 2 * c + p
-    frac = np.where(np.abs(den) > 1e-12, 0.5 * (m - p) / den, 0.0).clip(-0.5, 0.5)
+    ok = np.abs(den) > 1e-12
+    frac = np.divide(0.5 * (m - p), den, out=np.zeros_like(den), where=ok).clip(-0.5, 0.5)
     return lags[k] + frac, c
 
 
-def refine_ellipse(polar_sum: "np.ndarray", r_min: float, r_max: float, iterations: int = 3) -> tuple[float, float, float]:
+def refine_ellipse(polar_sum: np.ndarray, r_min: float, r_max: float, iterations: int = 3) -> tuple[float, float, float]:
     """Ellipse (a/b, theta) from the origin-aligned mean in log-polar coordinates.
 
     Every isotropic feature (the bright-field disk edge, Bragg-disk edges averaged
@@ -159,7 +159,6 @@ def refine_ellipse(polar_sum: "np.ndarray", r_min: float, r_max: float, iteratio
         profiles with the reference (near 1 for isotropic content; low values mean
         that the estimate is unreliable, e.g. a single crystal with few rings).
     """
-    import numpy as np
     from scipy.optimize import least_squares
 
     n_rho, n_phi = polar_sum.shape

@@ -59,6 +59,8 @@ class TrainConfig:
         structures); used when abtem is installed.
     bank_fraction : float
         Fraction of patterns drawn from the banks.
+    bright_fraction : float
+        Fraction of crystal patterns with Bragg disks brighter than the bright-field disk.
     """
 
     seed: int = 1
@@ -66,7 +68,7 @@ class TrainConfig:
     n_val: int = 800
     detector_shape: tuple = (128, 128)
     denoise_steps: int = 2500
-    centre_steps: int = 2000
+    centre_steps: int = 4000
     ellipse_steps: int = 1500
     batch: int = 32
     denoise_batch: int = 16
@@ -76,6 +78,7 @@ class TrainConfig:
     bank_structures: tuple = ("Si", "Cu", "GaAs", "Fe")
     val_bank_structures: tuple = ("Au", "MgO")
     bank_fraction: float = 0.15
+    bright_fraction: float = 0.3
 
     @classmethod
     def tiny(cls) -> "TrainConfig":
@@ -211,9 +214,9 @@ def _banks(cfg: TrainConfig, log) -> tuple[list | None, list | None]:
     """abTEM banks for training and validation (None without abtem or with fraction 0)."""
     if cfg.bank_fraction <= 0:
         return None, None
-    try:
-        import abtem  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("abtem") is None:
         log("abtem not installed: training on the analytic stream only")
         return None, None
     from .simulation.multislice import multislice_bank
@@ -265,7 +268,7 @@ def train_all(out_dir: str, config: TrainConfig | None = None, log=print) -> dic
     bank, val_bank = _banks(cfg, log)
     log(f"simulating {cfg.n_train} training and {cfg.n_val} held-out patterns")
     data = simulate_patterns(cfg.n_train, shape, np.random.default_rng(cfg.seed), bank=bank,
-                             bank_fraction=cfg.bank_fraction if bank else 0.0)
+                             bank_fraction=cfg.bank_fraction if bank else 0.0, bright_fraction=cfg.bright_fraction)
     val = simulate_patterns(cfg.n_val, shape, np.random.default_rng(cfg.seed + 7_000_000), bank=val_bank,
                             bank_fraction=cfg.bank_fraction if val_bank else 0.0)
     t_data = time.perf_counter() - t0
@@ -286,8 +289,10 @@ def train_all(out_dir: str, config: TrainConfig | None = None, log=print) -> dic
             "train_config": asdict(cfg),
             "data_recipe": "py4dstem_prenet.simulation.simulate_patterns: crystal (py4DSTEM kinematic spot lists of "
                            "12 structures x 7 zone axes, random 2D lattices), amorphous, polycrystalline, vacuum and "
-                           "mixed patterns; dose log-uniform 1e2-1e6 e-/pattern; counting and integrating detectors "
-                           "with hot/dead pixels; 10% beam stops; a/b - 1 up to 0.06",
+                           "mixed patterns; 30% of crystal patterns with Bragg disks 1-3x brighter than the bright-field "
+                           "disk; 15% abTEM multislice [001] patterns (Si, Cu, GaAs, Fe; 50-300 A); dose log-uniform "
+                           "1e2-1e6 e-/pattern; counting and integrating detectors with hot/dead pixels; 10% beam stops; "
+                           "a/b - 1 up to 0.06",
             "held_out_metrics": metrics,
             "seconds": {"data": t_data, "total": time.perf_counter() - t0},
             "torch": torch.__version__,

@@ -159,3 +159,45 @@ def test_ellipse_stage_needs_origins(tiny_weights):
     dc.calibration.set_origin((np.full((2, 2), 23.5), np.full((2, 2), 23.5)))
     out = prenet.preprocess(dc, center=False, denoise=False, weights_dir=tiny_weights, progress=False)
     assert out.calibration.get_ellipse()[0] >= 1
+
+
+def test_preprocess_fuzz(tiny_weights):
+    """Random shapes, dtypes and pathological values: a clean result or a clear error."""
+    import py4DSTEM
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        rx=st.integers(1, 3), ry=st.integers(1, 2), qx=st.integers(12, 40), qy=st.integers(12, 40),
+        dtype=st.sampled_from(["uint8", "uint16", "uint32", "int16", "float32", "float64"]),
+        fill=st.sampled_from(["poisson", "zeros", "saturated", "negative", "nan"]),
+    )
+    def check(rx, ry, qx, qy, dtype, fill):
+        rng = np.random.default_rng(0)
+        if fill == "poisson":
+            data = rng.poisson(2.0, (rx, ry, qx, qy))
+        elif fill == "zeros":
+            data = np.zeros((rx, ry, qx, qy))
+        elif fill == "saturated":
+            data = np.full((rx, ry, qx, qy), np.iinfo(dtype).max if dtype.startswith(("u", "i")) else 1e30)
+        elif fill == "negative":
+            data = rng.normal(0, 5, (rx, ry, qx, qy))
+        else:
+            data = rng.poisson(2.0, (rx, ry, qx, qy)).astype(float)
+            data[..., 0, 0] = np.nan
+        arr = data.astype(dtype) if fill != "nan" or dtype.startswith("float") else data.astype("float64")
+        dc = py4DSTEM.DataCube(data=arr)
+        before = dc.data.copy()
+        try:
+            out = prenet.preprocess(dc, weights_dir=tiny_weights, progress=False)
+        except ValueError as exc:
+            assert min(qx, qy) < 16 and "16 x 16" in str(exc)
+            return
+        assert min(qx, qy) >= 16
+        assert np.array_equal(dc.data, before, equal_nan=True)
+        assert out.data.shape == arr.shape and np.all(np.isfinite(out.data)) and np.all(out.data >= 0)
+        qx0, qy0 = out.calibration.get_origin()
+        assert np.all(np.isfinite(qx0)) and np.all(np.isfinite(qy0))
+
+    check()

@@ -26,6 +26,16 @@ class BasicBlock(nn.Module):
         return F.relu(self.n2(self.conv2(y)) + self.skip(x))
 
 
+def _stem_and_stages(cin: int, widths: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:
+    """A 3x3 stem and stages of two basic blocks each (strides 1, 2, 2, ...)."""
+    stem = nn.Sequential(nn.Conv2d(cin, widths[0], 3, 1, 1, bias=False), nn.GroupNorm(4, widths[0]), nn.ReLU())
+    layers, c = [], widths[0]
+    for i, w in enumerate(widths):
+        layers += [BasicBlock(c, w, 1 if i == 0 else 2), BasicBlock(w, w)]
+        c = w
+    return stem, nn.Sequential(*layers)
+
+
 class ResNetRegressor(nn.Module):
     """ResNet mapping a (N, 1, 64, 64) view to ``outputs`` numbers.
 
@@ -47,12 +57,8 @@ class ResNetRegressor(nn.Module):
         if outputs < 1 or size % 8:
             raise ValueError("outputs must be >= 1 and size a multiple of 8")
         self.size = size
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.GroupNorm(4, widths[0]), nn.ReLU())
-        layers, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            layers += [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w)]
-            cin = w
-        self.body = nn.Sequential(*layers)
+        self.stem, self.body = _stem_and_stages(3, widths)
+        cin = widths[-1]
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * (size // 8) ** 2, 128), nn.ReLU(), nn.Linear(128, outputs))
         g = torch.linspace(-1, 1, size)
         self.register_buffer("coords", torch.stack(torch.meshgrid(g, g, indexing="ij"))[None], persistent=False)
@@ -83,12 +89,8 @@ class ResNetHeatmap(nn.Module):
 
     def __init__(self, extra: int = 1, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.GroupNorm(4, widths[0]), nn.ReLU())
-        layers, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            layers += [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w)]
-            cin = w
-        self.body = nn.Sequential(*layers)
+        self.stem, self.body = _stem_and_stages(1, widths)
+        cin = widths[-1]
         self.heat = nn.Conv2d(cin, 1, 1)
         self.extra = nn.Linear(cin, extra) if extra else None
 

@@ -263,6 +263,7 @@ def simulate_patterns(
     max_origin_offset: float = 0.15,
     bank: dict | list | None = None,
     bank_fraction: float = 0.0,
+    bright_fraction: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Draw independent random training patterns with exact labels.
 
@@ -290,6 +291,10 @@ def simulate_patterns(
         disk radius and mapped through the same origin/ellipse/detector path.
     bank_fraction : float
         Fraction of patterns drawn from ``bank``.
+    bright_fraction : float
+        Fraction of crystal patterns whose brightest Bragg disk is rescaled to 1-3x
+        the bright-field disk (thick or strongly diffracting crystals, where
+        argmax-based centring fails).
 
     Returns
     -------
@@ -334,6 +339,10 @@ def simulate_patterns(
         else:
             kind = str(rng.choice(kinds)) if kinds else None
             scene = random_scene(rng, shape, kind)
+            if len(scene.spots) > 1 and rng.random() < bright_fraction:
+                inten = scene.spot_intensity.copy()
+                inten[1:] *= rng.uniform(1.0, 3.0) / max(inten[1:].max(), 1e-12)
+                scene.spot_intensity = inten
             radius = scene.disk_radius
             field_ = speckle(rng, shape, scene.speckle_length) if scene.speckle > 0 else None
             img = render(scene, shape, origin, ratio, theta, field_)

@@ -202,7 +202,7 @@ def simulate_multislice_datacube(
     from ..evaluation.crlb import translation_crlb
     from .datacube import SimulationTruth
     from .descan import descan_origin
-    from .detector import Detector, scale_to_dose
+    from .detector import Detector
 
     if not (dose > 0 and disk_radius > 0):
         raise ValueError("dose and disk_radius must be > 0")
