@@ -2,7 +2,7 @@
 
 - :func:`normalise`: log-compression by the pattern's mean count (dose- and gain-free).
 - :func:`full_view`: the whole detector resized to a square grid (centre network).
-- :func:`centred_view`: an isotropic square window centred on the origin (ellipse network).
+- :func:`polar_view`: radius x angle around the origin (ellipse network).
 
 Coordinates: qx = rows (axis -2), pixel centres at integers, as in py4DSTEM.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["normalise", "full_view", "centred_view", "polar_view", "VIEW_SIZE"]
+__all__ = ["normalise", "full_view", "polar_view", "VIEW_SIZE"]
 
 #: Side of the square views, pixels.
 VIEW_SIZE = 64
@@ -32,36 +32,6 @@ def full_view(x: torch.Tensor, size: int = VIEW_SIZE) -> torch.Tensor:
     ``((qx + 0.5) * size / H - 0.5, (qy + 0.5) * size / W - 0.5)``.
     """
     v = F.interpolate(x.clamp_min(0), size=(size, size), mode="area")
-    return normalise(v)
-
-
-def centred_view(x: torch.Tensor, origin: torch.Tensor, fov: float, size: int = VIEW_SIZE) -> torch.Tensor:
-    """Sample an isotropic ``fov`` x ``fov`` pixel window centred on each origin.
-
-    Parameters
-    ----------
-    x : torch.Tensor
-        (N, 1, H, W) patterns.
-    origin : torch.Tensor
-        (N, 2) origins (qx0, qy0), detector pixels.
-    fov : float
-        Window side, detector pixels (same along qx and qy, so ellipses keep their shape).
-    size : int
-        Output side, pixels.
-
-    Returns
-    -------
-    torch.Tensor
-        (N, 1, size, size) normalised view (zero outside the detector).
-    """
-    n, _, h, w = x.shape
-    t = (torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2) * (fov / size)
-    gx = origin[:, 0, None, None] + t[None, :, None]  # rows
-    gy = origin[:, 1, None, None] + t[None, None, :]  # cols
-    gx, gy = torch.broadcast_tensors(gx, gy)
-    # grid_sample wants (x=col, y=row) in [-1, 1] with align_corners=True: -1 -> pixel 0
-    grid = torch.stack([2 * gy / max(w - 1, 1) - 1, 2 * gx / max(h - 1, 1) - 1], dim=-1)
-    v = F.grid_sample(x.clamp_min(0), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return normalise(v)
 
 
