@@ -149,36 +149,48 @@ class BenchmarkResult:
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str) -> None:
-        """Write error-versus-dose (with the CRLB) and denoising plots to ``path`` (PNG)."""
+        """Write median origin error vs dose (one panel per condition, with the CRLB) and
+        denoising MSE vs dose to ``path`` (PNG)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        ax = axes[0]
-        keys = sorted({(r["method"], r["data"]) for r in self.origin})
-        for m, d in keys:
-            rows = [r for r in self.origin if r["method"] == m and r["data"] == d]
-            ls = "o-" if "hot" not in d else "s:"
-            ax.loglog([r["dose"] for r in rows], [r["median"] for r in rows], ls, label=f"{m}, {d}")
-        rows = [r for r in self.origin if (r["method"], r["data"]) == keys[0]] if keys else []
-        ax.loglog([r["dose"] for r in rows], [r["crlb_rms"] for r in rows], "k--", label="Cramer-Rao bound")
-        ax.set_xlabel("dose (electrons / pattern)")
-        ax.set_ylabel("median origin error (px)")
-        ax.set_title("Origin error vs dose")
-        ax.legend(fontsize=7)
-        ax = axes[1]
-        for m in sorted({r["method"] for r in self.denoise}):
-            rows = [r for r in self.denoise if r["method"] == m]
-            ax.semilogx([r["dose"] for r in rows], [r["mse_ratio"] for r in rows], "o-", label=m)
+        conditions = list(dict.fromkeys(r["data"] for r in self.origin))
+        n_panels = len(conditions) + 1
+        cols = 3
+        rows_ = (n_panels + cols - 1) // cols
+        fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 3.8 * rows_), squeeze=False)
+        axes = axes.ravel()
+        shown = ("PreNet centre net + Friedel edge refinement (no denoising)",
+                 "py4DSTEM get_origin (r hand-set to the true radius)", "py4DSTEM get_origin_friedel")
+        for ax, cond in zip(axes, conditions):
+            rows = [r for r in self.origin if r["data"] == cond]
+            for m in shown:
+                sel = [r for r in rows if r["method"] == m]
+                if sel:
+                    ax.loglog([r["dose"] for r in sel], [max(r["median"], 1e-4) for r in sel], "o-",
+                              label=m.replace(" (no denoising)", ""))
+            first = [r for r in rows if r["method"] == rows[0]["method"]]
+            ax.loglog([r["dose"] for r in first], [r["crlb_rms"] for r in first], "k--", label="Cramer-Rao bound (RMS)")
+            ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+            ax.set_title(cond, fontsize=9)
+            ax.set_xlabel("dose (electrons / pattern)")
+            ax.set_ylabel("median origin error (px)")
+        axes[0].legend(fontsize=7)
+        ax = axes[len(conditions)]
+        for m in dict.fromkeys(r["method"] for r in self.denoise):
+            sel = [r for r in self.denoise if r["method"] == m]
+            ax.semilogx([r["dose"] for r in sel], [r["mse_ratio"] for r in sel], "o-", label=m)
         ax.axhline(0.5, color="k", ls=":", lw=1)
         ax.set_xlabel("dose (electrons / pattern)")
         ax.set_ylabel("MSE / MSE of the noisy input")
-        ax.set_title("Denoising")
+        ax.set_title("Denoising", fontsize=9)
         ax.legend(fontsize=7)
+        for ax in axes[n_panels:]:
+            ax.axis("off")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
 
 
