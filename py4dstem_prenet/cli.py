@@ -47,10 +47,22 @@ def _shape(text: str) -> tuple[int, int]:
     return shape
 
 
+def _save_complete(path: str, datacube) -> None:
+    """Write an EMD file under a temporary name and rename it only once complete."""
+    import py4DSTEM
+
+    tmp = path + ".partial"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    py4DSTEM.save(tmp, datacube, mode="o")
+    os.replace(tmp, path)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .baselines import fit_origin, get_origin, get_origin_friedel
+    from .conventions import angle_difference
     from .evaluation import centre_errors
-    from .evaluation.benchmark import bright_disk_scene
+    from .evaluation.benchmark import bright_disk_scene, classical_methods
+    from .preprocess import preprocess
     from .simulation import Detector, simulate_datacube
 
     rng = np.random.default_rng(args.seed)
@@ -59,29 +71,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                   detector=Detector(hot_fraction=2e-4, hot_level=10.0), scene=scene, seed=args.seed)
     print(f"Simulated crystal scan: scan {args.scan}, detector {args.detector}, {args.dose:.0e} e-/pattern, "
           f"bright Bragg disks, hot pixels, descan drift, a/b = {truth.ratio}")
-    from .conventions import angle_difference
-    from .preprocess import preprocess
-
     results = {}
 
-    def prenet_run():
+    def prenet_run(dc, ctx):
         results["out"] = preprocess(dc, progress=False)
         return results["out"].calibration.get_origin()
 
-    r = truth.disk_radius
-    methods = {
-        "PreNet (denoise, centre net + refinement)": prenet_run,
-        "py4DSTEM get_origin (default r)": lambda: get_origin(dc),
-        "py4DSTEM get_origin (r = true radius)": lambda: get_origin(dc, r=r),
-        "py4DSTEM get_origin (true r) + fit_origin": lambda: fit_origin(*get_origin(dc, r=r)),
-        "py4DSTEM get_origin_friedel": lambda: get_origin_friedel(dc),
-    }
+    # the benchmark's classical origin methods, so that the demo and BENCHMARKS.md agree
+    methods = {"PreNet (denoise, centre net + refinement, ellipse)": prenet_run, **classical_methods()["origin"]}
+    ctx = {"disk_radius": truth.disk_radius}
     print("\n| origin method | mean px | median px | > 1 px | patterns/s |")
     print("|---|---|---|---|---|")
     n = truth.origin[..., 0].size
     for name, fn in methods.items():
         t0 = time.perf_counter()
-        qx0, qy0 = fn()
+        qx0, qy0 = fn(dc, ctx)
         dt = time.perf_counter() - t0
         e = centre_errors(np.stack([qx0, qy0], -1), truth.origin)
         print(f"| {name} | {e['mean']:.3f} | {e['median']:.3f} | {100 * e['fail']:.0f}% | {n / dt:.0f} |")
@@ -92,8 +96,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    import py4DSTEM
-
     from .simulation import Detector, simulate_datacube
 
     if os.path.exists(args.out) and not args.overwrite:
@@ -102,11 +104,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     dc, truth = simulate_datacube(args.scan, args.detector, args.kind, args.dose, (args.ratio, np.radians(args.theta)),
                                   detector=Detector(hot_fraction=args.hot_fraction), beam_stop=args.beam_stop,
                                   seed=args.seed)
-    tmp = args.out + ".partial"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    py4DSTEM.save(tmp, dc, mode="o")
-    os.replace(tmp, args.out)
+    _save_complete(args.out, dc)
     np.savez(args.out + ".truth.npz", origin=truth.origin, ellipse=np.array(truth.ellipse), clean=truth.clean,
              dose=truth.dose)
     print(f"wrote {args.out} and {args.out}.truth.npz")
@@ -156,11 +154,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     if not isinstance(dc, py4DSTEM.DataCube):
         raise ValueError(f"{args.input} does not hold a DataCube at its root")
     out = preprocess(dc, denoise=not args.no_denoise, batch_size=args.batch_size, device=args.device)
-    tmp = args.output + ".partial"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    py4DSTEM.save(tmp, out, mode="o")
-    os.replace(tmp, args.output)
+    _save_complete(args.output, out)
     print(f"wrote {args.output}")
     return 0
 

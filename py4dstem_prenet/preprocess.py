@@ -16,14 +16,19 @@ from . import __version__
 from .conventions import e12_to_ellipse
 from .pretrained import load_model, model_card
 from .refine import log_polar_view, refine_ellipse, refine_origin
-from .training import E12_SCALE, _rmax, view_to_detector
-from .views import VIEW_SIZE, full_view, polar_view
+from .training import E12_SCALE
+from .views import VIEW_SIZE, full_view, polar_rmax, polar_view, view_to_detector
 
-__all__ = ["preprocess", "PreprocessResult"]
+__all__ = ["preprocess"]
 
 
-class PreprocessResult(dict):
-    """What ``preprocess`` measured (also stored in ``datacube.metadata['prenet']``)."""
+def _read_batch(data, i0: int, i1: int) -> np.ndarray:
+    """Patterns ``i0:i1`` of a 4D array-like in scan order (reads only those, for h5py or memmaps)."""
+    nry = data.shape[1]
+    if isinstance(data, np.ndarray):
+        idx = np.arange(i0, i1)
+        return data[idx // nry, idx % nry]
+    return np.stack([np.asarray(data[i // nry, i % nry]) for i in range(i0, i1)])
 
 
 def _clean_batch(block: np.ndarray) -> torch.Tensor:
@@ -75,7 +80,7 @@ def _ellipse_from_aligned_mean(raw, origin: np.ndarray, r_bf: float | None, batc
     sums = {k: 0.0 for k in bands}
     for i0 in range(0, n, batch_size):
         i1 = min(n, i0 + batch_size)
-        x = _median3(_clean_batch(np.stack([np.asarray(raw[i // nry, i % nry]) for i in range(i0, i1)])))
+        x = _median3(_clean_batch(_read_batch(raw, i0, i1)))
         x = (x / x.mean(dim=(2, 3), keepdim=True).clamp_min(1e-6)).to(dev)
         o = torch.from_numpy(o_all[i0:i1]).float().to(dev)
         for k, (r0, r1) in bands.items():
@@ -167,7 +172,6 @@ def preprocess(
     models = {n: load_model(n, weights_dir, dev) for n in names}
 
     n = nrx * nry
-    flat = data.reshape(n, h, w) if isinstance(data, np.ndarray) else None
     out_data = np.empty((nrx, nry, h, w), np.float32)
     origin_net = np.full((n, 2), np.nan)
     origin = np.full((n, 2), np.nan)
@@ -188,9 +192,7 @@ def preprocess(
     with torch.inference_mode():
         for i0 in tqdm(range(0, n, batch_size), disable=not progress, desc="PreNet", unit="batch"):
             i1 = min(n, i0 + batch_size)
-            block = flat[i0:i1] if flat is not None else np.stack(
-                [np.asarray(data[i // nry, i % nry]) for i in range(i0, i1)])
-            x = _clean_batch(block).to(dev)
+            x = _clean_batch(_read_batch(data, i0, i1)).to(dev)
             y = models["denoiser"](x) if denoise else x
             out_data.reshape(n, h, w)[i0:i1] = y[:, 0].float().cpu().numpy()
             if center:
@@ -209,7 +211,7 @@ def preprocess(
                 origin[i0:i1] = o.numpy()
             if ellipse:
                 o_e = torch.from_numpy(origin[i0:i1]).float()
-                e = models["ellipse"](polar_view(x, o_e.to(dev), _rmax((h, w)))).float().cpu()
+                e = models["ellipse"](polar_view(x, o_e.to(dev), polar_rmax((h, w)))).float().cpu()
                 e12[i0:i1] = e.numpy() * E12_SCALE
 
     if inplace:
@@ -239,6 +241,7 @@ def preprocess(
         md["e12_per_pattern"] = e12.reshape(nrx, nry, 2)
         md["ellipse_network"] = np.array([float(net_ratio), 1.0, float(net_theta)])
         ratio, theta = float(net_ratio), float(net_theta)
+        md["ellipse_method"] = "network (median over scan)"
         if refine:
             r_bf = float(np.nanmedian(radius)) if center else None
             # the recorded patterns (hot pixels removed): averaging over the scan beats the noise,
@@ -248,7 +251,7 @@ def preprocess(
                 ratio, theta, quality, band = est
                 md["ellipse_refined_quality"] = quality
                 md["ellipse_refined_band"] = band
-        md["ellipse_method"] = "refined (log-polar stretch fit)" if refine else "network (median over scan)"
+                md["ellipse_method"] = "refined (log-polar stretch fit)"
         result.calibration.set_ellipse((float(ratio), 1.0, float(theta)))
     result.metadata = md
     return result

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 
 import torch
 
 from . import __version__
-from .training import build_model
+from .training import build_model, file_sha256
 
 __all__ = ["WEIGHTS_DIR", "WeightsError", "load_model", "model_card"]
 
@@ -59,9 +58,7 @@ def _load_cached(name: str, weights_dir: str, stamp: tuple) -> torch.nn.Module:
     path = os.path.join(weights_dir, f"{name}.pt")
     if not os.path.exists(path):
         raise WeightsError(f"weights file {path} is missing")
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    if digest != card.get("sha256"):
+    if file_sha256(path) != card.get("sha256"):
         raise WeightsError(f"weights file {path} does not match its model card (corrupt or replaced)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -70,12 +70,11 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0) -
     off = torch.arange(-half, half + 1, device=x.device)
     rows = (s0[:, 0, None] + off[None]).clamp(1, 2 * h - 2)
     cols = (s0[:, 1, None] + off[None]).clamp(1, 2 * w - 2)
-    idx_n = torch.arange(n, device=x.device)[:, None, None]
-    win = cc[idx_n, rows[:, :, None], cols[:, None, :]]
-    flat = win.reshape(n, -1).argmax(dim=1)
-    pr = rows[torch.arange(n), flat // win.shape[2]]
-    pc = cols[torch.arange(n), flat % win.shape[2]]
     ar = torch.arange(n, device=x.device)
+    win = cc[ar[:, None, None], rows[:, :, None], cols[:, None, :]]
+    flat = win.reshape(n, -1).argmax(dim=1)
+    pr = rows[ar, flat // win.shape[2]]
+    pc = cols[ar, flat % win.shape[2]]
 
     def vertex(m, c, p):
         den = m - 2 * c + p

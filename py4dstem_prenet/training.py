@@ -22,9 +22,10 @@ from . import __version__
 from .conventions import ellipse_to_e12
 from .models import CBAMUNet, ResNetHeatmap, ResNetRegressor
 from .simulation import simulate_patterns
-from .views import VIEW_SIZE, full_view, polar_view
+from .simulation.crystals import STRUCTURES, ZONE_AXES
+from .views import detector_to_view, full_view, polar_rmax, polar_view, view_to_detector
 
-__all__ = ["TrainConfig", "train_all", "build_model", "E12_SCALE", "CENTRE_OUTPUTS"]
+__all__ = ["TrainConfig", "train_all", "build_model", "file_sha256", "E12_SCALE", "CENTRE_OUTPUTS"]
 
 #: (e1, e2) are regressed in units of this ellipticity.
 E12_SCALE = 0.02
@@ -102,18 +103,6 @@ def _schedule(opt: torch.optim.Optimizer, steps: int, lr: float):
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
 
 
-def detector_to_view(origin: torch.Tensor, shape: tuple[int, int], size: int = VIEW_SIZE) -> torch.Tensor:
-    """Detector pixels (qx, qy) -> :func:`~py4dstem_prenet.views.full_view` pixels."""
-    scale = torch.tensor([size / shape[0], size / shape[1]], dtype=origin.dtype)
-    return (origin + 0.5) * scale - 0.5
-
-
-def view_to_detector(v: torch.Tensor, shape: tuple[int, int], size: int = VIEW_SIZE) -> torch.Tensor:
-    """Inverse of :func:`detector_to_view`."""
-    scale = torch.tensor([size / shape[0], size / shape[1]], dtype=v.dtype)
-    return (v + 0.5) / scale - 0.5
-
-
 def _centre_targets(origin: torch.Tensor, radius: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return torch.cat([detector_to_view(origin, shape), torch.log(radius / min(shape))[:, None]], dim=1)
 
@@ -129,12 +118,7 @@ def centre_nll(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         (pred[:, 3] - target[:, 2]).abs().mean()
 
 
-def _rmax(shape) -> float:
-    """Largest radius of the ellipse network's polar view, pixels."""
-    return 0.5 * float(min(shape))
-
-
-def _train_denoiser(data, cfg, gen, log) -> tuple[torch.nn.Module, dict]:
+def _train_denoiser(data, cfg, gen, log) -> torch.nn.Module:
     model = build_model("denoiser", cfg.base)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = _schedule(opt, cfg.denoise_steps, cfg.lr)
@@ -155,7 +139,7 @@ def _train_denoiser(data, cfg, gen, log) -> tuple[torch.nn.Module, dict]:
         sched.step()
         if step % 100 == 0:
             log(f"denoiser step {step}/{cfg.denoise_steps} loss {loss.item():.4f}")
-    return model, {}
+    return model
 
 
 def _train_regressor(name, data, cfg, gen, log) -> torch.nn.Module:
@@ -176,7 +160,7 @@ def _train_regressor(name, data, cfg, gen, log) -> torch.nn.Module:
             # train on origins perturbed like an imperfect centre estimate (0.1 px)
             jitter = 0.1 * torch.randn(origin.shape, generator=gen)
             target = torch.from_numpy(ellipse_to_e12(data["ratio"][idx], data["theta"][idx])).float() / E12_SCALE
-            loss = F.mse_loss(model(polar_view(x, origin + jitter, _rmax(shape))), target)
+            loss = F.mse_loss(model(polar_view(x, origin + jitter, polar_rmax(shape))), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -204,7 +188,7 @@ def _validate(models: dict, val: dict) -> dict:
     metrics["centre_net_fraction_over_1px"] = float(np.mean(err > 1))
     ell = models["ellipse"].eval()
     o = torch.from_numpy(val["origin"]).float()
-    e = torch.cat([ell(polar_view(x[i:i + 64], o[i:i + 64], _rmax(shape))) for i in range(0, len(x), 64)]).numpy()
+    e = torch.cat([ell(polar_view(x[i:i + 64], o[i:i + 64], polar_rmax(shape))) for i in range(0, len(x), 64)]).numpy()
     true = ellipse_to_e12(val["ratio"], val["theta"])
     metrics["ellipse_net_rms_e12_per_pattern"] = float(np.sqrt(np.mean((e * E12_SCALE - true) ** 2)))
     return metrics
@@ -232,11 +216,23 @@ def _banks(cfg: TrainConfig, log) -> tuple[list | None, list | None]:
     return build(cfg.bank_structures), build(cfg.val_bank_structures)
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """SHA-256 hex digest of a file (the model cards record it for every weights file)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         h.update(f.read())
     return h.hexdigest()
+
+
+def _data_recipe(cfg: TrainConfig, with_bank: bool) -> str:
+    """Human-readable description of the training data, from the recipe itself."""
+    bank = (f"{cfg.bank_fraction:.0%} abTEM multislice [001] patterns ({', '.join(cfg.bank_structures)}; 50-300 A)"
+            if with_bank else "no abTEM patterns (abtem not installed)")
+    return ("py4dstem_prenet.simulation.simulate_patterns: crystal (py4DSTEM kinematic spot lists of "
+            f"{len(STRUCTURES)} structures x {len(ZONE_AXES)} zone axes, random 2D lattices), amorphous, "
+            f"polycrystalline, vacuum and mixed patterns; {cfg.bright_fraction:.0%} of crystal patterns with Bragg "
+            f"disks 1-3x brighter than the bright-field disk; {bank}; dose log-uniform 1e2-1e6 e-/pattern; counting "
+            "and integrating detectors with hot/dead pixels; 10% beam stops; a/b - 1 up to 0.06")
 
 
 def train_all(out_dir: str, config: TrainConfig | None = None, log=print) -> dict:
@@ -273,7 +269,7 @@ def train_all(out_dir: str, config: TrainConfig | None = None, log=print) -> dic
                             bank_fraction=cfg.bank_fraction if val_bank else 0.0)
     t_data = time.perf_counter() - t0
     models = {}
-    models["denoiser"], _ = _train_denoiser(data, cfg, gen, log)
+    models["denoiser"] = _train_denoiser(data, cfg, gen, log)
     models["centre"] = _train_regressor("centre", data, cfg, gen, log)
     models["ellipse"] = _train_regressor("ellipse", data, cfg, gen, log)
     metrics = _validate(models, val)
@@ -287,16 +283,11 @@ def train_all(out_dir: str, config: TrainConfig | None = None, log=print) -> dic
             "architecture": type(model).__name__,
             "base": cfg.base if name == "denoiser" else None,
             "train_config": asdict(cfg),
-            "data_recipe": "py4dstem_prenet.simulation.simulate_patterns: crystal (py4DSTEM kinematic spot lists of "
-                           "12 structures x 7 zone axes, random 2D lattices), amorphous, polycrystalline, vacuum and "
-                           "mixed patterns; 30% of crystal patterns with Bragg disks 1-3x brighter than the bright-field "
-                           "disk; 15% abTEM multislice [001] patterns (Si, Cu, GaAs, Fe; 50-300 A); dose log-uniform "
-                           "1e2-1e6 e-/pattern; counting and integrating detectors with hot/dead pixels; 10% beam stops; "
-                           "a/b - 1 up to 0.06",
+            "data_recipe": _data_recipe(cfg, bank is not None),
             "held_out_metrics": metrics,
             "seconds": {"data": t_data, "total": time.perf_counter() - t0},
             "torch": torch.__version__,
-            "sha256": _sha256(path),
+            "sha256": file_sha256(path),
         }
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
             json.dump(card, f, indent=2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["normalise", "full_view", "polar_view", "VIEW_SIZE"]
+__all__ = ["normalise", "full_view", "polar_view", "detector_to_view", "view_to_detector", "polar_rmax", "VIEW_SIZE"]
 
 #: Side of the square views, pixels.
 VIEW_SIZE = 64
@@ -33,6 +33,23 @@ def full_view(x: torch.Tensor, size: int = VIEW_SIZE) -> torch.Tensor:
     """
     v = F.interpolate(x.clamp_min(0), size=(size, size), mode="area")
     return normalise(v)
+
+
+def detector_to_view(origin: torch.Tensor, shape: tuple[int, int], size: int = VIEW_SIZE) -> torch.Tensor:
+    """Detector pixels (qx, qy) -> :func:`full_view` pixels."""
+    scale = torch.tensor([size / shape[0], size / shape[1]], dtype=origin.dtype)
+    return (origin + 0.5) * scale - 0.5
+
+
+def view_to_detector(v: torch.Tensor, shape: tuple[int, int], size: int = VIEW_SIZE) -> torch.Tensor:
+    """Inverse of :func:`detector_to_view`."""
+    scale = torch.tensor([size / shape[0], size / shape[1]], dtype=v.dtype)
+    return (v + 0.5) / scale - 0.5
+
+
+def polar_rmax(shape: tuple[int, int]) -> float:
+    """Largest radius of the ellipse network's polar view for a detector ``shape``, pixels."""
+    return 0.5 * float(min(shape))
 
 
 def polar_view(x: torch.Tensor, origin: torch.Tensor, r_max: float, n_r: int = VIEW_SIZE,

@@ -14,7 +14,7 @@ import numpy as np
 
 from .._validation import as_datacube_array
 
-__all__ = ["get_origin", "get_origin_friedel", "fit_origin", "ORIGIN_METHODS"]
+__all__ = ["get_origin", "get_origin_friedel", "fit_origin"]
 
 
 @contextlib.contextmanager
@@ -124,10 +124,3 @@ def fit_origin(
         qx0_fit, qy0_fit, _, _ = _fit_origin((qx0, qy0), fitfunction=fitfunction, robust=robust)
     return np.asarray(qx0_fit, float), np.asarray(qy0_fit, float)
 
-
-#: Name -> callable(datacube) -> (qx0, qy0), for the benchmark.
-ORIGIN_METHODS = {
-    "py4DSTEM get_origin": lambda dc: get_origin(dc),
-    "py4DSTEM get_origin + fit_origin": lambda dc: fit_origin(*get_origin(dc)),
-    "py4DSTEM get_origin_friedel": lambda dc: get_origin_friedel(dc),
-}

@@ -27,10 +27,6 @@ from .metrics import centre_errors, ellipse_errors, mse, psnr
 __all__ = ["BenchmarkConfig", "BenchmarkResult", "run_benchmark", "classical_methods", "prenet_methods",
            "bright_disk_scene"]
 
-OriginMethod = Callable[[object, dict], tuple[np.ndarray, np.ndarray]]
-EllipseMethod = Callable[[object, dict], tuple[float, float]]
-DenoiseMethod = Callable[[np.ndarray], np.ndarray]
-
 #: Seeds of the benchmark's scans start here; training streams must never use them.
 BENCHMARK_SEED = 10_000_000
 
@@ -219,9 +215,6 @@ def bright_disk_scene(rng: np.random.Generator, shape: tuple[int, int], brightne
 def classical_methods() -> dict[str, dict]:
     """py4DSTEM's classical methods and the classical denoisers, keyed by table."""
 
-    def friedel(dc, ctx):
-        return get_origin_friedel(dc)
-
     def mean_ring(fit):
         def method(dc, ctx):
             qx0, qy0 = fit_origin(*get_origin(dc))
@@ -238,7 +231,7 @@ def classical_methods() -> dict[str, dict]:
             "py4DSTEM get_origin (default r)": lambda dc, ctx: get_origin(dc),
             "py4DSTEM get_origin (r hand-set to the true radius)": lambda dc, ctx: get_origin(dc, r=ctx["disk_radius"]),
             "py4DSTEM get_origin (true r) + fit_origin": lambda dc, ctx: fit_origin(*get_origin(dc, r=ctx["disk_radius"])),
-            "py4DSTEM get_origin_friedel": friedel,
+            "py4DSTEM get_origin_friedel": lambda dc, ctx: get_origin_friedel(dc),
         },
         "ellipse": {
             "py4DSTEM fit_ellipse_1D (aligned mean)": (mean_ring(ellipse_fit_1d), ("polycrystalline", "amorphous")),

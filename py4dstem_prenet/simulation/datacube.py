@@ -219,30 +219,23 @@ def simulate_datacube(
 
     clean = np.empty((nrx, nry) + shape, np.float32)
     crlb = np.full((nrx, nry, 2), np.nan)
+    seen = transmission * ~(hot | dead)  # pixels that carry information about the origin
     noisy = np.empty((nrx, nry) + shape, np.float32)
     for rx in range(nrx):
         for ry in range(nry):
             t = thick[rx, ry]
             inten = scene.spot_intensity.copy()
             inten[1:] *= t
-            s = Scene(
-                disk_radius=scene.disk_radius, edge_width=scene.edge_width, spots=scene.spots,
-                spot_intensity=inten,
-                texture=scene.texture + tex_dir * np.sin(2 * np.pi * (su[rx, ry] - sv[rx, ry]) + phases[1]),
-                rings=scene.rings, speckle=scene.speckle, speckle_length=scene.speckle_length,
-                diffuse=scene.diffuse, kind=scene.kind,
-            )
+            s = replace(scene, spot_intensity=inten,
+                        texture=scene.texture + tex_dir * np.sin(2 * np.pi * (su[rx, ry] - sv[rx, ry]) + phases[1]))
             field_ = speckle(rng, shape, scene.speckle_length) if scene.speckle > 0 else None
             img = render(s, shape, origin[rx, ry], ratio, theta, field_)
             norm = dose / img.sum()
             electrons = img * norm * transmission
             if compute_crlb:
-                def expected(c, s=s, field_=field_, norm=norm):
-                    return render(s, shape, c, ratio, theta, field_) * norm * transmission
-
-                good = ~(hot | dead)
                 crlb[rx, ry] = translation_crlb(
-                    lambda c: expected(c) * good, origin[rx, ry], detector.gain, detector.read_noise)
+                    lambda c, s=s, f=field_, k=norm: render(s, shape, c, ratio, theta, f) * k * seen,
+                    origin[rx, ry], detector.gain, detector.read_noise)
             clean[rx, ry] = detector.expected_counts(electrons)
             noisy[rx, ry] = detector.record(electrons, rng, hot, dead)
     truth = SimulationTruth(

@@ -12,6 +12,9 @@ Needs the optional ``abtem`` extra (``pip install -e .[multislice]``).
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 from scipy import ndimage
 
@@ -92,20 +95,17 @@ def multislice_bank(
     probe.grid.match(pot)
     scan = abtem.GridScan(start=(0, 0), end=(a, a), gpts=(scan_gpts, scan_gpts), endpoint=False)
     meas = probe.scan(pot, scan=scan, detectors=abtem.PixelatedDetector(max_angle="cutoff"))
-    import contextlib
-    import io
-
     with contextlib.redirect_stderr(io.StringIO()):
         res = meas.compute()
     arr = np.asarray(res.array, np.float32)  # (planes, sx, sy, N, N)
     n_planes = arr.shape[0]
-    thick = (np.arange(n_planes) * exit_every)
+    thick = np.repeat(np.arange(n_planes) * exit_every, scan_gpts * scan_gpts)  # one per pattern
     pats = arr.reshape(-1, *arr.shape[-2:])
-    keep = np.repeat(thick, scan_gpts * scan_gpts) > 0  # drop the entrance plane
+    keep = thick > 0  # drop the entrance plane
     mrad = float(res.angular_sampling[0])
     return {
         "patterns": pats[keep],
-        "thickness": np.repeat(thick, scan_gpts * scan_gpts)[keep],
+        "thickness": thick[keep],
         "disk_radius": semiangle / mrad,
         "mrad_per_px": mrad,
     }
@@ -216,6 +216,7 @@ def simulate_multislice_datacube(
     clean = np.empty(tuple(scan_shape) + shape, np.float32)
     noisy = np.empty_like(clean)
     crlb = np.full(tuple(scan_shape) + (2,), np.nan)
+    good = ~(hot | dead)  # pixels that carry information about the origin
     for rx in range(scan_shape[0]):
         for ry in range(scan_shape[1]):
             pattern = bank["patterns"][rng.integers(len(bank["patterns"]))]
@@ -225,7 +226,6 @@ def simulate_multislice_datacube(
             clean[rx, ry] = det.expected_counts(electrons)
             noisy[rx, ry] = det.record(electrons, rng, hot, dead)
             if compute_crlb:
-                good = ~(hot | dead)
                 crlb[rx, ry] = translation_crlb(
                     lambda c, p=pattern, k=norm: bank_to_detector(p, shape, c, scale, ratio, theta) * k * good,
                     origin[rx, ry], det.gain, det.read_noise)

@@ -14,7 +14,7 @@ centre of mass but not its edge, as dynamical scattering does in thick crystals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -85,10 +85,6 @@ class Scene:
         self.rings = np.asarray(self.rings, float).reshape(-1, 3)
         if not (0.0 <= self.speckle <= 1.0):
             raise ValueError(f"speckle must be in [0, 1], got {self.speckle}")
-
-    def with_texture(self, texture: np.ndarray) -> "Scene":
-        """Return a copy with another disk texture (e.g. per scan position)."""
-        return replace(self, texture=np.asarray(texture, float))
 
 
 def _check_geometry(shape, origin, ratio) -> tuple[int, int]:
