@@ -80,7 +80,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # the benchmark's classical origin methods, so that the demo and BENCHMARKS.md agree
     methods = {"PreNet (denoise, centre net + refinement, ellipse)": prenet_run, **classical_methods()["origin"]}
     ctx = {"disk_radius": truth.disk_radius}
-    print("\n| origin method | mean px | median px | > 1 px | patterns/s |")
+    print("\nOrigin error = distance to the true centre of the bright-field disk, in detector pixels.")
+    print("\n| origin method | mean error px | median error px | patterns off by > 1 px | patterns/s |")
     print("|---|---|---|---|---|")
     n = truth.origin[..., 0].size
     for name, fn in methods.items():
