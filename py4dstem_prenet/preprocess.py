@@ -1,94 +1,45 @@
 """The py4DSTEM adapter: ``datacube = prenet.preprocess(datacube)``.
 
-Batches the scan positions of a DataCube into tensors, runs the denoiser, the
-centre network (+ Friedel edge refinement) and the ellipse network, and writes the
+Cuts the scan positions of a DataCube into blocks, runs PreNet on each
+(:class:`~py4dstem_prenet.engine.PreNet`: denoiser, centre network + Friedel edge
+refinement, ellipse network), in this process or on a dask cluster, and writes the
 results back as py4DSTEM calibrations: ``calibration.set_origin((qx0, qy0))`` and
 ``calibration.set_ellipse((a/b, 1, theta))``, so that ``find_Bragg_disks``,
-``braggvectors.calibrate()`` and strain mapping use them unchanged.
+``braggvectors.calibrate()`` and strain mapping use them unchanged. With ``out=`` the
+result goes block by block to an EMD file (memory bounded by the block size, not the
+scan), and an interrupted run resumes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import numpy as np
-import torch
 
 from . import __version__
 from .conventions import e12_to_ellipse
-from .pretrained import load_model, model_card
-from .refine import log_polar_view, refine_ellipse, refine_origin
-from .training import E12_SCALE
-from .views import VIEW_SIZE, full_view, polar_rmax, polar_view, view_to_detector
+from .distributed import block_bounds, map_blocks
+from .engine import PreNet, ellipse_bands, fit_ellipse_bands
+from .storage import EMDWriter, open_datacube, read_block
 
 __all__ = ["preprocess"]
 
 
-def _read_batch(data, i0: int, i1: int) -> np.ndarray:
-    """Patterns ``i0:i1`` of a 4D array-like in scan order (reads only those, for h5py or memmaps)."""
-    nry = data.shape[1]
-    if isinstance(data, np.ndarray):
-        idx = np.arange(i0, i1)
-        return data[idx // nry, idx % nry]
-    return np.stack([np.asarray(data[i // nry, i % nry]) for i in range(i0, i1)])
-
-
-def _clean_batch(block: np.ndarray) -> torch.Tensor:
-    x = np.asarray(block, dtype=np.float32)
-    x = np.where(np.isfinite(x), x, 0.0).astype(np.float32)
-    return torch.from_numpy(np.clip(x, 0, None))[:, None]
-
-
-def _median3(x: torch.Tensor) -> torch.Tensor:
-    """Replace pixels far above their 3x3 median (hot pixels) by that median."""
-    p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
-    med = p.unfold(2, 3, 1).unfold(3, 3, 1).reshape(*x.shape, 9).median(dim=-1).values
-    return torch.where(x > 4 * med + 10, med, x)
-
-
-#: Below this many counts per pattern the edge refinement reads the denoised pattern;
-#: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
-#: costs more edge precision than its noise reduction brings; measured, see BENCHMARKS.md).
-LOW_DOSE_COUNTS = 5e3
-
-
-def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None) -> torch.Tensor:
-    """Per pattern: denoised at low counts, hot-pixel-filtered recording otherwise."""
-    raw = _median3(x).float()
-    if denoised is None:
-        return raw
-    low = x.sum(dim=(1, 2, 3)) < LOW_DOSE_COUNTS
-    return torch.where(low[:, None, None, None], denoised.float(), raw)
-
-
-def _ellipse_from_aligned_mean(raw, origin: np.ndarray, r_bf: float | None, batch_size: int, dev):
-    """Log-polar stretch fit on the origin-aligned mean (see :func:`refine_ellipse`).
-
-    Two radial bands are fitted: everything inside the detector, and the band of the
-    bright-field disk edge. The full band is used when its content is isotropic
-    (rings; quality >= 0.97); otherwise the bright-field band, whose edge is the
-    image of the round condenser aperture whatever the specimen.
-    """
-    nrx, nry, h, w = (int(s) for s in raw.shape)
-    n = nrx * nry
-    o_all = origin.reshape(n, 2)
-    edge = float(min(o_all[:, 0].min(), h - 1 - o_all[:, 0].max(), o_all[:, 1].min(), w - 1 - o_all[:, 1].max())) - 2
-    bands = {"full": (2.0, edge)}
-    if r_bf is not None and np.isfinite(r_bf):
-        bands["bright-field edge"] = (max(1.0, 0.4 * r_bf), min(edge, 1.2 * r_bf + 2))
-    bands = {k: v for k, v in bands.items() if v[1] > 2 * v[0] and v[1] > 4}
-    if not bands:
-        return None
-    sums = {k: 0.0 for k in bands}
-    for i0 in range(0, n, batch_size):
-        i1 = min(n, i0 + batch_size)
-        x = _median3(_clean_batch(_read_batch(raw, i0, i1)))
-        x = (x / x.mean(dim=(2, 3), keepdim=True).clamp_min(1e-6)).to(dev)
-        o = torch.from_numpy(o_all[i0:i1]).float().to(dev)
-        for k, (r0, r1) in bands.items():
-            sums[k] = sums[k] + log_polar_view(x, o, r0, r1, 256, 180).sum(0).cpu().numpy()
-    results = {k: refine_ellipse(sums[k], *bands[k], iterations=4) for k in bands}
-    band = "full" if results.get("full", (0, 0, 0))[2] >= 0.97 or len(results) == 1 else "bright-field edge"
-    ratio, theta, quality = results[band]
-    return ratio, theta, quality, band
+def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool) -> dict:
+    """What a resumable output depends on: the input's identity and every option."""
+    n = int(data.shape[0]) * int(data.shape[1])
+    probe = hashlib.sha256()
+    for i in sorted({0, n // 2, n - 1}):
+        probe.update(np.ascontiguousarray(read_block(data, i, i + 1)).tobytes())
+    fp = {"shape": [int(s) for s in data.shape], "dtype": str(np.dtype(data.dtype)), "probe": probe.hexdigest(),
+          "version": __version__, "stages": engine.stages, "refine": engine.refine, "weights": engine.model_hashes(),
+          "batch_size": int(batch_size), "fit_descan": bool(fit_descan)}
+    f = getattr(data, "file", None)
+    if f is not None and getattr(f, "filename", None):  # an h5py dataset: which file, which version
+        st = os.stat(f.filename)
+        fp["source"] = [os.path.abspath(f.filename), data.name, st.st_size, st.st_mtime_ns]
+    return fp
 
 
 def preprocess(
@@ -98,40 +49,56 @@ def preprocess(
     center: bool = True,
     ellipse: bool = True,
     batch_size: int = 64,
-    device: str | torch.device | None = None,
+    device: str | None = None,
     inplace: bool = False,
     progress: bool = True,
     refine: bool = True,
     fit_descan: bool = False,
     weights_dir: str | None = None,
+    out: str | None = None,
+    overwrite: bool = False,
+    client=None,
 ):
     """Denoise a DataCube and calibrate its origin and elliptical distortion.
 
     Parameters
     ----------
     datacube : py4DSTEM.DataCube
-        4D data (R_Nx, R_Ny, Q_Nx, Q_Ny), any detector shape (>= 16 px) and dtype
-        (uint8 to float64); NaN and Inf pixels are read as 0.
+        4D data (R_Nx, R_Ny, Q_Nx, Q_Ny), any detector shape (>= 16 px) and numeric
+        dtype (uint8 to float64); NaN/Inf and negative pixels are read as 0. The data
+        may be a numpy array, a memory map or h5py dataset (py4DSTEM ``mem="MEMMAP"``,
+        :func:`~py4dstem_prenet.storage.open_datacube`) or a dask array: it is read
+        block by block and never changed.
     denoise, center, ellipse : bool
         Run the denoiser, the origin calibration, the ellipse calibration.
     batch_size : int
-        Patterns per batch.
-    device : str or torch.device, optional
+        Patterns per block.
+    device : str, optional
         'cpu', 'cuda', ...; CUDA when available if None.
     inplace : bool
-        Write into ``datacube`` instead of returning a new DataCube.
+        Write into ``datacube`` instead of returning a new DataCube (not with ``out``).
     progress : bool
         Show a progress bar.
     refine : bool
         Physics refinement after the networks: the origin by the Friedel symmetry of
         disk edges near the network's estimate, and the ellipse by a log-polar
-        stretch fit on the origin-aligned mean (the ResNet's median estimate is
-        kept in the metadata as ``ellipse_network``).
+        stretch fit of the origin-aligned mean (which reads the scan a second time;
+        the ResNet's median estimate is kept in the metadata as ``ellipse_network``).
     fit_descan : bool
         Replace the per-pattern origins by a robust smooth (parabolic) descan fit
         (py4DSTEM ``fit_origin``); the measured ones stay in the metadata.
     weights_dir : str, optional
         Folder of retrained weights (the shipped ones when None).
+    out : str, optional
+        Write the result to this EMD file block by block (through ``out + '.partial'``,
+        renamed when complete) and return it opened from disk. Peak memory is then
+        set by ``batch_size``, not by the scan. A partial file left by an
+        interrupted run with the same input and options is resumed.
+    overwrite : bool
+        Allow ``out`` to replace an existing file.
+    client : dask.distributed.Client, optional
+        Run the blocks on this cluster (see :mod:`py4dstem_prenet.distributed`);
+        the result is the same as in one process.
 
     Returns
     -------
@@ -141,14 +108,20 @@ def preprocess(
         ``calibration.get_ellipse()`` -> (a/b, 1, theta), and
         ``metadata['prenet']`` holding model versions, options, the per-pattern
         origin uncertainty ``origin_sigma`` (px) and the network-only origins.
+        With ``out``, its data is an h5py dataset of the output file.
 
     Raises
     ------
     TypeError
-        If ``datacube`` is not a py4DSTEM DataCube.
+        If ``datacube`` is not a py4DSTEM DataCube or its data is not numeric.
     ValueError
-        If its data is not 4D, the detector is smaller than 16 x 16 pixels, or the
-        ellipse stage runs without origins (``center=False`` and no calibrated origin).
+        If its data is not 4D, the detector is smaller than 16 x 16 pixels, an
+        option is invalid, or the ellipse stage runs without origins
+        (``center=False`` and no calibrated origin).
+    FileExistsError
+        If ``out`` exists and ``overwrite`` is False.
+    WeightsError
+        If a weights file is missing, corrupt or from another version.
     """
     import py4DSTEM
     from emdfile import Metadata
@@ -165,93 +138,120 @@ def preprocess(
         raise ValueError(f"detector must be at least 16 x 16 pixels and the scan non-empty, got shape {data.shape}")
     if not np.issubdtype(np.dtype(data.dtype), np.number):
         raise TypeError(f"DataCube data must be numeric, got {data.dtype}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = [n for n, on in (("denoiser", denoise), ("centre", center), ("ellipse", ellipse)) if on]
-    models = {n: load_model(n, weights_dir, dev) for n in names}
-
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if inplace and out is not None:
+        raise ValueError("inplace=True and out= exclude each other")
+    if out is not None and os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    engine = PreNet(denoise=bool(denoise), center=bool(center), ellipse=bool(ellipse), refine=bool(refine),
+                    device=None if device is None else str(device), weights_dir=weights_dir)
+    engine.check_weights()
     n = nrx * nry
-    out_data = np.empty((nrx, nry, h, w), np.float32)
-    origin_net = np.full((n, 2), np.nan)
-    origin = np.full((n, 2), np.nan)
-    sigma = np.full(n, np.nan)
-    radius = np.full(n, np.nan)
-    e12 = np.full((n, 2), np.nan)
+    given_origin = None
     if ellipse and not center:
         try:
             qx_in, qy_in = datacube.calibration.get_origin()
             given = np.stack([np.broadcast_to(qx_in, (nrx, nry)), np.broadcast_to(qy_in, (nrx, nry))], -1)
-            origin[:] = given.reshape(n, 2)
+            given_origin = np.asarray(given, float).reshape(n, 2)
         except Exception:
-            origin[:] = np.nan
-        if not np.all(np.isfinite(origin)):
+            given_origin = None
+        if given_origin is None or not np.all(np.isfinite(given_origin)):
             raise ValueError("the ellipse stage needs origins: pass center=True or set "
                              "datacube.calibration.set_origin(...) first")
-    px_per_view = 0.5 * (h + w) / VIEW_SIZE
-    with torch.inference_mode():
-        for i0 in tqdm(range(0, n, batch_size), disable=not progress, desc="PreNet", unit="batch"):
-            i1 = min(n, i0 + batch_size)
-            x = _clean_batch(_read_batch(data, i0, i1)).to(dev)
-            y = models["denoiser"](x) if denoise else x
-            out_data.reshape(n, h, w)[i0:i1] = y[:, 0].float().cpu().numpy()
-            if center:
-                # the calibrators were trained on recorded (noisy) patterns: they see x
-                pred = models["centre"](full_view(x)).float().cpu()
-                o = view_to_detector(pred[:, :2], (h, w))
-                origin_net[i0:i1] = o.numpy()
-                s_px = torch.exp(pred[:, 2]) * px_per_view
-                sigma[i0:i1] = s_px.numpy()
-                radius[i0:i1] = (torch.exp(pred[:, 3]) * min(h, w)).numpy()
-                if refine:
-                    r = refine_origin(_refinement_input(x, y if denoise else None), o.to(dev), search=2.0).cpu()
-                    # keep the refinement only where it agrees with the network's estimate
-                    ok = torch.linalg.norm(r - o, dim=1) <= torch.clamp(3 * s_px, min=1.5)
-                    o = torch.where(ok[:, None], r, o)
-                origin[i0:i1] = o.numpy()
-            if ellipse:
-                o_e = torch.from_numpy(origin[i0:i1]).float()
-                e = models["ellipse"](polar_view(x, o_e.to(dev), polar_rmax((h, w)))).float().cpu()
-                e12[i0:i1] = e.numpy() * E12_SCALE
+
+    bounds = block_bounds(n, int(batch_size))
+    writer = None
+    if out is not None:
+        writer = EMDWriter(out, (nrx, nry, h, w), len(bounds), _fingerprint(data, engine, batch_size, fit_descan),
+                           overwrite=overwrite)
+        out_data = writer.data
+        results: dict[str, np.ndarray] = writer.results()
+        skip = writer.done
+    else:
+        out_data = np.empty((nrx, nry, h, w), np.float32)
+        results = {}
+        skip = None
+    extra = (lambda i0, i1: (given_origin[i0:i1],)) if given_origin is not None else None
+    try:
+        bar = tqdm(total=len(bounds), initial=0 if skip is None else int(np.count_nonzero(skip)),
+                   disable=not progress, desc="PreNet", unit="block")
+        for k, res in map_blocks(engine, "run", data, bounds, extra, client=client, skip=skip):
+            i0, i1 = bounds[k]
+            if writer is not None:
+                writer.write(k, i0, i1, res)
+            else:
+                out_data.reshape(n, h, w)[i0:i1] = res["data"]
+                for key, val in res.items():
+                    if key != "data":
+                        results.setdefault(key, np.full((n, *val.shape[1:]), np.nan))[i0:i1] = val
+            bar.update(1)
+        bar.close()
+        if writer is not None:
+            results = writer.results()
+        origin = results["origin"] if center else given_origin
+
+        md = Metadata(name="prenet")
+        md["version"] = __version__
+        md["stages"] = ",".join(engine.stages) or "none"
+        md["model_sha256"] = engine.model_hashes()
+        md["refine"] = bool(refine)
+        md["fit_descan"] = bool(fit_descan)
+        origin_cal = ellipse_cal = None
+        if center:
+            qx0 = origin[:, 0].reshape(nrx, nry)
+            qy0 = origin[:, 1].reshape(nrx, nry)
+            md["origin_measured"] = origin.reshape(nrx, nry, 2)
+            md["origin_network"] = results["origin_network"].reshape(nrx, nry, 2)
+            md["origin_sigma"] = results["origin_sigma"].reshape(nrx, nry)
+            if fit_descan and n >= 3:
+                from .baselines import fit_origin
+
+                qx0, qy0 = fit_origin(qx0, qy0, "parabola" if min(nrx, nry) >= 3 else "plane")
+            origin_cal = (qx0, qy0)
+        if ellipse:
+            e12 = results["e12"]
+            net_ratio, net_theta = e12_to_ellipse(np.median(e12, axis=0))
+            md["e12_per_pattern"] = e12.reshape(nrx, nry, 2)
+            md["ellipse_network"] = np.array([float(net_ratio), 1.0, float(net_theta)])
+            ratio, theta = float(net_ratio), float(net_theta)
+            md["ellipse_method"] = "network (median over scan)"
+            if refine:
+                # the recorded patterns (hot pixels removed): averaging over the scan beats the
+                # noise, and no denoiser smoothing touches the edges
+                r_bf = float(np.nanmedian(results["disk_radius"])) if center else None
+                bands = ellipse_bands(origin, (h, w), r_bf)
+                sums = {k: np.zeros((256, 180)) for k in bands}
+                if bands:
+                    for _, part in map_blocks(engine, "polar_sums", data, bounds,
+                                              lambda i0, i1: (origin[i0:i1], bands), client=client):
+                        for key in sums:
+                            sums[key] += part[key]
+                est = fit_ellipse_bands(sums, bands)
+                if est is not None:
+                    ratio, theta, quality, band = est
+                    md["ellipse_refined_quality"] = quality
+                    md["ellipse_refined_band"] = band
+                    md["ellipse_method"] = "refined (log-polar stretch fit)"
+            ellipse_cal = (float(ratio), 1.0, float(theta))
+    except BaseException:
+        if writer is not None:
+            writer.close()  # the partial file stays, marked by its name, for a rerun to resume
+        raise
 
     if inplace:
         result = datacube
         result.data = out_data
     else:
-        result = py4DSTEM.DataCube(data=out_data, name=datacube.name, calibration=datacube.calibration.copy())
-    md = Metadata(name="prenet")
-    md["version"] = __version__
-    md["stages"] = ",".join(names) if names else "none"
-    md["model_sha256"] = ",".join(model_card(nm, weights_dir)["sha256"][:12] for nm in names) or "none"
-    md["refine"] = bool(refine)
-    md["fit_descan"] = bool(fit_descan)
-    if center:
-        qx0 = origin[:, 0].reshape(nrx, nry)
-        qy0 = origin[:, 1].reshape(nrx, nry)
-        md["origin_measured"] = origin.reshape(nrx, nry, 2)
-        md["origin_network"] = origin_net.reshape(nrx, nry, 2)
-        md["origin_sigma"] = sigma.reshape(nrx, nry)
-        if fit_descan and n >= 3:
-            from .baselines import fit_origin
-
-            qx0, qy0 = fit_origin(qx0, qy0, "parabola" if min(nrx, nry) >= 3 else "plane")
-        result.calibration.set_origin((qx0, qy0))
-    if ellipse:
-        net_ratio, net_theta = e12_to_ellipse(np.median(e12, axis=0))
-        md["e12_per_pattern"] = e12.reshape(nrx, nry, 2)
-        md["ellipse_network"] = np.array([float(net_ratio), 1.0, float(net_theta)])
-        ratio, theta = float(net_ratio), float(net_theta)
-        md["ellipse_method"] = "network (median over scan)"
-        if refine:
-            r_bf = float(np.nanmedian(radius)) if center else None
-            # the recorded patterns (hot pixels removed): averaging over the scan beats the noise,
-            # and no denoiser smoothing touches the edges
-            est = _ellipse_from_aligned_mean(data, origin, r_bf, batch_size, dev)
-            if est is not None:
-                ratio, theta, quality, band = est
-                md["ellipse_refined_quality"] = quality
-                md["ellipse_refined_band"] = band
-                md["ellipse_method"] = "refined (log-polar stretch fit)"
-        result.calibration.set_ellipse((float(ratio), 1.0, float(theta)))
+        shape = (2, 2, h, w) if writer is not None else None  # the written data is not copied
+        result = py4DSTEM.DataCube(data=out_data if shape is None else np.zeros(shape, np.float32),
+                                   name=datacube.name or "datacube", calibration=datacube.calibration.copy())
+    if origin_cal is not None:
+        result.calibration.set_origin(origin_cal)
+    if ellipse_cal is not None:
+        result.calibration.set_ellipse(ellipse_cal)
     result.metadata = md
-    return result
+    if writer is None:
+        return result
+    writer.finish(result)
+    return open_datacube(out, mem="MEMMAP")

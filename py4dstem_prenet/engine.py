@@ -1,0 +1,244 @@
+"""The per-block computation of PreNet, separate from how blocks are read and scheduled.
+
+:class:`PreNet` turns a block of patterns (N, Q_Nx, Q_Ny), any dtype, into denoised
+patterns, origins with their uncertainty, and the ellipse network's (e1, e2). It
+holds no state between blocks, so that the same call runs in one process
+(:func:`~py4dstem_prenet.preprocess`), on dask workers
+(:mod:`~py4dstem_prenet.distributed`) or on a live stream
+(:mod:`~py4dstem_prenet.streaming`) with identical results. The ellipse
+refinement, which needs the whole scan, is split the same way:
+:meth:`PreNet.polar_sums` is the per-block part (sums of log-polar views on fixed
+radial bands), :func:`fit_ellipse_bands` the reduction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .pretrained import load_model, model_card
+from .refine import log_polar_view, refine_ellipse, refine_origin
+from .training import E12_SCALE
+from .views import VIEW_SIZE, full_view, polar_rmax, polar_view, view_to_detector
+
+__all__ = ["PreNet", "ellipse_bands", "fit_ellipse_bands", "LOW_DOSE_COUNTS"]
+
+#: Below this many counts per pattern the edge refinement reads the denoised pattern;
+#: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
+#: costs more edge precision than its noise reduction brings; measured, see BENCHMARKS.md).
+LOW_DOSE_COUNTS = 5e3
+
+#: Angular and log-radial samples of the ellipse refinement's log-polar views.
+_N_RHO, _N_PHI = 256, 180
+
+
+def _clean_block(block: np.ndarray) -> torch.Tensor:
+    """(N, H, W) array of any numeric dtype -> (N, 1, H, W) float32, NaN/Inf -> 0, clipped at 0."""
+    x = np.asarray(block, dtype=np.float32)
+    x = np.where(np.isfinite(x), x, 0.0).astype(np.float32)
+    return torch.from_numpy(np.clip(x, 0, None))[:, None]
+
+
+def _median3(x: torch.Tensor) -> torch.Tensor:
+    """Replace pixels far above their 3x3 median (hot pixels) by that median."""
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    med = p.unfold(2, 3, 1).unfold(3, 3, 1).reshape(*x.shape, 9).median(dim=-1).values
+    return torch.where(x > 4 * med + 10, med, x)
+
+
+def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None) -> torch.Tensor:
+    """Per pattern: denoised at low counts, hot-pixel-filtered recording otherwise."""
+    raw = _median3(x).float()
+    if denoised is None:
+        return raw
+    low = x.sum(dim=(1, 2, 3)) < LOW_DOSE_COUNTS
+    return torch.where(low[:, None, None, None], denoised.float(), raw)
+
+
+@dataclass(frozen=True)
+class PreNet:
+    """The three networks and the physics refinement, applied to blocks of patterns.
+
+    Parameters
+    ----------
+    denoise, center, ellipse : bool
+        Stages to run.
+    refine : bool
+        Friedel edge refinement of the origin after the centre network.
+    device : str, optional
+        'cpu', 'cuda', ...; CUDA when available if None.
+    weights_dir : str, optional
+        Folder of retrained weights (the shipped ones when None).
+
+    Notes
+    -----
+    The instance is a small, picklable description; the models are loaded (and
+    cached per process) on first use, so it can be sent to dask workers.
+    """
+
+    denoise: bool = True
+    center: bool = True
+    ellipse: bool = True
+    refine: bool = True
+    device: str | None = None
+    weights_dir: str | None = None
+
+    @property
+    def stages(self) -> list[str]:
+        """Names of the enabled networks, in order: 'denoiser', 'centre', 'ellipse'."""
+        return [n for n, on in (("denoiser", self.denoise), ("centre", self.center), ("ellipse", self.ellipse)) if on]
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device blocks are processed on."""
+        return torch.device(self.device if self.device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def model_hashes(self) -> str:
+        """Comma-separated sha256 prefixes of the enabled weight files (for metadata)."""
+        return ",".join(model_card(n, self.weights_dir)["sha256"][:12] for n in self.stages) or "none"
+
+    def check_weights(self) -> None:
+        """Load every enabled model once, so that a bad weights file fails before any work.
+
+        Raises
+        ------
+        WeightsError
+            If a weights file is missing, corrupt or from another version.
+        """
+        for n in self.stages:
+            load_model(n, self.weights_dir, self.torch_device)
+
+    def run(self, block: np.ndarray, origin: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Process one block of patterns.
+
+        Parameters
+        ----------
+        block : numpy.ndarray
+            (N, Q_Nx, Q_Ny) patterns, any numeric dtype; NaN/Inf read as 0,
+            negative values as 0.
+        origin : numpy.ndarray, optional
+            (N, 2) origins (qx0, qy0) in pixels for the ellipse network when the
+            centre stage is off.
+
+        Returns
+        -------
+        dict of numpy.ndarray
+            'data' (N, Q_Nx, Q_Ny) float32, denoised when the denoiser runs, else the
+            cleaned input; with the centre stage 'origin' (N, 2) (network +
+            refinement), 'origin_network' (N, 2), 'origin_sigma' (N,) px and
+            'disk_radius' (N,) px; with the ellipse stage 'e12' (N, 2).
+        """
+        dev = self.torch_device
+        h, w = int(block.shape[-2]), int(block.shape[-1])
+        out: dict[str, np.ndarray] = {}
+        with torch.inference_mode():
+            x = _clean_block(block).to(dev)
+            y = load_model("denoiser", self.weights_dir, dev)(x) if self.denoise else x
+            out["data"] = y[:, 0].float().cpu().numpy()
+            if self.center:
+                # the calibrators were trained on recorded (noisy) patterns: they see x
+                pred = load_model("centre", self.weights_dir, dev)(full_view(x)).float().cpu()
+                o = view_to_detector(pred[:, :2], (h, w))
+                out["origin_network"] = o.numpy().astype(np.float64)
+                s_px = torch.exp(pred[:, 2]) * (0.5 * (h + w) / VIEW_SIZE)
+                out["origin_sigma"] = s_px.numpy().astype(np.float64)
+                out["disk_radius"] = (torch.exp(pred[:, 3]) * min(h, w)).numpy().astype(np.float64)
+                if self.refine:
+                    r = refine_origin(_refinement_input(x, y if self.denoise else None), o.to(dev), search=2.0).cpu()
+                    # keep the refinement only where it agrees with the network's estimate
+                    ok = torch.linalg.norm(r - o, dim=1) <= torch.clamp(3 * s_px, min=1.5)
+                    o = torch.where(ok[:, None], r, o)
+                out["origin"] = o.numpy().astype(np.float64)
+            if self.ellipse:
+                o_e = out["origin"] if self.center else origin
+                if o_e is None:
+                    raise ValueError("the ellipse stage needs origins: run the centre stage or pass origin")
+                t = torch.from_numpy(np.asarray(o_e, np.float32)).to(dev)
+                e = load_model("ellipse", self.weights_dir, dev)(polar_view(x, t, polar_rmax((h, w)))).float().cpu()
+                out["e12"] = e.numpy().astype(np.float64) * E12_SCALE
+        return out
+
+    def polar_sums(self, block: np.ndarray, origin: np.ndarray, bands: dict[str, tuple[float, float]]
+                   ) -> dict[str, np.ndarray]:
+        """Per-block part of the ellipse refinement: summed log-polar views.
+
+        Parameters
+        ----------
+        block : numpy.ndarray
+            (N, Q_Nx, Q_Ny) recorded patterns (hot pixels are median-filtered here).
+        origin : numpy.ndarray
+            (N, 2) origins in pixels.
+        bands : dict
+            Name -> (r_min, r_max) in pixels, from :func:`ellipse_bands`.
+
+        Returns
+        -------
+        dict of numpy.ndarray
+            Name -> (256, 180) float64 sum over the block of the intensity-normalised
+            log-polar views; add them over blocks in a fixed order and pass the total
+            to :func:`fit_ellipse_bands`.
+        """
+        dev = self.torch_device
+        with torch.inference_mode():
+            x = _median3(_clean_block(block))
+            x = (x / x.mean(dim=(2, 3), keepdim=True).clamp_min(1e-6)).to(dev)
+            o = torch.from_numpy(np.asarray(origin, np.float32)).to(dev)
+            return {k: log_polar_view(x, o, r0, r1, _N_RHO, _N_PHI).sum(0).double().cpu().numpy()
+                    for k, (r0, r1) in bands.items()}
+
+
+def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float | None,
+                  margin: float = 2.0) -> dict[str, tuple[float, float]]:
+    """Radial bands of the ellipse refinement.
+
+    Parameters
+    ----------
+    origin : numpy.ndarray
+        (..., 2) origins in pixels; the outer radius keeps every pattern's band
+        inside the detector.
+    shape : tuple of int
+        Detector shape (Q_Nx, Q_Ny).
+    disk_radius : float or None
+        Bright-field disk radius in pixels (the centre network's median), or None.
+    margin : float
+        Pixels kept between the band and the detector edge.
+
+    Returns
+    -------
+    dict
+        'full': everything inside the detector; 'bright-field edge': the band of
+        the bright-field disk edge (when a radius is known). Bands too narrow to fit
+        are left out, so the dict can be empty.
+    """
+    h, w = shape
+    o = np.asarray(origin, float).reshape(-1, 2)
+    edge = float(min(o[:, 0].min(), h - 1 - o[:, 0].max(), o[:, 1].min(), w - 1 - o[:, 1].max())) - margin
+    bands = {"full": (2.0, edge)}
+    if disk_radius is not None and np.isfinite(disk_radius):
+        bands["bright-field edge"] = (max(1.0, 0.4 * disk_radius), min(edge, 1.2 * disk_radius + 2))
+    return {k: v for k, v in bands.items() if v[1] > 2 * v[0] and v[1] > 4}
+
+
+def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float, float]]
+                      ) -> tuple[float, float, float, str] | None:
+    """Fit the ellipse on the summed log-polar views (see :func:`refine_ellipse`).
+
+    The full band is used when its content is isotropic (rings; quality >= 0.97) or
+    when it is the only band; otherwise the bright-field band, whose edge is the
+    image of the round condenser aperture whatever the specimen.
+
+    Returns
+    -------
+    tuple or None
+        (a/b, theta in radians from the qx axis, quality, band name), or None when
+        there is no band.
+    """
+    if not bands:
+        return None
+    results = {k: refine_ellipse(sums[k], *bands[k], iterations=4) for k in bands}
+    isotropic = "full" in results and (results["full"][2] >= 0.97 or len(results) == 1)
+    band = "full" if isotropic else "bright-field edge"
+    ratio, theta, quality = results[band]
+    return ratio, theta, quality, band
