@@ -6,10 +6,11 @@ prenet demo          simulate the built-in crystal scan and calibrate it, print 
 prenet simulate OUT  write a simulated DataCube (EMD/HDF5) and its ground truth (.npz)
 prenet benchmark     run the benchmark, write BENCHMARKS.md tables and plots
 prenet train DIR     retrain the three networks from a seed
-prenet preprocess IN OUT   denoise and calibrate a file, write EMD
-prenet info          versions of the package and its dependencies
+prenet preprocess IN OUT   denoise and calibrate a file (any py4DSTEM format), write EMD block by block
+prenet info          versions of the package, its dependencies and the shipped model cards
 
-Exit codes: 0 success, 2 bad arguments or input, 1 any other failure.
+Exit codes: 0 success, 2 bad arguments or input, 1 any other failure (e.g. a bad
+weights file), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not (v > 0 and np.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return v
 
 
@@ -142,21 +153,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    import py4DSTEM
+    import contextlib
 
     from .preprocess import preprocess
+    from .storage import open_datacube
 
-    if not os.path.exists(args.input):
-        raise FileNotFoundError(f"no such file: {args.input}")
+    if os.path.abspath(args.input) == os.path.abspath(args.output):
+        print("prenet: the output must be a new file; the input is never written", file=sys.stderr)
+        return 2
     if os.path.exists(args.output) and not args.overwrite:
         print(f"prenet: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    dc = py4DSTEM.read(args.input)
-    if not isinstance(dc, py4DSTEM.DataCube):
-        raise ValueError(f"{args.input} does not hold a DataCube at its root")
-    out = preprocess(dc, denoise=not args.no_denoise, batch_size=args.batch_size, device=args.device)
-    _save_complete(args.output, out)
-    print(f"wrote {args.output}")
+    dc = open_datacube(args.input, mem="MEMMAP")
+    if os.path.exists(args.output + ".partial"):
+        print(f"prenet: found {args.output}.partial; resuming it if it was made from the same input and options",
+              file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        client = None
+        if args.scheduler or args.workers:
+            from dask.distributed import Client, LocalCluster
+
+            if args.scheduler:
+                client = stack.enter_context(Client(args.scheduler))
+            else:
+                cluster = stack.enter_context(LocalCluster(n_workers=args.workers, threads_per_worker=1,
+                                                           dashboard_address=None))
+                client = stack.enter_context(Client(cluster))
+        out = preprocess(dc, denoise=not args.no_denoise, ellipse=not args.no_ellipse, refine=not args.no_refine,
+                         fit_descan=args.fit_descan, batch_size=args.batch_size, device=args.device,
+                         progress=not args.quiet, out=args.output, overwrite=args.overwrite, client=client)
+    qx0, qy0 = out.calibration.get_origin()
+    print(f"wrote {args.output}: {out.data.shape[0]}x{out.data.shape[1]} patterns of "
+          f"{out.data.shape[2]}x{out.data.shape[3]} px; origin qx0 {np.mean(qx0):.2f} +- {np.std(qx0):.2f}, "
+          f"qy0 {np.mean(qy0):.2f} +- {np.std(qy0):.2f} px" + (
+              ", ellipse a/b = {:.4f}, theta = {:.1f} deg".format(
+                  out.calibration.get_ellipse()[0], np.degrees(out.calibration.get_ellipse()[2]))
+              if not args.no_ellipse else ""))
     return 0
 
 
@@ -184,6 +216,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"  {pkg} {md.version(pkg)}")
         except md.PackageNotFoundError:
             print(f"  {pkg} not installed")
+    import json
+
+    from .pretrained import WEIGHTS_DIR
+
+    print(f"shipped weights: {WEIGHTS_DIR}")
+    for name in ("denoiser", "centre", "ellipse"):
+        path = os.path.join(WEIGHTS_DIR, name + ".json")
+        if not os.path.exists(path):
+            print(f"  {name}: missing")
+            continue
+        with open(path) as f:
+            card = json.load(f)
+        metrics = ", ".join(f"{k} {v:.3g}" for k, v in card.get("held_out_metrics", {}).items()
+                            if k.startswith(name[:5]))
+        print(f"  {name}: {card['architecture']}, version {card['package_version']}, "
+              f"sha256 {card['sha256'][:12]}; held out: {metrics}")
     return 0
 
 
@@ -229,27 +277,54 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
     t.set_defaults(func=_cmd_train)
 
-    r = sub.add_parser("preprocess", help="denoise and calibrate a 4D-STEM file, write EMD with the calibration")
-    r.add_argument("input", help="a file py4DSTEM.read opens (EMD/HDF5)")
-    r.add_argument("output", help="output EMD (.h5), written to a temporary name and renamed when complete")
-    r.add_argument("--no-denoise", action="store_true", help="calibrate only")
-    r.add_argument("--batch-size", type=int, default=64)
+    r = sub.add_parser(
+        "preprocess", help="denoise and calibrate a 4D-STEM file, write EMD with the calibration",
+        description="Denoise a 4D-STEM recording and calibrate its origin (descan) and elliptical distortion. "
+                    "The result is an EMD file that py4DSTEM.read opens, with calibration.get_origin() and "
+                    "calibration.get_ellipse() set, ready for find_Bragg_disks and strain mapping. The input is "
+                    "read block by block and never changed; the output is written to OUT.partial and renamed "
+                    "when complete; rerunning an interrupted command resumes it.",
+        epilog="exit codes: 0 done; 2 bad arguments or unreadable input; 1 any other failure; "
+               "130 interrupted (OUT.partial kept for a resume)")
+    r.add_argument("input", help="a file py4DSTEM reads: EMD/HDF5, Merlin .mib, Gatan .dm3/.dm4, EMPAD .raw, ...")
+    r.add_argument("output", help="output EMD file (.h5)")
+    r.add_argument("--no-denoise", action="store_true", help="calibrate only; the data are copied as float32")
+    r.add_argument("--no-ellipse", action="store_true", help="skip the elliptical-distortion calibration")
+    r.add_argument("--no-refine", action="store_true", help="network estimates only, no physics refinement")
+    r.add_argument("--fit-descan", action="store_true",
+                   help="replace the measured origins by a smooth parabolic descan fit (py4DSTEM fit_origin)")
+    r.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="patterns per block; memory grows with it (default 64)")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--workers", type=_positive_int, default=0,
+                   help="run on a local dask cluster with this many worker processes")
+    r.add_argument("--scheduler", default=None,
+                   help="run on an existing dask.distributed cluster, e.g. tcp://host:8786")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_preprocess)
 
-    i = sub.add_parser("info", help="versions of the package and its dependencies")
+    i = sub.add_parser("info", help="versions of the package, its dependencies and the shipped model cards")
     i.set_defaults(func=_cmd_info)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``prenet``; returns the exit code."""
+    """Run ``prenet``; returns the exit code (0 done, 2 bad input, 1 other failure, 130 interrupted)."""
+    from .pretrained import WeightsError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError) as exc:
+    except KeyboardInterrupt:
+        print("prenet: interrupted; a partial output is kept as OUT.partial and the same command resumes it",
+              file=sys.stderr)
+        return 130
+    except WeightsError as exc:
+        print(f"prenet: weights error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError) as exc:
         print(f"prenet: error: {exc}", file=sys.stderr)
         return 2
 

@@ -30,14 +30,30 @@ __all__ = ["PreNet", "ellipse_bands", "fit_ellipse_bands", "LOW_DOSE_COUNTS"]
 #: costs more edge precision than its noise reduction brings; measured, see BENCHMARKS.md).
 LOW_DOSE_COUNTS = 5e3
 
+#: The symmetry centre of the whole detector replaces the network's estimate when the
+#: inversion-symmetry score near the network's estimate is below this fraction of the
+#: best score on the detector. On simulated scans the ratio is >= 0.83 wherever the
+#: network is right; on real ring patterns with a beam stop it falls to ~0.15 where
+#: the network is wrong.
+GLOBAL_SWITCH = 0.5
+
 #: Angular and log-radial samples of the ellipse refinement's log-polar views.
 _N_RHO, _N_PHI = 256, 180
 
 
 def _clean_block(block: np.ndarray) -> torch.Tensor:
-    """(N, H, W) array of any numeric dtype -> (N, 1, H, W) float32, NaN/Inf -> 0, clipped at 0."""
+    """(N, H, W) array of any numeric dtype -> (N, 1, H, W) float32 counts >= 0.
+
+    NaN/Inf pixels become 0. A pattern whose median is negative carries a signed
+    offset (a signed integer type, an over-subtracted dark reference): it is shifted
+    so that its minimum is 0. Otherwise negative pixels (read noise around a
+    dark-subtracted zero) are clipped at 0.
+    """
     x = np.asarray(block, dtype=np.float32)
     x = np.where(np.isfinite(x), x, 0.0).astype(np.float32)
+    offset = np.median(x.reshape(len(x), -1), axis=1) < 0
+    if offset.any():
+        x[offset] -= x[offset].min(axis=(1, 2), keepdims=True)
     return torch.from_numpy(np.clip(x, 0, None))[:, None]
 
 
@@ -128,7 +144,11 @@ class PreNet:
             'data' (N, Q_Nx, Q_Ny) float32, denoised when the denoiser runs, else the
             cleaned input; with the centre stage 'origin' (N, 2) (network +
             refinement), 'origin_network' (N, 2), 'origin_sigma' (N,) px and
-            'disk_radius' (N,) px; with the ellipse stage 'e12' (N, 2).
+            'disk_radius' (N,) px; with refinement also 'origin_symmetry' (N,), the
+            inversion-symmetry score (normalised cross-correlation of the edge map
+            with its inversion, 1 = perfect) at the origin, and 'origin_source' (N,)
+            int8: 0 network, 1 refined near it, 2 symmetry centre of the detector
+            (the network's estimate was rejected); with the ellipse stage 'e12' (N, 2).
         """
         dev = self.torch_device
         h, w = int(block.shape[-2]), int(block.shape[-1])
@@ -146,10 +166,18 @@ class PreNet:
                 out["origin_sigma"] = s_px.numpy().astype(np.float64)
                 out["disk_radius"] = (torch.exp(pred[:, 3]) * min(h, w)).numpy().astype(np.float64)
                 if self.refine:
-                    r = refine_origin(_refinement_input(x, y if self.denoise else None), o.to(dev), search=2.0).cpu()
+                    r, score, r_glob, score_glob = (t.cpu() for t in refine_origin(
+                        _refinement_input(x, y if self.denoise else None), o.to(dev), search=2.0, global_check=True))
                     # keep the refinement only where it agrees with the network's estimate
                     ok = torch.linalg.norm(r - o, dim=1) <= torch.clamp(3 * s_px, min=1.5)
                     o = torch.where(ok[:, None], r, o)
+                    # where the network's neighbourhood is far less inversion-symmetric than the best
+                    # point of the detector (rings or spots around a beam stop, patterns unlike the
+                    # training data), the network is wrong: take the symmetry centre
+                    lost = score < GLOBAL_SWITCH * score_glob
+                    o = torch.where(lost[:, None], r_glob, o)
+                    out["origin_symmetry"] = torch.where(lost, score_glob, score).numpy().astype(np.float64)
+                    out["origin_source"] = (ok.long() + 2 * lost.long()).clamp(max=2).numpy().astype(np.int8)
                 out["origin"] = o.numpy().astype(np.float64)
             if self.ellipse:
                 o_e = out["origin"] if self.center else origin
@@ -226,8 +254,9 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
     """Fit the ellipse on the summed log-polar views (see :func:`refine_ellipse`).
 
     The full band is used when its content is isotropic (rings; quality >= 0.97) or
-    when it is the only band; otherwise the bright-field band, whose edge is the
-    image of the round condenser aperture whatever the specimen.
+    fits at least as well as the bright-field band (e.g. rings around a beam stop,
+    where there is no bright-field disk); otherwise the bright-field band, whose edge
+    is the image of the round condenser aperture whatever the specimen.
 
     Returns
     -------
@@ -238,7 +267,8 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
     if not bands:
         return None
     results = {k: refine_ellipse(sums[k], *bands[k], iterations=4) for k in bands}
-    isotropic = "full" in results and (results["full"][2] >= 0.97 or len(results) == 1)
-    band = "full" if isotropic else "bright-field edge"
+    q = {k: v[2] for k, v in results.items()}
+    use_full = "full" in q and (q["full"] >= 0.97 or q["full"] >= q.get("bright-field edge", -1.0))
+    band = "full" if use_full else "bright-field edge"
     ratio, theta, quality = results[band]
     return ratio, theta, quality, band

@@ -21,7 +21,7 @@ from . import __version__
 from .conventions import e12_to_ellipse
 from .distributed import block_bounds, map_blocks
 from .engine import PreNet, ellipse_bands, fit_ellipse_bands
-from .storage import EMDWriter, open_datacube, read_block
+from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess"]
 
@@ -107,7 +107,9 @@ def preprocess(
         ``calibration.get_origin()`` -> (qx0, qy0) maps in pixels and
         ``calibration.get_ellipse()`` -> (a/b, 1, theta), and
         ``metadata['prenet']`` holding model versions, options, the per-pattern
-        origin uncertainty ``origin_sigma`` (px) and the network-only origins.
+        origin uncertainty ``origin_sigma`` (px), the network-only origins, and with
+        refinement the inversion-symmetry score ``origin_symmetry`` (0-1) and
+        ``origin_source`` (0 network, 1 refined, 2 symmetry centre of the detector).
         With ``out``, its data is an h5py dataset of the output file.
 
     Raises
@@ -184,7 +186,7 @@ def preprocess(
                 out_data.reshape(n, h, w)[i0:i1] = res["data"]
                 for key, val in res.items():
                     if key != "data":
-                        results.setdefault(key, np.full((n, *val.shape[1:]), np.nan))[i0:i1] = val
+                        results.setdefault(key, np.full((n, *val.shape[1:]), fill_value(val.dtype), val.dtype))[i0:i1] = val
             bar.update(1)
         bar.close()
         if writer is not None:
@@ -204,6 +206,9 @@ def preprocess(
             md["origin_measured"] = origin.reshape(nrx, nry, 2)
             md["origin_network"] = results["origin_network"].reshape(nrx, nry, 2)
             md["origin_sigma"] = results["origin_sigma"].reshape(nrx, nry)
+            for key in ("origin_symmetry", "origin_source"):
+                if key in results:
+                    md[key] = results[key].reshape(nrx, nry)
             if fit_descan and n >= 3:
                 from .baselines import fit_origin
 

@@ -44,7 +44,30 @@ def edge_map(x: torch.Tensor, sigma: float = 0.7) -> torch.Tensor:
     return F.pad(g, (1, 1, 1, 1))
 
 
-def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0) -> torch.Tensor:
+def _parabola_vertex(m: torch.Tensor, c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Sub-sample offset of the vertex of the parabola through (-1, m), (0, c), (1, p)."""
+    den = m - 2 * c + p
+    return torch.where(den.abs() > 1e-12, 0.5 * (m - p) / den, torch.zeros_like(den)).clamp(-0.5, 0.5)
+
+
+def _peak_near(cc: torch.Tensor, s0: torch.Tensor, half: int) -> torch.Tensor:
+    """Sub-pixel maximum of maps cc (N, A, B) within +-half samples of s0 (N, 2) (integer)."""
+    n, a, b = cc.shape
+    off = torch.arange(-half, half + 1, device=cc.device)
+    rows = (s0[:, 0, None] + off[None]).clamp(1, a - 2)
+    cols = (s0[:, 1, None] + off[None]).clamp(1, b - 2)
+    ar = torch.arange(n, device=cc.device)
+    win = cc[ar[:, None, None], rows[:, :, None], cols[:, None, :]]
+    flat = win.reshape(n, -1).argmax(dim=1)
+    pr = rows[ar, flat // win.shape[2]]
+    pc = cols[ar, flat % win.shape[2]]
+    c = cc[ar, pr, pc]
+    dr = _parabola_vertex(cc[ar, pr - 1, pc], c, cc[ar, pr + 1, pc])
+    dc = _parabola_vertex(cc[ar, pr, pc - 1], c, cc[ar, pr, pc + 1])
+    return torch.stack([pr.to(cc.dtype) + dr, pc.to(cc.dtype) + dc], dim=1)
+
+
+def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, global_check: bool = False):
     """Refine origins by the Friedel symmetry of the edge map near a first estimate.
 
     Parameters
@@ -55,35 +78,46 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0) -
         (N, 2) first estimates (qx0, qy0), pixels.
     search : float
         Half-width of the search window around ``origin0``, pixels.
+    global_check : bool
+        Also search the whole detector: return, per pattern, the inversion
+        symmetry score (normalised cross-correlation of the mean-free edge map with
+        its inversion, 1 = perfectly symmetric) at the refined origin, the best
+        origin anywhere whose inversion keeps at least 40% of the detector,
+        refined the same way, and its score.
 
     Returns
     -------
-    torch.Tensor
-        (N, 2) refined origins, pixels; sub-pixel by a parabola through the peak.
+    torch.Tensor or tuple
+        (N, 2) refined origins in pixels (sub-pixel by a parabola through the
+        peak); with ``global_check``, ``(origin, score, origin_global, score_global)``.
     """
     n, _, h, w = x.shape
     g = edge_map(x)[:, 0]
-    gf = torch.fft.rfft2(g, s=(2 * h, 2 * w))
-    cc = torch.fft.irfft2(gf * gf, s=(2 * h, 2 * w))  # peaks at s = 2 * origin
-    s0 = torch.round(2 * origin0).long()
+    size = (2 * h, 2 * w)
+    gf = torch.fft.rfft2(g, s=size)
+    cc = torch.fft.irfft2(gf * gf, s=size)  # peaks at s = 2 * origin
     half = int(math.ceil(2 * search))
-    off = torch.arange(-half, half + 1, device=x.device)
-    rows = (s0[:, 0, None] + off[None]).clamp(1, 2 * h - 2)
-    cols = (s0[:, 1, None] + off[None]).clamp(1, 2 * w - 2)
+    origin = _peak_near(cc, torch.round(2 * origin0).long(), half) / 2
+    if not global_check:
+        return origin
+    # inversion-symmetry score: NCC of the mean-free edge map g0 with its inversion
+    # through s / 2, = conv(g0, g0)(s) / conv(g0^2, m)(s) over the overlap (m = detector)
+    m = torch.ones((h, w), dtype=g.dtype, device=g.device)
+    mf = torch.fft.rfft2(m, s=size)
+    mu = g.mean(dim=(1, 2), keepdim=True)
+    g0f = gf - mu * mf
+    num = torch.fft.irfft2(g0f * g0f, s=size)
+    den = torch.fft.irfft2(torch.fft.rfft2((g - mu) ** 2, s=size) * mf, s=size)
+    overlap = torch.fft.irfft2(mf * mf, s=size)
+    score = torch.where((overlap > 0.4 * h * w) & (den > 1e-12), num / den.clamp_min(1e-12),
+                        torch.full_like(num, -1.0))
     ar = torch.arange(n, device=x.device)
-    win = cc[ar[:, None, None], rows[:, :, None], cols[:, None, :]]
-    flat = win.reshape(n, -1).argmax(dim=1)
-    pr = rows[ar, flat // win.shape[2]]
-    pc = cols[ar, flat % win.shape[2]]
-
-    def vertex(m, c, p):
-        den = m - 2 * c + p
-        return torch.where(den.abs() > 1e-12, 0.5 * (m - p) / den, torch.zeros_like(den)).clamp(-0.5, 0.5)
-
-    c = cc[ar, pr, pc]
-    dr = vertex(cc[ar, pr - 1, pc], c, cc[ar, pr + 1, pc])
-    dc = vertex(cc[ar, pr, pc - 1], c, cc[ar, pr, pc + 1])
-    return torch.stack([(pr.to(x.dtype) + dr) / 2, (pc.to(x.dtype) + dc) / 2], dim=1)
+    s_local = torch.round(2 * origin).long()
+    local = score[ar, s_local[:, 0].clamp(0, 2 * h - 1), s_local[:, 1].clamp(0, 2 * w - 1)]
+    best = score.reshape(n, -1).argmax(dim=1)
+    s_best = torch.stack([best // (2 * w), best % (2 * w)], dim=1)
+    origin_g = _peak_near(cc, s_best, half) / 2
+    return origin, local, origin_g, score.reshape(n, -1).max(dim=1).values
 
 
 def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float, r_max: float, n_rho: int = 256,

@@ -1,7 +1,7 @@
 """Reading blocks of patterns from any array-like, opening files, and writing EMD safely.
 
 - :func:`read_block` reads a run of scan positions from a numpy array, a memory map,
-  an h5py dataset or a dask array, touching only the scan rows it needs.
+  an h5py dataset or a dask array, touching only the positions it needs.
 - :func:`open_datacube` opens anything py4DSTEM reads (EMD/HDF5, Merlin .mib, .dm4,
   EMPAD, ...), in memory or file-backed (``mem="MEMMAP"``: an h5py dataset or a
   memory map, so that data larger than memory are never loaded whole).
@@ -20,7 +20,7 @@ import os
 import h5py
 import numpy as np
 
-__all__ = ["read_block", "open_datacube", "EMDWriter", "find_datacube_group"]
+__all__ = ["read_block", "open_datacube", "EMDWriter", "find_datacube_group", "fill_value"]
 
 #: Group of the partial file holding the work in progress.
 _WORK = "prenet_partial"
@@ -39,15 +39,35 @@ def read_block(data, i0: int, i1: int) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        (i1 - i0, Q_Nx, Q_Ny) in the data's dtype. Only the scan rows spanned by the
-        block are read.
+        (i1 - i0, Q_Nx, Q_Ny) in the data's dtype. Only those positions are read,
+        as one contiguous slice per scan row.
     """
     nrx, nry = int(data.shape[0]), int(data.shape[1])
     if not 0 <= i0 < i1 <= nrx * nry:
         raise ValueError(f"block {i0}:{i1} outside a scan of {nrx * nry} positions")
-    r0, r1 = i0 // nry, (i1 - 1) // nry + 1
-    slab = np.asarray(data[r0:r1])
-    return slab.reshape(-1, *slab.shape[2:])[i0 - r0 * nry:i1 - r0 * nry]
+    parts = [data[r, c0:c1] for r, c0, c1 in _row_segments(nry, i0, i1)]
+    if hasattr(parts[0], "compute"):  # dask: one graph for the whole block
+        import dask.array as da
+
+        return np.asarray(da.concatenate(parts).compute())
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+def _row_segments(nry: int, i0: int, i1: int) -> list[tuple[int, int, int]]:
+    """(row, first column, one-past-last column) runs covering flat scan indices i0:i1."""
+    segments = []
+    i = i0
+    while i < i1:
+        r, c0 = divmod(i, nry)
+        c1 = min(nry, c0 + (i1 - i))
+        segments.append((r, c0, c1))
+        i += c1 - c0
+    return segments
+
+
+def fill_value(dtype) -> float:
+    """Value of results not yet computed: NaN for floats, -1 for integers."""
+    return np.nan if np.issubdtype(dtype, np.floating) else -1
 
 
 def find_datacube_group(f: h5py.File) -> str:
@@ -64,7 +84,33 @@ def find_datacube_group(f: h5py.File) -> str:
     return found[0]
 
 
-def open_datacube(path: str, mem: str = "RAM"):
+def _plain_hdf5_datacube(f: h5py.File, dataset: str | None, mem: str):
+    """A DataCube from a 4D dataset (or one with extra length-1 axes) of a non-EMD HDF5 file."""
+    import py4DSTEM
+
+    if dataset is None:
+        found: list[tuple[int, str]] = []
+        f.visititems(lambda name, obj: found.append((obj.size, name)) if isinstance(obj, h5py.Dataset)
+                     and sum(s > 1 for s in obj.shape) in (3, 4) and obj.ndim >= 4 else None)
+        if not found:
+            raise ValueError(f"{f.filename} holds no 4D dataset; name one with dataset=")
+        dataset = max(found)[1]
+    dset = f[dataset]
+    squeeze = [i for i in range(dset.ndim - 4) if dset.shape[2 + i] == 1] if dset.ndim > 4 else []
+    if dset.ndim - len(squeeze) != 4:
+        raise ValueError(f"{f.filename}:{dataset} has shape {dset.shape}; need (R_Nx, R_Ny, Q_Nx, Q_Ny)")
+    if mem == "RAM":
+        data = np.asarray(dset)
+    else:
+        import dask.array as da
+
+        data = da.from_array(dset, chunks=(1, 1, *dset.shape[2:]))
+    if squeeze:
+        data = data.reshape(*dset.shape[:2], *dset.shape[-2:])
+    return py4DSTEM.DataCube(data=data, name=dataset.split("/")[-1])
+
+
+def open_datacube(path: str, mem: str = "RAM", dataset: str | None = None, scan: tuple[int, int] | None = None):
     """Open a 4D-STEM file as a py4DSTEM DataCube.
 
     Parameters
@@ -73,13 +119,23 @@ def open_datacube(path: str, mem: str = "RAM"):
         An EMD/HDF5 file written by py4DSTEM, or any format py4DSTEM's
         ``import_file`` reads (Merlin .mib, Gatan .dm3/.dm4, EMPAD .raw, K2 .gtg,
         Arina, abTEM .h5, ...).
+        A plain (non-EMD) HDF5 file works too: its largest 4D dataset is used
+        (extra length-1 axes, as in fpd files, are dropped).
     mem : {'RAM', 'MEMMAP'}
-        'MEMMAP' keeps the data on disk (an h5py dataset for EMD, a memory map
-        otherwise); the file stays open while the DataCube lives.
+        'MEMMAP' keeps the data on disk (an h5py dataset for EMD, a lazy dask array
+        for plain HDF5, a memory map otherwise); the file stays open while the
+        DataCube lives.
+    dataset : str, optional
+        Path of the dataset inside a plain HDF5 file (default: the largest 4D one).
+    scan : tuple of int, optional
+        (R_Nx, R_Ny) for formats that may not store it (a Merlin .mib without its
+        .hdr file).
 
     Returns
     -------
     py4DSTEM.DataCube
+        A single pattern (an SAED image) becomes a 1 x 1 scan, a frame series a
+        1 x N scan.
 
     Raises
     ------
@@ -104,8 +160,9 @@ def open_datacube(path: str, mem: str = "RAM"):
         try:
             is_emd = "emd_group_type" in json.dumps({k: list(f[k].attrs) for k in f})
             if not is_emd:
-                f.close()
-                dc = py4DSTEM.import_file(path, mem=mem)
+                dc = _plain_hdf5_datacube(f, dataset, mem)
+                if mem == "RAM":
+                    f.close()
             elif mem == "RAM":
                 f.close()
                 dc = py4DSTEM.read(path)
@@ -121,11 +178,17 @@ def open_datacube(path: str, mem: str = "RAM"):
             raise ValueError(f"{path} is corrupt or truncated ({exc})") from None
     else:
         try:
-            dc = py4DSTEM.import_file(path, mem=mem)
+            dc = py4DSTEM.import_file(path, mem=mem, **({"scan": tuple(scan)} if scan is not None else {}))
         except Exception as exc:  # the readers raise anything from AssertionError to struct.error
             raise ValueError(f"py4DSTEM cannot read {path} ({type(exc).__name__}: {exc})") from None
-    if not isinstance(dc, py4DSTEM.DataCube) or len(dc.data.shape) != 4:
-        raise ValueError(f"{path} does not hold a 4D DataCube (got {type(dc).__name__})")
+    if not isinstance(dc, py4DSTEM.DataCube):
+        data = getattr(dc, "data", None)
+        if data is None or len(data.shape) not in (2, 3):
+            raise ValueError(f"{path} holds no diffraction data py4DSTEM can read (got {type(dc).__name__})")
+        # one pattern (SAED, a single frame) -> 1x1 scan; a frame series -> 1xN scan
+        dc = py4DSTEM.DataCube(data=data.reshape((1,) * (4 - len(data.shape)) + tuple(data.shape)))
+    if len(dc.data.shape) != 4:
+        raise ValueError(f"{path} does not hold 4D data (shape {dc.data.shape})")
     return dc
 
 
@@ -193,17 +256,18 @@ class EMDWriter:
     def write(self, k: int, i0: int, i1: int, result: dict[str, np.ndarray]) -> None:
         """Store block ``k`` (flat scan indices ``i0:i1``): patterns and per-pattern results."""
         g = self._f[_WORK]
-        nry = self.shape[1]
         data = g["data"]
         block = result["data"]
-        for i in range(i0, i1):
-            data[i // nry, i % nry] = block[i - i0]
+        j = 0
+        for r, c0, c1 in _row_segments(self.shape[1], i0, i1):
+            data[r, c0:c1] = block[j:j + c1 - c0]
+            j += c1 - c0
         n = self.shape[0] * self.shape[1]
         for key, val in result.items():
             if key == "data":
                 continue
             if key not in g:
-                g.create_dataset(key, shape=(n, *val.shape[1:]), dtype=val.dtype, fillvalue=np.nan)
+                g.create_dataset(key, shape=(n, *val.shape[1:]), dtype=val.dtype, fillvalue=fill_value(val.dtype))
             g[key][i0:i1] = val
         g["done"][k] = True
         self._f.flush()
