@@ -164,7 +164,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not args.overwrite:
         print(f"prenet: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    dc = open_datacube(args.input, mem="MEMMAP")
+    dc = open_datacube(args.input, mem="MEMMAP", dataset=args.dataset, scan=args.scan)
     if os.path.exists(args.output + ".partial"):
         print(f"prenet: found {args.output}.partial; resuming it if it was made from the same input and options",
               file=sys.stderr)
@@ -288,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                "130 interrupted (OUT.partial kept for a resume)")
     r.add_argument("input", help="a file py4DSTEM reads: EMD/HDF5, Merlin .mib, Gatan .dm3/.dm4, EMPAD .raw, ...")
     r.add_argument("output", help="output EMD file (.h5)")
+    r.add_argument("--scan", type=_shape, default=None,
+                   help="scan shape, e.g. 64x64, for files that do not store it (a Merlin .mib without its .hdr)")
+    r.add_argument("--dataset", default=None,
+                   help="path of the 4D dataset inside a plain (non-EMD) HDF5 file (default: the largest one)")
     r.add_argument("--no-denoise", action="store_true", help="calibrate only; the data are copied as float32")
     r.add_argument("--no-ellipse", action="store_true", help="skip the elliptical-distortion calibration")
     r.add_argument("--no-refine", action="store_true", help="network estimates only, no physics refinement")

@@ -5,8 +5,11 @@ Without a client it runs the blocks here, one after the other. With a
 ``dask.distributed.Client`` the driver reads each block (so any array-like works: a
 memory map, an h5py dataset, a dask array) and submits it to the workers, keeping
 at most a few blocks per worker in flight, so that memory stays bounded on both
-sides; results come back in block order, so the output is the same as in one
-process. Each worker loads the networks once and keeps them.
+sides; results come back in block order and are reduced in that order, so the
+output is the same as in one process up to float32 rounding (dask runs each worker
+with one BLAS/OpenMP thread, which changes the order of sums inside convolutions:
+about 1e-6 relative; bit-identical when the thread counts match). Each worker
+loads the networks once and keeps them.
 
 Pointing it at a cluster of several machines::
 

@@ -30,6 +30,10 @@ __all__ = ["PreNet", "ellipse_bands", "fit_ellipse_bands", "LOW_DOSE_COUNTS"]
 #: costs more edge precision than its noise reduction brings; measured, see BENCHMARKS.md).
 LOW_DOSE_COUNTS = 5e3
 
+#: Pixel values are clipped to +-this many counts (no detector records more per pixel;
+#: it keeps float32 sums and squares of whole patterns finite).
+MAX_COUNTS = 1e12
+
 #: The symmetry centre of the whole detector replaces the network's estimate when the
 #: inversion-symmetry score near the network's estimate is below this fraction of the
 #: best score on the detector. On simulated scans the ratio is >= 0.83 wherever the
@@ -44,13 +48,14 @@ _N_RHO, _N_PHI = 256, 180
 def _clean_block(block: np.ndarray) -> torch.Tensor:
     """(N, H, W) array of any numeric dtype -> (N, 1, H, W) float32 counts >= 0.
 
-    NaN/Inf pixels become 0. A pattern whose median is negative carries a signed
-    offset (a signed integer type, an over-subtracted dark reference): it is shifted
-    so that its minimum is 0. Otherwise negative pixels (read noise around a
-    dark-subtracted zero) are clipped at 0.
+    NaN/Inf pixels become 0 and values beyond +-MAX_COUNTS are clipped there (so
+    that sums and squares stay finite in float32). A pattern whose median is
+    negative carries a signed offset (a signed integer type, an over-subtracted dark
+    reference): it is shifted so that its minimum is 0. Otherwise negative pixels
+    (read noise around a dark-subtracted zero) are clipped at 0.
     """
-    x = np.asarray(block, dtype=np.float32)
-    x = np.where(np.isfinite(x), x, 0.0).astype(np.float32)
+    x = np.asarray(block, dtype=np.float64)
+    x = np.where(np.isfinite(x), np.clip(x, -MAX_COUNTS, MAX_COUNTS), 0.0).astype(np.float32)
     offset = np.median(x.reshape(len(x), -1), axis=1) < 0
     if offset.any():
         x[offset] -= x[offset].min(axis=(1, 2), keepdims=True)

@@ -14,14 +14,6 @@ from py4dstem_prenet.views import full_view, polar_view
 from py4dstem_prenet.pretrained import WEIGHTS_DIR, WeightsError, load_model
 from py4dstem_prenet.refine import refine_origin
 from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
-from py4dstem_prenet.training import TrainConfig, train_all
-
-
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("w"))
-    train_all(d, TrainConfig.tiny(), log=lambda m: None)
-    return d
 
 
 def test_models_shapes_and_non_negative_output():

@@ -43,3 +43,48 @@ def test_output_reopens_in_py4dstem_with_calibration(merlin, tmp_path):
     back = py4DSTEM.read(path)
     np.testing.assert_allclose(back.calibration.get_origin()[0], out.calibration.get_origin()[0])
     np.testing.assert_allclose(back.calibration.get_ellipse(), out.calibration.get_ellipse())
+
+
+def _ring_centre(image):
+    """Independent reference: least-squares circle through the brightest ring's pixels."""
+    from scipy import ndimage
+
+    sm = ndimage.gaussian_filter(image - image.min(), 1.5)
+    r, c = np.nonzero(sm > np.percentile(sm, 98.5))
+    a = np.stack([r, c, np.ones_like(r)], 1).astype(float)
+    x = np.linalg.lstsq(a, (r**2 + c**2).astype(float), rcond=None)[0]
+    return x[0] / 2, x[1] / 2
+
+
+def test_bismuth_rings_with_a_beam_stop():
+    """scikit-ued's bismuth.dm4: one SAED-like ring pattern, beam stop, signed 8-bit values."""
+    from py4dstem_prenet.storage import open_datacube
+
+    dc = open_datacube(os.path.join(os.path.dirname(DATA), "bismuth.dm4"))
+    assert dc.data.shape == (1, 1, 256, 256)
+    out = prenet.preprocess(dc, progress=False)
+    qx0, qy0 = (float(v[0, 0]) for v in out.calibration.get_origin())
+    rx, ry = _ring_centre(np.asarray(dc.data[0, 0], float))
+    assert abs(qx0 - rx) < 0.5 and abs(qy0 - ry) < 0.5
+    a, b, _ = out.calibration.get_ellipse()
+    assert 1.0 <= a / b < 1.02  # projector ellipticity of a real microscope
+    assert out.metadata["prenet"]["ellipse_refined_band"] == "full"
+
+
+@pytest.mark.parametrize("name,extra", [("test_multi.mib", ["--scan", "3x3"]), ("test.mib", ["--scan", "1x1"]),
+                                        ("fpd_file_test.hdf5", [])])
+def test_cli_preprocesses_real_files_into_emd_py4dstem_reopens(name, extra, tmp_path):
+    import py4DSTEM
+
+    from py4dstem_prenet.cli import main
+
+    src = os.path.join(os.path.dirname(DATA), name)
+    out = str(tmp_path / "out.h5")
+    assert main(["preprocess", src, out, "--quiet", "--no-denoise", *extra]) == 0
+    back = py4DSTEM.read(out)
+    qx0, qy0 = back.calibration.get_origin()
+    assert back.data.dtype == np.float32 and qx0.shape == back.data.shape[:2]
+    assert np.all((qx0 >= 0) & (qx0 <= 255) & (qy0 >= 0) & (qy0 <= 255))
+    if name == "test_multi.mib":  # nine frames of the same illumination: one origin
+        assert np.ptp(qx0) < 1 and np.ptp(qy0) < 1
+    assert main(["preprocess", src, out, "--quiet", *extra]) == 2  # refuses to overwrite
