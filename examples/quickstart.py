@@ -1,7 +1,9 @@
 """Quick start: simulate a crystal scan, run PreNet, compare with py4DSTEM's get_origin.
 
-Run: python examples/quickstart.py
+Run: python examples/quickstart.py [--fast]
 """
+
+import sys
 
 import numpy as np
 
@@ -26,4 +28,4 @@ def main(scan=(8, 8), dose=1e4, seed=0):
 
 
 if __name__ == "__main__":
-    main()
+    main(scan=(3, 3) if "--fast" in sys.argv else (8, 8))

@@ -44,7 +44,8 @@ def as_patterns(data, name: str = "data", ndim: tuple[int, ...] = (2, 3, 4)) -> 
 
 def as_datacube_array(datacube) -> np.ndarray:
     """Return the 4D data of a py4DSTEM DataCube (or a 4D array) without copying."""
-    data = getattr(datacube, "data", datacube)
+    # a numpy array's own .data is its memory buffer, not the pattern data
+    data = datacube if isinstance(datacube, np.ndarray) else getattr(datacube, "data", datacube)
     if not hasattr(data, "shape") or len(data.shape) != 4:
         raise ValueError(
             f"expected a py4DSTEM DataCube or a 4D array (R_Nx, R_Ny, Q_Nx, Q_Ny), got {type(datacube).__name__}"

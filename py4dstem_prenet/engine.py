@@ -41,6 +41,26 @@ MAX_COUNTS = 1e12
 #: the network is wrong.
 GLOBAL_SWITCH = 0.5
 
+#: Patterns with fewer counts never switch to the detector-wide symmetry centre (at 1e2
+#: counts its map is noise: on simulated scans it was wrong more often than the network).
+GLOBAL_MIN_COUNTS = 1e3
+
+#: A centre-network uncertainty above this (in 64-pixel-view pixels; 2.5 detector px at
+#: 128 x 128) marks a pattern unlike the training data: on held-out simulated scans the
+#: predicted sigma stays below 1.12. Then the detector-wide symmetry centre is preferred
+#: when it is more symmetric and within 3 sigma.
+UNSURE_SIGMA_VIEW = 1.25
+
+#: Name of the ellipse band summed over isotropic patterns only.
+ISOTROPIC = "isotropic patterns"
+
+#: A pattern counts as isotropic (rings, no Bragg disks) when the angular variation of
+#: its log-polar view outside the bright-field disk is below (1 - this) of its variance.
+ISOTROPY_MIN = 0.6
+
+#: Fit quality each ellipse band needs to be used (see :func:`fit_ellipse_bands`).
+_MIN_QUALITY = {ISOTROPIC: 0.9, "full": 0.97, "bright-field edge": 0.97}
+
 #: Angular and log-radial samples of the ellipse refinement's log-polar views.
 _N_RHO, _N_PHI = 256, 180
 
@@ -131,7 +151,8 @@ class PreNet:
         for n in self.stages:
             load_model(n, self.weights_dir, self.torch_device)
 
-    def run(self, block: np.ndarray, origin: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def run(self, block: np.ndarray, origin: np.ndarray | None = None, mask: np.ndarray | None = None
+            ) -> dict[str, np.ndarray]:
         """Process one block of patterns.
 
         Parameters
@@ -142,6 +163,10 @@ class PreNet:
         origin : numpy.ndarray, optional
             (N, 2) origins (qx0, qy0) in pixels for the ellipse network when the
             centre stage is off.
+        mask : numpy.ndarray, optional
+            (Q_Nx, Q_Ny) bool, True where pixels record the pattern, False on a beam
+            stop or dead detector regions: those read as 0 counts, and the origin
+            refinement ignores edges within 3 px of them.
 
         Returns
         -------
@@ -160,6 +185,10 @@ class PreNet:
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             x = _clean_block(block).to(dev)
+            valid = None
+            if mask is not None:
+                valid = torch.from_numpy(np.asarray(mask, bool)).to(dev)
+                x = x * valid
             y = load_model("denoiser", self.weights_dir, dev)(x) if self.denoise else x
             out["data"] = y[:, 0].float().cpu().numpy()
             if self.center:
@@ -172,7 +201,8 @@ class PreNet:
                 out["disk_radius"] = (torch.exp(pred[:, 3]) * min(h, w)).numpy().astype(np.float64)
                 if self.refine:
                     r, score, r_glob, score_glob = (t.cpu() for t in refine_origin(
-                        _refinement_input(x, y if self.denoise else None), o.to(dev), search=2.0, global_check=True))
+                        _refinement_input(x, y if self.denoise else None), o.to(dev), search=2.0, global_check=True,
+                        valid=valid))
                     # keep the refinement only where it agrees with the network's estimate
                     ok = torch.linalg.norm(r - o, dim=1) <= torch.clamp(3 * s_px, min=1.5)
                     o = torch.where(ok[:, None], r, o)
@@ -180,6 +210,12 @@ class PreNet:
                     # point of the detector (rings or spots around a beam stop, patterns unlike the
                     # training data), the network is wrong: take the symmetry centre
                     lost = score < GLOBAL_SWITCH * score_glob
+                    # the network knows when it is outside what it learnt: then the more symmetric
+                    # of the two centres wins, if the global one lies within its 3 sigma
+                    unsure = (torch.exp(pred[:, 2]) > UNSURE_SIGMA_VIEW) & (score < score_glob) & (
+                        torch.linalg.norm(r_glob - o, dim=1) <= 3 * s_px)
+                    # below ~1e3 counts the symmetry map is noise: keep the network's neighbourhood
+                    lost = (lost | unsure) & (x.sum(dim=(1, 2, 3)).cpu() >= GLOBAL_MIN_COUNTS)
                     o = torch.where(lost[:, None], r_glob, o)
                     out["origin_symmetry"] = torch.where(lost, score_glob, score).numpy().astype(np.float64)
                     out["origin_source"] = (ok.long() + 2 * lost.long()).clamp(max=2).numpy().astype(np.int8)
@@ -218,8 +254,18 @@ class PreNet:
             x = _median3(_clean_block(block))
             x = (x / x.mean(dim=(2, 3), keepdim=True).clamp_min(1e-6)).to(dev)
             o = torch.from_numpy(np.asarray(origin, np.float32)).to(dev)
-            return {k: log_polar_view(x, o, r0, r1, _N_RHO, _N_PHI).sum(0).double().cpu().numpy()
-                    for k, (r0, r1) in bands.items()}
+            out = {}
+            for k, (r0, r1) in bands.items():
+                lp = log_polar_view(x, o, r0, r1, _N_RHO, _N_PHI)
+                if k == ISOTROPIC:
+                    # keep only patterns whose content is a function of radius alone
+                    total = ((lp - lp.mean(dim=(1, 2), keepdim=True)) ** 2).sum(dim=(1, 2))
+                    angular = ((lp - lp.mean(dim=2, keepdim=True)) ** 2).sum(dim=(1, 2))
+                    keep = angular <= (1 - ISOTROPY_MIN) * total
+                    lp = lp[keep]
+                    out[ISOTROPIC + " count"] = np.array([float(keep.sum())])
+                out[k] = lp.sum(0).double().cpu().numpy()
+            return out
 
 
 def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float | None,
@@ -242,8 +288,10 @@ def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float
     -------
     dict
         'full': everything inside the detector; 'bright-field edge': the band of
-        the bright-field disk edge (when a radius is known). Bands too narrow to fit
-        are left out, so the dict can be empty.
+        the bright-field disk edge (when a radius is known); ISOTROPIC: outside the
+        bright-field disk, summed over isotropic patterns only (see
+        :meth:`PreNet.polar_sums`). Bands too narrow to fit are left out, so the
+        dict can be empty.
     """
     h, w = shape
     o = np.asarray(origin, float).reshape(-1, 2)
@@ -251,6 +299,8 @@ def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float
     bands = {"full": (2.0, edge)}
     if disk_radius is not None and np.isfinite(disk_radius):
         bands["bright-field edge"] = (max(1.0, 0.4 * disk_radius), min(edge, 1.2 * disk_radius + 2))
+    bands[ISOTROPIC] = (max(2.0, 1.5 * disk_radius + 2) if disk_radius is not None and np.isfinite(disk_radius)
+                        else 2.0, edge)
     return {k: v for k, v in bands.items() if v[1] > 2 * v[0] and v[1] > 4}
 
 
@@ -258,10 +308,13 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
                       ) -> tuple[float, float, float, str] | None:
     """Fit the ellipse on the summed log-polar views (see :func:`refine_ellipse`).
 
-    The full band is used when its content is isotropic (rings; quality >= 0.97) or
-    fits at least as well as the bright-field band (e.g. rings around a beam stop,
-    where there is no bright-field disk); otherwise the bright-field band, whose edge
-    is the image of the round condenser aperture whatever the specimen.
+    Bands are tried in the order of their precision (a stretch moves an edge at
+    radius r by (a/b - 1) r, so large rings measure it best): the sum of the
+    isotropic patterns only (rings of amorphous or polycrystalline regions, even in a
+    scan that also holds crystals; used when its fit quality is >= 0.9), the full
+    band (>= 0.97: it mixes in anisotropic Bragg disks), the bright-field disk edge
+    (the image of the round condenser aperture, whatever the specimen; >= 0.97);
+    when none reaches its threshold, the one of highest quality.
 
     Returns
     -------
@@ -269,11 +322,12 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
         (a/b, theta in radians from the qx axis, quality, band name), or None when
         there is no band.
     """
-    if not bands:
+    usable = [k for k in bands if k != ISOTROPIC or sums.get(ISOTROPIC + " count", [0])[0] >= 1]
+    if not usable:
         return None
-    results = {k: refine_ellipse(sums[k], *bands[k], iterations=4) for k in bands}
+    results = {k: refine_ellipse(sums[k], *bands[k], iterations=4) for k in usable}
     q = {k: v[2] for k, v in results.items()}
-    use_full = "full" in q and (q["full"] >= 0.97 or q["full"] >= q.get("bright-field edge", -1.0))
-    band = "full" if use_full else "bright-field edge"
+    order = [k for k in (ISOTROPIC, "full", "bright-field edge") if k in q]
+    band = next((k for k in order if q[k] >= _MIN_QUALITY[k]), max(order, key=lambda k: q[k]))
     ratio, theta, quality = results[band]
     return ratio, theta, quality, band

@@ -26,7 +26,7 @@ from .storage import EMDWriter, fill_value, open_datacube, read_block
 __all__ = ["preprocess"]
 
 
-def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool) -> dict:
+def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool, mask: np.ndarray | None) -> dict:
     """What a resumable output depends on: the input's identity and every option."""
     n = int(data.shape[0]) * int(data.shape[1])
     probe = hashlib.sha256()
@@ -34,7 +34,8 @@ def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool) -> dic
         probe.update(np.ascontiguousarray(read_block(data, i, i + 1)).tobytes())
     fp = {"shape": [int(s) for s in data.shape], "dtype": str(np.dtype(data.dtype)), "probe": probe.hexdigest(),
           "version": __version__, "stages": engine.stages, "refine": engine.refine, "weights": engine.model_hashes(),
-          "batch_size": int(batch_size), "fit_descan": bool(fit_descan)}
+          "batch_size": int(batch_size), "fit_descan": bool(fit_descan),
+          "mask": None if mask is None else hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()}
     f = getattr(data, "file", None)
     if f is not None and getattr(f, "filename", None):  # an h5py dataset: which file, which version
         st = os.stat(f.filename)
@@ -58,6 +59,7 @@ def preprocess(
     out: str | None = None,
     overwrite: bool = False,
     client=None,
+    mask=None,
 ):
     """Denoise a DataCube and calibrate its origin and elliptical distortion.
 
@@ -99,6 +101,11 @@ def preprocess(
     client : dask.distributed.Client, optional
         Run the blocks on this cluster (see :mod:`py4dstem_prenet.distributed`);
         the result is the same as in one process.
+    mask : numpy.ndarray, optional
+        (Q_Nx, Q_Ny) bool, True where the detector records the pattern and False on
+        a beam stop or dead regions, when known: those pixels read as 0 and the
+        origin refinement ignores their borders. Without it a beam stop is handled
+        as part of the pattern.
 
     Returns
     -------
@@ -142,6 +149,13 @@ def preprocess(
         raise TypeError(f"DataCube data must be numeric, got {data.dtype}")
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != (h, w) or mask.dtype != bool:
+            raise ValueError(f"mask must be a boolean array of the detector shape {(h, w)}, "
+                             f"got {mask.dtype} {mask.shape}")
+        if not mask.any():
+            raise ValueError("mask has no valid pixel (True = recorded pixel)")
     if inplace and out is not None:
         raise ValueError("inplace=True and out= exclude each other")
     if out is not None and os.path.exists(out) and not overwrite:
@@ -165,8 +179,8 @@ def preprocess(
     bounds = block_bounds(n, int(batch_size))
     writer = None
     if out is not None:
-        writer = EMDWriter(out, (nrx, nry, h, w), len(bounds), _fingerprint(data, engine, batch_size, fit_descan),
-                           overwrite=overwrite)
+        writer = EMDWriter(out, (nrx, nry, h, w), len(bounds),
+                           _fingerprint(data, engine, batch_size, fit_descan, mask), overwrite=overwrite)
         out_data = writer.data
         results: dict[str, np.ndarray] = writer.results()
         skip = writer.done
@@ -174,7 +188,9 @@ def preprocess(
         out_data = np.empty((nrx, nry, h, w), np.float32)
         results = {}
         skip = None
-    extra = (lambda i0, i1: (given_origin[i0:i1],)) if given_origin is not None else None
+    def extra(i0: int, i1: int) -> tuple:
+        return (None if given_origin is None else given_origin[i0:i1], mask)
+
     try:
         bar = tqdm(total=len(bounds), initial=0 if skip is None else int(np.count_nonzero(skip)),
                    disable=not progress, desc="PreNet", unit="block")
@@ -226,12 +242,12 @@ def preprocess(
                 # noise, and no denoiser smoothing touches the edges
                 r_bf = float(np.nanmedian(results["disk_radius"])) if center else None
                 bands = ellipse_bands(origin, (h, w), r_bf)
-                sums = {k: np.zeros((256, 180)) for k in bands}
+                sums: dict[str, np.ndarray] = {}
                 if bands:
                     for _, part in map_blocks(engine, "polar_sums", data, bounds,
                                               lambda i0, i1: (origin[i0:i1], bands), client=client):
-                        for key in sums:
-                            sums[key] += part[key]
+                        for key, val in part.items():
+                            sums[key] = sums[key] + val if key in sums else val
                 est = fit_ellipse_bands(sums, bands)
                 if est is not None:
                     ratio, theta, quality, band = est

@@ -67,7 +67,8 @@ def _peak_near(cc: torch.Tensor, s0: torch.Tensor, half: int) -> torch.Tensor:
     return torch.stack([pr.to(cc.dtype) + dr, pc.to(cc.dtype) + dc], dim=1)
 
 
-def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, global_check: bool = False):
+def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, global_check: bool = False,
+                  valid: torch.Tensor | None = None):
     """Refine origins by the Friedel symmetry of the edge map near a first estimate.
 
     Parameters
@@ -84,6 +85,10 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, g
         its inversion, 1 = perfectly symmetric) at the refined origin, the best
         origin anywhere whose inversion keeps at least 40% of the detector,
         refined the same way, and its score.
+    valid : torch.Tensor, optional
+        (H, W) bool, False on a beam stop or dead regions: edges within 3 px of
+        them are ignored (their borders are not part of the pattern), and the
+        symmetry score is normalised over valid pixels only.
 
     Returns
     -------
@@ -93,6 +98,10 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, g
     """
     n, _, h, w = x.shape
     g = edge_map(x)[:, 0]
+    m = torch.ones((h, w), dtype=g.dtype, device=g.device)
+    if valid is not None:
+        m = (-F.max_pool2d(-valid[None, None].to(g.dtype), 7, stride=1, padding=3))[0, 0]  # erode by 3 px
+        g = g * m
     size = (2 * h, 2 * w)
     gf = torch.fft.rfft2(g, s=size)
     cc = torch.fft.irfft2(gf * gf, s=size)  # peaks at s = 2 * origin
@@ -102,12 +111,11 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, g
         return origin
     # inversion-symmetry score: NCC of the mean-free edge map g0 with its inversion
     # through s / 2, = conv(g0, g0)(s) / conv(g0^2, m)(s) over the overlap (m = detector)
-    m = torch.ones((h, w), dtype=g.dtype, device=g.device)
     mf = torch.fft.rfft2(m, s=size)
-    mu = g.mean(dim=(1, 2), keepdim=True)
+    mu = (g * m).sum(dim=(1, 2), keepdim=True) / m.sum().clamp_min(1)
     g0f = gf - mu * mf
     num = torch.fft.irfft2(g0f * g0f, s=size)
-    den = torch.fft.irfft2(torch.fft.rfft2((g - mu) ** 2, s=size) * mf, s=size)
+    den = torch.fft.irfft2(torch.fft.rfft2(((g - mu) * m) ** 2, s=size) * mf, s=size)
     overlap = torch.fft.irfft2(mf * mf, s=size)
     score = torch.where((overlap > 0.4 * h * w) & (den > 1e-12), num / den.clamp_min(1e-12),
                         torch.full_like(num, -1.0))

@@ -203,13 +203,12 @@ def stream(frames: Iterable[np.ndarray], *, scan_shape: tuple[int, int] | None =
             if bands is None:
                 # fixed bands from the first block, with 4 px of room for the descan to come
                 bands = ellipse_bands(origin, (h, w), float(np.nanmedian(res["disk_radius"])), margin=6.0)
-                sums = {key: np.zeros((256, 180)) for key in bands}
             inside = np.all((origin >= 2) & (origin <= np.array([h - 3, w - 3])), axis=1)
             if bands and inside.any():
                 part = engine.polar_sums(block[inside], origin[inside], bands)
-                for key in sums:
-                    sums[key] += part[key]
-            if bands and k % int(ellipse_every) == 0:
+                for key, val in part.items():
+                    sums[key] = sums[key] + val if key in sums else val
+            if sums and k % int(ellipse_every) == 0:
                 est = fit_ellipse_bands(sums, bands)
                 ellipse = (est[0], 1.0, est[1]) if est is not None else None
         n_done += len(block)

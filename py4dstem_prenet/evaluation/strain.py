@@ -1,0 +1,313 @@
+"""Strain mapping end to end in py4DSTEM: no calibration vs classical vs PreNet.
+
+Every route ends in py4DSTEM's unchanged ``find_Bragg_disks`` ->
+``braggvectors.setcal`` -> ``StrainMap`` (``fit_basis_vectors``, ``get_strain``
+against one reference region of grain 0). The routes differ only in the origin and
+ellipse calibration (and, for PreNet, the denoised data the disks are found in):
+
+- ``none``: the origin at the detector centre, no ellipse;
+- ``classical``: py4DSTEM ``get_origin`` (radius hand-set to the true disk radius)
+  + ``fit_origin`` (parabola), ellipse by ``fit_ellipse_amorphous_ring`` on the
+  origin-aligned mean of the amorphous strip (the user picks the region and the
+  fit radii);
+- ``prenet``: ``prenet.preprocess(datacube)`` and nothing else.
+
+Hands-on steps shared by all routes: the disk-detection template and thresholds,
+and the basis vectors of each grain (the clicks of ``choose_basis_vectors``; here the
+true unstrained basis, rotated per grain). The truth is py4DSTEM's own
+``get_strain_from_reference_g1g2`` applied to the exact reciprocal bases, so the
+errors measure the calibration and the measurement, not a convention.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["StrainConfig", "measure_strain", "run_strain_benchmark", "strain_markdown", "true_strain", "ROUTES"]
+
+#: The three calibration routes.
+ROUTES = ("none", "classical", "prenet")
+
+_COMPONENTS = ("e_xx", "e_yy", "e_xy", "theta")
+
+
+@dataclass
+class StrainConfig:
+    """What the strain benchmark runs.
+
+    Attributes
+    ----------
+    cases : dict
+        Case name -> keyword arguments of
+        :func:`~py4dstem_prenet.simulation.strain.simulate_strain_datacube`.
+    doses : tuple of float
+        Electrons per pattern.
+    scan_shape : tuple of int
+        Probe positions.
+    seed : int
+        Seed of the first scan (one scan per case and dose).
+    """
+
+    cases: dict = field(default_factory=lambda: {
+        "two grains (0 and 30 deg), a/b = 1.03": dict(ellipse=(1.03, 0.4), grain_rotation_deg=(0.0, 30.0)),
+        "two grains, a/b = 1.03, 256x256 detector": dict(ellipse=(1.03, 0.4), grain_rotation_deg=(0.0, 30.0),
+                                                          detector_shape=(256, 256)),
+        "descan 12 px, bright disks, hot pixels, a/b = 1.02": dict(
+            ellipse=(1.02, 2.0), grain_rotation_deg=(0.0,), descan_amplitude=12.0, bright_disks=True, hot=True),
+        "one grain, a/b = 1.00 (calibration should not matter)": dict(ellipse=(1.0, 0.0), grain_rotation_deg=(0.0,)),
+    })
+    doses: tuple[float, ...] = (1e4, 1e5, 1e6)
+    scan_shape: tuple[int, int] = (14, 12)
+    seed: int = 20_000_000
+
+    @classmethod
+    def quick(cls) -> "StrainConfig":
+        """A seconds-long configuration for tests."""
+        return cls(cases={"two grains, a/b = 1.03": dict(ellipse=(1.03, 0.4), grain_rotation_deg=(0.0, 30.0))},
+                   doses=(1e5,), scan_shape=(8, 6))
+
+
+def _g1g2_slice(g1g2: np.ndarray):
+    """A py4DSTEM RealSlice ('g1x', 'g1y', 'g2x', 'g2y', 'mask') from (R_Nx, R_Ny, 2, 2) bases."""
+    from py4DSTEM import RealSlice
+
+    ok = np.all(np.isfinite(g1g2.reshape(*g1g2.shape[:2], 4)), axis=-1)
+    data = np.stack([g1g2[..., 0, 0], g1g2[..., 0, 1], g1g2[..., 1, 0], g1g2[..., 1, 1], ok.astype(float)])
+    return RealSlice(data=np.nan_to_num(data), slicelabels=("g1x", "g1y", "g2x", "g2y", "mask"), name="g1g2_map")
+
+
+def true_strain(truth) -> np.ndarray:
+    """(4, R_Nx, R_Ny) e_xx, e_yy, e_xy, theta from the exact bases, by py4DSTEM's own formula."""
+    from py4DSTEM.process.strain.latticevectors import get_strain_from_reference_g1g2
+
+    ref = truth.g1g2[truth.reference]
+    g1, g2 = np.median(ref[:, 0], axis=0), np.median(ref[:, 1], axis=0)
+    with _quiet():
+        sm = get_strain_from_reference_g1g2(_g1g2_slice(truth.g1g2), g1, g2)
+    out = np.stack([sm.get_slice(k).data for k in _COMPONENTS])
+    out[:, truth.grain < 0] = np.nan
+    return out
+
+
+class _quiet:
+    """Silence py4DSTEM's progress bars, prints and warnings."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        self._stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        self._stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        return False
+
+
+def measure_strain(datacube, origin: tuple[np.ndarray, np.ndarray], ellipse: tuple[float, float, float] | None,
+                   truth, max_peak_spacing: float = 2.5) -> np.ndarray:
+    """Strain maps measured by py4DSTEM with a given calibration.
+
+    Parameters
+    ----------
+    datacube : py4DSTEM.DataCube
+        The data Bragg disks are found in (it is not changed: a copy of its
+        calibration is set).
+    origin : tuple of numpy.ndarray
+        (qx0, qy0) maps, pixels.
+    ellipse : tuple or None
+        (a, b, theta) for ``calibration.set_ellipse``, or None for no correction.
+    truth : StrainTruth
+        For the grain masks, the reference region and the basis of each grain
+        (what the user selects in ``choose_basis_vectors``).
+    max_peak_spacing : float
+        Indexing tolerance of ``fit_basis_vectors``, pixels (scaled with the detector).
+
+    Returns
+    -------
+    numpy.ndarray
+        (4, R_Nx, R_Ny) e_xx, e_yy, e_xy, theta (radians); NaN where py4DSTEM
+        could not fit the lattice or outside the crystal.
+    """
+    import matplotlib.pyplot as plt
+    import py4DSTEM
+    from py4DSTEM.process.strain.latticevectors import index_bragg_directions
+
+    h, w = datacube.data.shape[2:]
+    scale = min(h, w) / 128
+    dc = py4DSTEM.DataCube(data=datacube.data)
+    probe = py4DSTEM.Probe.generate_synthetic_probe(truth.disk_radius, 1.0, (h, w))
+    kernel = probe.get_kernel(mode="sigmoid", origin=None, radii=(truth.disk_radius, 2 * truth.disk_radius))
+    out = np.full((4, *truth.grain.shape), np.nan)
+    with _quiet():
+        bv = dc.find_Bragg_disks(kernel, minRelativeIntensity=0.02, minPeakSpacing=6 * scale,
+                                 edgeBoundary=int(4 * scale), subpixel="multicorr", upsample_factor=16,
+                                 maxNumPeaks=80)
+        dc.calibration.set_origin((np.asarray(origin[0], float), np.asarray(origin[1], float)))
+        if ellipse is not None:
+            dc.calibration.set_ellipse(tuple(float(v) for v in ellipse))
+        bv.setcal(center=True, ellipse=ellipse is not None, pixel=False, rotate=False)
+        ij = np.array([(i, j) for i in range(-6, 7) for j in range(-6, 7) if (i, j) != (0, 0)])
+        g_ref = None
+        maps = []
+        for k, rot in enumerate(truth.grain_rotation):
+            c, s = np.cos(rot), np.sin(rot)
+            basis = truth.basis @ np.array([[c, -s], [s, c]]).T  # rows g1, g2 rotated with the grain
+            pts = np.vstack([[0.0, 0.0], ij @ basis])
+            pts = pts[np.hypot(pts[:, 0], pts[:, 1]) < 0.45 * min(h, w)]
+            sm = py4DSTEM.StrainMap(bv)
+            # what choose_basis_vectors stores when the user clicks the grain's g1 and g2
+            _, _, sm.braggdirections = index_bragg_directions(0.0, 0.0, pts[:, 0], pts[:, 1], basis[0], basis[1])
+            sm.g0, sm.g1, sm.g2 = (0.0, 0.0), tuple(basis[0]), tuple(basis[1])
+            grain = truth.grain == k
+            sm.fit_basis_vectors(mask=grain, max_peak_spacing=max_peak_spacing * scale)
+            if g_ref is None:
+                g_ref = sm.get_reference_g1g2(truth.reference & sm.mask)
+                if not np.all(np.isfinite(g_ref)):  # no pattern of the reference region could be indexed
+                    return out
+            sm.get_strain(gvects=g_ref)
+            plt.close("all")
+            maps.append((grain & sm.mask.astype(bool), sm))
+        for grain, sm in maps:
+            for i, key in enumerate(_COMPONENTS):
+                out[i][grain] = sm.get_slice(key).data[grain]
+    return out
+
+
+def _route_calibration(route: str, dc, truth):
+    """(data for disk detection, origin, ellipse, seconds) of one route."""
+    from ..baselines import aligned_mean_pattern, ellipse_amorphous_ring, fit_origin, get_origin
+    from ..preprocess import preprocess
+
+    h, w = dc.data.shape[2:]
+    t0 = time.perf_counter()
+    if route == "none":
+        centre = np.full(dc.data.shape[:2], (h - 1) / 2), np.full(dc.data.shape[:2], (w - 1) / 2)
+        return dc, centre, None, time.perf_counter() - t0
+    if route == "classical":
+        with _quiet():
+            qx0, qy0 = fit_origin(*get_origin(dc, r=truth.disk_radius), "parabola")
+            amorphous = truth.grain < 0
+            mean, centre = aligned_mean_pattern(dc.data[amorphous][None], qx0[amorphous][None], qy0[amorphous][None])
+            ring = 0.55 * 0.36 * min(h, w)
+            ratio, theta = ellipse_amorphous_ring(mean, centre, (0.75 * ring, 1.25 * ring))
+        return dc, (qx0, qy0), (ratio, 1.0, theta), time.perf_counter() - t0
+    if route == "prenet":
+        out = preprocess(dc, progress=False)
+        return out, out.calibration.get_origin(), out.calibration.get_ellipse(), time.perf_counter() - t0
+    raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+
+
+def run_strain_benchmark(cfg: StrainConfig | None = None, log=lambda m: None) -> list[dict]:
+    """Simulate every case and dose, run the three routes, and compare with the truth.
+
+    Returns
+    -------
+    list of dict
+        One row per case, dose and route: RMS error of e_xx, e_yy, e_xy (strain,
+        dimensionless) and theta (radians) over the crystal positions where the
+        route measured, the fraction of crystal positions it could not measure,
+        the calibration time, and the maps for plotting.
+    """
+    from ..simulation import Detector
+    from ..simulation.strain import simulate_strain_datacube
+
+    cfg = cfg or StrainConfig()
+    rows = []
+    for ci, (case, kw) in enumerate(cfg.cases.items()):
+        kw = dict(kw)
+        hot = kw.pop("hot", False)
+        det = Detector(hot_fraction=2e-4, hot_level=10.0) if hot else Detector()
+        for di, dose in enumerate(cfg.doses):
+            log(f"{case}, {dose:.0e} e-")
+            dc, truth = simulate_strain_datacube(cfg.scan_shape, dose=dose, detector=det,
+                                                 seed=cfg.seed + 100 * ci + di, **kw)
+            true = true_strain(truth)
+            crystal = truth.grain >= 0
+            for route in ROUTES:
+                data, origin, ell, seconds = _route_calibration(route, dc, truth)
+                est = measure_strain(data, origin, ell, truth)
+                ok = crystal & np.all(np.isfinite(est), axis=0)
+                err = est - true
+                row = {"case": case, "dose": dose, "route": route, "seconds": seconds,
+                       "unmeasured": float(1 - ok[crystal].mean()), "maps": est, "truth": true}
+                for i, key in enumerate(_COMPONENTS):
+                    row[key] = float(np.sqrt(np.mean(err[i][ok] ** 2))) if ok.any() else np.nan
+                if ell is not None:
+                    row["ratio"] = float(ell[0] / ell[1])
+                rows.append(row)
+    return rows
+
+
+def strain_markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table (strain in %, rotation in degrees)."""
+    lines = ["| case | dose e- | route | RMS e_xx % | RMS e_yy % | RMS e_xy % | RMS rotation deg | "
+             "not measured | a/b used | calibration s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['dose']:.0e} | {r['route']} | {100 * r['e_xx']:.3f} | "
+                     f"{100 * r['e_yy']:.3f} | {100 * r['e_xy']:.3f} | {np.degrees(r['theta']):.3f} | "
+                     f"{100 * r['unmeasured']:.0f}% | {r.get('ratio', 1.0):.4f} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_pictures(prefix: str, rows: list[dict], dose: float = 1e4, seed: int = 20_000_999) -> list[str]:
+    """PNG figures of the report, written as ``prefix + '_<name>.png'``.
+
+    - ``strain_maps``: strain maps of every route next to the truth for the first
+      case at the highest dose in ``rows``;
+    - ``origin_maps``, ``ellipse``, ``denoising``: PreNet on a scan of the descan /
+      bright-disk case at ``dose``: measured, fitted (py4DSTEM ``fit_origin``) and
+      true origins; the calibrated ellipse over the origin-aligned mean of the
+      amorphous strip; recorded, denoised and clean patterns.
+
+    Returns
+    -------
+    list of str
+        The files written.
+    """
+    import matplotlib.pyplot as plt
+
+    from ..baselines import aligned_mean_pattern, fit_origin
+    from ..preprocess import preprocess
+    from ..simulation import Detector
+    from ..simulation.strain import simulate_strain_datacube
+    from ..visualize import show_denoising, show_ellipse, show_origin_maps, show_strain_maps
+
+    files = []
+
+    def save(fig, name):
+        path = f"{prefix}_{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+
+    case = rows[0]["case"]
+    top = max(r["dose"] for r in rows if r["case"] == case)
+    sel = {r["route"]: r for r in rows if r["case"] == case and r["dose"] == top}
+    save(show_strain_maps({k: v["maps"] for k, v in sel.items()}, sel["prenet"]["truth"],
+                          title=f"{case}, {top:.0e} e-/pattern"), "strain_maps")
+
+    dc, truth = simulate_strain_datacube((14, 12), dose=dose, ellipse=(1.02, 2.0), grain_rotation_deg=(0.0,),
+                                         descan_amplitude=12.0, bright_disks=True,
+                                         detector=Detector(hot_fraction=2e-4, hot_level=10.0), seed=seed)
+    out = preprocess(dc, progress=False)
+    measured = out.metadata["prenet"]["origin_measured"]
+    qx, qy = measured[..., 0], measured[..., 1]
+    save(show_origin_maps((qx, qy), fit_origin(qx, qy, "parabola"), (truth.origin[..., 0], truth.origin[..., 1]),
+                          title=f"PreNet origin, descan 12 px, bright disks, hot pixels, {dose:.0e} e-"), "origin_maps")
+    amorphous = truth.grain < 0
+    mean, centre = aligned_mean_pattern(dc.data[amorphous][None], qx[amorphous][None], qy[amorphous][None])
+    save(show_ellipse(mean, centre, out.calibration.get_ellipse(), 0.55 * 0.36 * 128, truth.ellipse,
+                      title="PreNet ellipse over the aligned mean of the amorphous strip"), "ellipse")
+    i = [(truth.grain.shape[0] - 1, 0), (0, 0)]
+    save(show_denoising(np.stack([dc.data[p] for p in i]), np.stack([out.data[p] for p in i]),
+                        title=f"{dose:.0e} e-/pattern: crystal (top), amorphous (bottom)"), "denoising")
+    return files

@@ -1,0 +1,84 @@
+"""The strain benchmark's simulator, its truth, py4DSTEM strain mapping, and the pictures."""
+
+import numpy as np
+import pytest
+
+from py4dstem_prenet.evaluation.strain import measure_strain, true_strain
+from py4dstem_prenet.simulation.strain import simulate_strain_datacube
+
+
+@pytest.fixture(scope="module")
+def two_grains():
+    return simulate_strain_datacube((8, 6), dose=1e6, ellipse=(1.03, 0.4), grain_rotation_deg=(0.0, 30.0), seed=5)
+
+
+def test_truth_has_the_strain_field_and_grains_it_was_given(two_grains):
+    _, truth = two_grains
+    true = true_strain(truth)
+    lower = truth.strain[..., 0, 0] > 0
+    grain0 = truth.grain == 0
+    # py4DSTEM's formula on the exact bases gives back the applied strain in the reference grain
+    np.testing.assert_allclose(true[0][lower & grain0], 0.01, atol=3e-4)
+    np.testing.assert_allclose(true[0][~lower & grain0], 0.0, atol=1e-9)
+    np.testing.assert_allclose(true[2][grain0], truth.strain[..., 0, 1][grain0], atol=3e-4)
+    # py4DSTEM's strain is infinitesimal: an unstrained grain rotated by 30 degrees shows
+    # e_xx = e_yy = 1 - cos 30 and a rotation of sin 30 (radians) against grain 0
+    upper1 = (truth.grain == 1) & ~lower
+    np.testing.assert_allclose(true[0][upper1], 1 - np.cos(np.radians(30)), atol=1e-9)
+    np.testing.assert_allclose(np.abs(true[3][upper1]), np.sin(np.radians(30)), atol=1e-9)
+    assert np.all(np.isnan(true[:, truth.grain < 0]))
+
+
+def test_simulator_rejects_bad_input():
+    with pytest.raises(ValueError, match="scan_shape"):
+        simulate_strain_datacube((4, 6))
+    with pytest.raises(ValueError, match="64 x 64"):
+        simulate_strain_datacube((8, 6), detector_shape=(48, 48))
+    with pytest.raises(ValueError, match="dose"):
+        simulate_strain_datacube((8, 6), dose=0)
+
+
+def test_py4dstem_strain_with_the_true_calibration_is_exact_and_without_it_is_not(two_grains):
+    dc, truth = two_grains
+    before = dc.data.copy()
+    true = true_strain(truth)
+    crystal = truth.grain >= 0
+    good = measure_strain(dc, (truth.origin[..., 0], truth.origin[..., 1]), truth.ellipse, truth)
+    assert np.all(np.isfinite(good[:, crystal]))
+    assert np.sqrt(np.mean((good[:3] - true[:3])[:, crystal] ** 2)) < 3e-4
+    # the rotated grain, uncorrected for a/b = 1.03: false strain of tenths of a percent
+    raw = measure_strain(dc, (truth.origin[..., 0], truth.origin[..., 1]), None, truth)
+    grain1 = truth.grain == 1
+    assert np.sqrt(np.nanmean((raw[:3] - true[:3])[:, grain1] ** 2)) > 3e-3
+    assert np.array_equal(dc.data, before)
+
+
+def test_show_functions_return_figures(two_grains):
+    import matplotlib.pyplot as plt
+
+    from py4dstem_prenet.visualize import show_denoising, show_ellipse, show_origin_maps, show_strain_maps
+
+    dc, truth = two_grains
+    qx, qy = truth.origin[..., 0], truth.origin[..., 1]
+    fig = show_origin_maps((qx + 0.1, qy), (qx, qy), (qx, qy))
+    assert len(fig.axes) == 16  # 4 columns x (qx0, qy0), each with a colour bar
+    fig2 = show_ellipse(dc.data[0, 0], (qx[0, 0], qy[0, 0]), (1.03, 1.0, 0.4), 25.0, truth.ellipse)
+    assert len(fig2.axes[0].lines) == 3
+    fig3 = show_denoising(dc.data[0, :2], dc.data[0, :2])
+    assert len(fig3.axes) == 4
+    true = true_strain(truth)
+    fig4 = show_strain_maps({"a": true, "b": true}, true)
+    assert len([a for a in fig4.axes if a.images]) >= 12
+    plt.close("all")
+
+
+@pytest.mark.slow
+def test_strain_benchmark_quick_runs_all_routes():
+    from py4dstem_prenet.evaluation.strain import ROUTES, StrainConfig, run_strain_benchmark, strain_markdown
+
+    rows = run_strain_benchmark(StrainConfig.quick())
+    assert {r["route"] for r in rows} == set(ROUTES)
+    none = next(r for r in rows if r["route"] == "none")
+    classical = next(r for r in rows if r["route"] == "classical")
+    assert classical["e_xx"] < none["e_xx"]
+    assert "RMS e_xx" in strain_markdown(rows)
