@@ -249,7 +249,12 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
                 cluster = stack.enter_context(LocalCluster(n_workers=args.workers, threads_per_worker=1,
                                                            dashboard_address=None))
                 client = stack.enter_context(Client(cluster))
-        out = preprocess(dc, denoise=not args.no_denoise, ellipse=not args.no_ellipse, refine=not args.no_refine,
+        mask = None
+        if args.mask:
+            mask = np.load(args.mask)
+            if mask.dtype != bool:
+                raise ValueError(f"--mask must hold a boolean array (True = recorded pixel), got {mask.dtype}")
+        out = preprocess(dc, mask=mask, denoise=not args.no_denoise, ellipse=not args.no_ellipse, refine=not args.no_refine,
                          fit_descan=args.fit_descan, batch_size=args.batch_size, device=args.device,
                          progress=not args.quiet, out=args.output, overwrite=args.overwrite, client=client)
     qx0, qy0 = out.calibration.get_origin()
@@ -374,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan shape, e.g. 64x64, for files that do not store it (a Merlin .mib without its .hdr)")
     r.add_argument("--dataset", default=None,
                    help="path of the 4D dataset inside a plain (non-EMD) HDF5 file (default: the largest one)")
+    r.add_argument("--mask", default=None,
+                   help="a .npy boolean array of the detector shape, False on a beam stop or dead regions")
     r.add_argument("--no-denoise", action="store_true", help="calibrate only; the data are copied as float32")
     r.add_argument("--no-ellipse", action="store_true", help="skip the elliptical-distortion calibration")
     r.add_argument("--no-refine", action="store_true", help="network estimates only, no physics refinement")

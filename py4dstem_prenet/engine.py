@@ -179,6 +179,8 @@ class PreNet:
             with its inversion, 1 = perfect) at the origin, and 'origin_source' (N,)
             int8: 0 network, 1 refined near it, 2 symmetry centre of the detector
             (the network's estimate was rejected); with the ellipse stage 'e12' (N, 2).
+            (:func:`~py4dstem_prenet.preprocess` adds 3: re-refined at the scan's
+            descan fit.)
         """
         dev = self.torch_device
         h, w = int(block.shape[-2]), int(block.shape[-1])
@@ -228,6 +230,39 @@ class PreNet:
                 e = load_model("ellipse", self.weights_dir, dev)(polar_view(x, t, polar_rmax((h, w)))).float().cpu()
                 out["e12"] = e.numpy().astype(np.float64) * E12_SCALE
         return out
+
+    def refine_at(self, block: np.ndarray, origin: np.ndarray, mask: np.ndarray | None = None
+                  ) -> dict[str, np.ndarray]:
+        """Friedel edge refinement of the origin within 2 px of given estimates.
+
+        Used to re-measure patterns whose origin disagrees with the scan's smooth
+        descan fit (see :func:`~py4dstem_prenet.preprocess`).
+
+        Parameters
+        ----------
+        block : numpy.ndarray
+            (N, Q_Nx, Q_Ny) recorded patterns.
+        origin : numpy.ndarray
+            (N, 2) estimates (qx0, qy0), pixels.
+        mask : numpy.ndarray, optional
+            As in :meth:`run`.
+
+        Returns
+        -------
+        dict
+            'origin' (N, 2) refined origins, pixels.
+        """
+        dev = self.torch_device
+        with torch.inference_mode():
+            x = _clean_block(block).to(dev)
+            valid = None
+            if mask is not None:
+                valid = torch.from_numpy(np.asarray(mask, bool)).to(dev)
+                x = x * valid
+            y = load_model("denoiser", self.weights_dir, dev)(x) if self.denoise else None
+            o = torch.from_numpy(np.asarray(origin, np.float32)).to(dev)
+            r = refine_origin(_refinement_input(x, y), o, search=2.0, valid=valid)
+        return {"origin": r.cpu().numpy().astype(np.float64)}
 
     def polar_sums(self, block: np.ndarray, origin: np.ndarray, bands: dict[str, tuple[float, float]]
                    ) -> dict[str, np.ndarray]:

@@ -88,3 +88,22 @@ def test_cli_bad_files_and_weights(tmp_path, tiny_weights, monkeypatch):
     monkeypatch.setattr(pretrained, "WEIGHTS_DIR", broken)
     assert main(["preprocess", good, out, "--quiet"]) == 1
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
+def test_cli_mask_option(tmp_path, tiny_weights, monkeypatch):
+    import py4DSTEM
+
+    import py4dstem_prenet.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tiny_weights)
+    src = str(tmp_path / "in.h5")
+    assert main(["simulate", src, "--scan", "2x2", "--detector", "32x32"]) == 0
+    np.save(tmp_path / "ints.npy", np.ones((32, 32), int))
+    assert main(["preprocess", src, str(tmp_path / "a.h5"), "--mask", str(tmp_path / "ints.npy")]) == 2
+    np.save(tmp_path / "small.npy", np.ones((16, 16), bool))
+    assert main(["preprocess", src, str(tmp_path / "a.h5"), "--mask", str(tmp_path / "small.npy")]) == 2
+    stop = np.ones((32, 32), bool)
+    stop[:14, 14:18] = False
+    np.save(tmp_path / "stop.npy", stop)
+    assert main(["preprocess", src, str(tmp_path / "b.h5"), "--mask", str(tmp_path / "stop.npy"), "--quiet"]) == 0
+    assert py4DSTEM.read(str(tmp_path / "b.h5")).calibration.get_origin()[0].shape == (2, 2)

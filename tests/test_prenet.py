@@ -193,3 +193,17 @@ def test_preprocess_fuzz(tiny_weights):
         assert np.all(np.isfinite(qx0)) and np.all(np.isfinite(qy0))
 
     check()
+
+
+def test_robust_descan_fit_ignores_a_quarter_of_wrong_origins():
+    from py4dstem_prenet.preprocess import robust_descan_fit
+
+    u, v = np.meshgrid(np.linspace(-1, 1, 10), np.linspace(-1, 1, 12), indexing="ij")
+    truth = np.stack([60 + 2 * u + 0.5 * u * v, 64 - 1.5 * v + 0.7 * u * u], -1).reshape(-1, 2)
+    measured = truth + np.random.default_rng(0).normal(0, 0.05, truth.shape)
+    block = measured.copy()
+    block[30:60] += [7.0, 8.5]  # a quarter of the scan, in one region, on a wrong disk 11 px away
+    assert np.abs(robust_descan_fit(block, (10, 12)) - truth).max() < 0.1
+    scattered = measured.copy()
+    scattered[np.random.default_rng(1).choice(len(truth), 48, replace=False)] += [7.0, 8.5]  # 40%, scattered
+    assert np.abs(robust_descan_fit(scattered, (10, 12)) - truth).max() < 0.1
