@@ -103,7 +103,7 @@ def _descan_consistency(engine: PreNet, data, bounds, origin: np.ndarray, source
     resid = np.linalg.norm(origin - fitted, axis=1)
     tol = max(1.0, DESCAN_OUTLIER_SIGMAS * 1.4826 * float(np.median(resid)))
     outlier = resid > tol
-    if not outlier.any() or outlier.mean() > 0.5:  # nothing to fix, or no trustworthy majority
+    if not outlier.any() or outlier.mean() > 1 / 3:  # nothing to fix, or beyond what the fit withstands
         return origin, source, 0
     origin, source = origin.copy(), source.copy()
     skip = np.array([not outlier[i0:i1].any() for i0, i1 in bounds])
