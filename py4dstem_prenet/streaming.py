@@ -37,7 +37,8 @@ class StreamUpdate:
         (n, Q_Nx, Q_Ny) float32 denoised frames (the cleaned input when the
         denoiser is off), in counts.
     origin : numpy.ndarray
-        (n, 2) measured origins (qx0, qy0), pixels.
+        (n, 2) measured origins (qx0, qy0), pixels; a frame further than
+        ``reject_px`` from the running descan fit is re-measured around the fit.
     origin_sigma : numpy.ndarray
         (n,) predicted origin uncertainty, pixels.
     origin_fit : numpy.ndarray
@@ -86,6 +87,11 @@ class DescanFit:
         self._xty = np.zeros((n_par, 2))
         self._count = 0
         self._coef: np.ndarray | None = None
+
+    @property
+    def established(self) -> bool:
+        """True once the fit rests on three times as many frames as it has parameters."""
+        return self._coef is not None and self._count >= 3 * self._xtx.shape[0]
 
     def _design(self, index: np.ndarray) -> np.ndarray:
         if self.scan_shape is None:
@@ -198,6 +204,12 @@ def stream(frames: Iterable[np.ndarray], *, scan_shape: tuple[int, int] | None =
         index = np.arange(n_done, n_done + len(block))
         origin = res["origin"]
         fitted = fit.update(index, origin)
+        if refine and fit.established:
+            # a frame far from the running descan fit (a wrong disk) is re-measured around the fit
+            far = np.linalg.norm(origin - fitted, axis=1) > fit.reject_px
+            if far.any():
+                origin = origin.copy()
+                origin[far] = engine.refine_at(block[far], fitted[far])["origin"]
         h, w = block.shape[1:]
         if refine:
             if bands is None:
