@@ -231,8 +231,8 @@ class PreNet:
                 out["e12"] = e.numpy().astype(np.float64) * E12_SCALE
         return out
 
-    def refine_at(self, block: np.ndarray, origin: np.ndarray, mask: np.ndarray | None = None
-                  ) -> dict[str, np.ndarray]:
+    def refine_at(self, block: np.ndarray, origin: np.ndarray, mask: np.ndarray | None = None,
+                  select: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Friedel edge refinement of the origin within 2 px of given estimates.
 
         Used to re-measure patterns whose origin disagrees with the scan's smooth
@@ -246,6 +246,8 @@ class PreNet:
             (N, 2) estimates (qx0, qy0), pixels.
         mask : numpy.ndarray, optional
             As in :meth:`run`.
+        select : numpy.ndarray, optional
+            (N,) bool: refine only these patterns (the others keep ``origin``).
 
         Returns
         -------
@@ -253,16 +255,20 @@ class PreNet:
             'origin' (N, 2) refined origins, pixels.
         """
         dev = self.torch_device
+        out = np.array(origin, dtype=np.float64, copy=True)
+        sel = np.ones(len(out), bool) if select is None else np.asarray(select, bool)
+        if not sel.any():
+            return {"origin": out}
         with torch.inference_mode():
-            x = _clean_block(block).to(dev)
+            x = _clean_block(np.asarray(block)[sel]).to(dev)
             valid = None
             if mask is not None:
                 valid = torch.from_numpy(np.asarray(mask, bool)).to(dev)
                 x = x * valid
             y = load_model("denoiser", self.weights_dir, dev)(x) if self.denoise else None
-            o = torch.from_numpy(np.asarray(origin, np.float32)).to(dev)
-            r = refine_origin(_refinement_input(x, y), o, search=2.0, valid=valid)
-        return {"origin": r.cpu().numpy().astype(np.float64)}
+            o = torch.from_numpy(np.asarray(out[sel], np.float32)).to(dev)
+            out[sel] = refine_origin(_refinement_input(x, y), o, search=2.0, valid=valid).cpu().numpy()
+        return {"origin": out}
 
     def polar_sums(self, block: np.ndarray, origin: np.ndarray, bands: dict[str, tuple[float, float]]
                    ) -> dict[str, np.ndarray]:

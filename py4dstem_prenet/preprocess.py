@@ -107,8 +107,8 @@ def _descan_consistency(engine: PreNet, data, bounds, origin: np.ndarray, source
         return origin, source, 0
     origin, source = origin.copy(), source.copy()
     skip = np.array([not outlier[i0:i1].any() for i0, i1 in bounds])
-    for k, res in map_blocks(engine, "refine_at", data, bounds, lambda i0, i1: (fitted[i0:i1], mask),
-                             client=client, skip=skip):
+    for k, res in map_blocks(engine, "refine_at", data, bounds,
+                             lambda i0, i1: (fitted[i0:i1], mask, outlier[i0:i1]), client=client, skip=skip):
         i0, i1 = bounds[k]
         sel = outlier[i0:i1]
         origin[i0:i1][sel] = res["origin"][sel]

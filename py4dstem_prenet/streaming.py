@@ -209,7 +209,7 @@ def stream(frames: Iterable[np.ndarray], *, scan_shape: tuple[int, int] | None =
             far = np.linalg.norm(origin - fitted, axis=1) > fit.reject_px
             if far.any():
                 origin = origin.copy()
-                origin[far] = engine.refine_at(block[far], fitted[far])["origin"]
+                origin[far] = engine.refine_at(block, fitted, None, far)["origin"][far]
         h, w = block.shape[1:]
         if refine:
             if bands is None:
