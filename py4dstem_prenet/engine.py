@@ -350,12 +350,12 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
     """Fit the ellipse on the summed log-polar views (see :func:`refine_ellipse`).
 
     Bands are tried in the order of their precision (a stretch moves an edge at
-    radius r by (a/b - 1) r, so large rings measure it best): the sum of the
-    isotropic patterns only (rings of amorphous or polycrystalline regions, even in a
-    scan that also holds crystals; used when its fit quality is >= 0.9), the full
-    band (>= 0.97: it mixes in anisotropic Bragg disks), the bright-field disk edge
-    (the image of the round condenser aperture, whatever the specimen; >= 0.97);
-    when none reaches its threshold, the one of highest quality.
+    radius r by (a/b - 1) r, so large rings over many patterns measure it best): the
+    full band, when its content is isotropic (fit quality >= 0.97); the sum of the
+    isotropic patterns only (rings of amorphous or polycrystalline regions in a scan
+    that also holds crystals; >= 0.9); the bright-field disk edge (the image of the
+    round condenser aperture, whatever the specimen; >= 0.97); when none reaches its
+    threshold, the one of highest quality.
 
     Returns
     -------
@@ -368,7 +368,7 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
         return None
     results = {k: refine_ellipse(sums[k], *bands[k], iterations=4) for k in usable}
     q = {k: v[2] for k, v in results.items()}
-    order = [k for k in (ISOTROPIC, "full", "bright-field edge") if k in q]
+    order = [k for k in ("full", ISOTROPIC, "bright-field edge") if k in q]
     band = next((k for k in order if q[k] >= _MIN_QUALITY[k]), max(order, key=lambda k: q[k]))
     ratio, theta, quality = results[band]
     return ratio, theta, quality, band
