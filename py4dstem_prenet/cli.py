@@ -207,7 +207,12 @@ region and fit radii the user picks); **prenet** (`prenet.preprocess(datacube)` 
 nothing else; disks found in its denoised output). Hands-on steps shared by all: the
 disk template and thresholds, and each grain's basis vectors (the clicks of
 `choose_basis_vectors`). Errors are RMS over the crystal positions a route measured,
-against py4DSTEM's own strain formula applied to the exact reciprocal bases.
+against py4DSTEM's own strain formula applied to the exact reciprocal bases. That
+formula is infinitesimal: an unstrained grain rotated by 30 degrees shows e_xx = e_yy =
+1 - cos 30 = 13.4% and a rotation of sin 30 rad against grain 0 even when perfectly
+calibrated (the saturated right half of the maps below); the errors measure what
+calibration adds on top. "not measured": crystal positions where py4DSTEM could not
+index or fit the lattice (no reference could be indexed at all: every position).
 
 """
 
