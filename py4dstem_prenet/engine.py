@@ -63,6 +63,10 @@ ISOTROPIC = "isotropic patterns"
 #: its log-polar view outside the bright-field disk is below (1 - this) of its variance.
 ISOTROPY_MIN = 0.6
 
+#: The isotropic-pattern band is used only when at most this fraction of the patterns
+#: is isotropic (a scan that mixes rings with Bragg disks).
+MIXED_MAX_FRACTION = 0.8
+
 #: Fit quality each ellipse band needs to be used (see :func:`fit_ellipse_bands`).
 _MIN_QUALITY = {ISOTROPIC: 0.9, "full": 0.97, "bright-field edge": 0.97}
 
@@ -313,7 +317,7 @@ class PreNet:
                     angular = ((lp - lp.mean(dim=2, keepdim=True)) ** 2).sum(dim=(1, 2))
                     keep = angular <= (1 - ISOTROPY_MIN) * total
                     lp = lp[keep]
-                    out[ISOTROPIC + " count"] = np.array([float(keep.sum())])
+                    out[ISOTROPIC + " count"] = np.array([float(keep.sum()), float(len(keep))])
                 out[k] = lp.sum(0).double().cpu().numpy()
             return out
 
@@ -372,7 +376,10 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
         (a/b, theta in radians from the qx axis, quality, band name), or None when
         there is no band.
     """
-    usable = [k for k in bands if k != ISOTROPIC or sums.get(ISOTROPIC + " count", [0])[0] >= 1]
+    # the isotropic sum is a band of its own only in a scan of mixed content: where (nearly)
+    # every pattern is isotropic, the full band holds the same rings with all the counts
+    n_iso, n_all = sums.get(ISOTROPIC + " count", (0.0, 0.0))
+    usable = [k for k in bands if k != ISOTROPIC or 1 <= n_iso <= MIXED_MAX_FRACTION * n_all]
     if not usable:
         return None
     results = {k: refine_ellipse(sums[k], *bands[k], iterations=4) for k in usable}
