@@ -207,3 +207,17 @@ def test_robust_descan_fit_ignores_a_quarter_of_wrong_origins():
     scattered = measured.copy()
     scattered[np.random.default_rng(1).choice(len(truth), 30, replace=False)] += [7.0, 8.5]  # 25%, scattered
     assert np.abs(robust_descan_fit(scattered, (10, 12)) - truth).max() < 0.25
+
+
+def test_denoiser_leaves_high_dose_patterns_as_recorded(tiny_weights):
+    import py4DSTEM
+
+    from py4dstem_prenet.engine import DENOISE_MAX_COUNTS
+
+    rng = np.random.default_rng(2)
+    high = rng.poisson(2 * DENOISE_MAX_COUNTS / (32 * 32), (1, 1, 32, 32)).astype(np.float32)
+    low = rng.poisson(0.5, (1, 1, 32, 32)).astype(np.float32)
+    out = prenet.preprocess(py4DSTEM.DataCube(data=np.concatenate([high, low], axis=1)), center=False,
+                            ellipse=False, weights_dir=tiny_weights, progress=False)
+    np.testing.assert_array_equal(out.data[0, 0], high[0, 0])
+    assert not np.array_equal(out.data[0, 1], low[0, 0])
