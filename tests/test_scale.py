@@ -214,3 +214,42 @@ def test_open_datacube_bad_files(tmp_path):
         f["x"] = np.zeros((5, 16, 16))
     with pytest.raises(ValueError, match="4D"):
         open_datacube(str(tmp_path / "flat.h5"))
+
+
+def test_stream_and_read_block_fuzz(tiny_weights):
+    """Random frame shapes, dtypes, chunkings and values: clean updates or a clear ValueError."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(n=st.integers(1, 9), qx=st.integers(12, 36), qy=st.integers(12, 36), chunk=st.integers(1, 4),
+           batch=st.integers(1, 5), dtype=st.sampled_from(["uint8", "uint16", "int32", "float32", "float64"]),
+           fill=st.sampled_from(["poisson", "zeros", "nan", "negative"]))
+    def check(n, qx, qy, chunk, batch, dtype, fill):
+        rng = np.random.default_rng(0)
+        data = rng.poisson(3.0, (n, qx, qy)).astype(float)
+        if fill == "zeros":
+            data[:] = 0
+        elif fill == "nan":
+            data[:, 0, 0] = np.nan
+            dtype = "float64"
+        elif fill == "negative":
+            data -= 10
+        data = data.astype(dtype) if fill != "negative" or dtype[0] != "u" else data
+        before = data.copy()
+        chunks = [data[i:i + chunk] for i in range(0, n, chunk)]
+        try:
+            updates = list(stream(chunks, batch_size=batch, weights_dir=tiny_weights))
+        except ValueError as exc:
+            assert min(qx, qy) < 16 and "16 x 16" in str(exc)
+            return
+        assert min(qx, qy) >= 16
+        assert np.array_equal(data, before, equal_nan=True)
+        assert np.concatenate([u.index for u in updates]).tolist() == list(range(n))
+        for u in updates:
+            assert np.all(np.isfinite(u.data)) and np.all(np.isfinite(u.origin))
+        cube = data.reshape(1, n, qx, qy)
+        i0 = int(rng.integers(0, n))
+        np.testing.assert_array_equal(read_block(cube, i0, n), data[i0:])
+
+    check()
