@@ -8,5 +8,7 @@ evaluation harness.
 __version__ = "0.1.0"
 
 from .preprocess import preprocess  # noqa: E402
+from .storage import open_datacube  # noqa: E402
+from .streaming import stream  # noqa: E402
 
-__all__ = ["preprocess", "__version__"]
+__all__ = ["preprocess", "open_datacube", "stream", "__version__"]
