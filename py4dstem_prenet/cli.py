@@ -263,12 +263,13 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
                          fit_descan=args.fit_descan, batch_size=args.batch_size, device=args.device,
                          progress=not args.quiet, out=args.output, overwrite=args.overwrite, client=client)
     qx0, qy0 = out.calibration.get_origin()
-    print(f"wrote {args.output}: {out.data.shape[0]}x{out.data.shape[1]} patterns of "
-          f"{out.data.shape[2]}x{out.data.shape[3]} px; origin qx0 {np.mean(qx0):.2f} +- {np.std(qx0):.2f}, "
-          f"qy0 {np.mean(qy0):.2f} +- {np.std(qy0):.2f} px" + (
-              ", ellipse a/b = {:.4f}, theta = {:.1f} deg".format(
-                  out.calibration.get_ellipse()[0], np.degrees(out.calibration.get_ellipse()[2]))
-              if not args.no_ellipse else ""))
+    summary = (f"wrote {args.output}: {out.data.shape[0]}x{out.data.shape[1]} patterns of "
+               f"{out.data.shape[2]}x{out.data.shape[3]} px; origin qx0 {np.mean(qx0):.2f} +- {np.std(qx0):.2f}, "
+               f"qy0 {np.mean(qy0):.2f} +- {np.std(qy0):.2f} px")
+    if not args.no_ellipse:
+        a, b, theta = out.calibration.get_ellipse()
+        summary += f", ellipse a/b = {a / b:.4f}, theta = {np.degrees(theta):.1f} deg"
+    print(summary)
     return 0
 
 

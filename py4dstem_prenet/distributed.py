@@ -45,7 +45,7 @@ def block_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def _run(engine: PreNet, method: str, block: np.ndarray, *args) -> dict[str, np.ndarray]:
-    """Worker-side call (models are cached per process by :func:`load_model`)."""
+    """One block, here or on a worker (models are cached per process by :func:`load_model`)."""
     return getattr(engine, method)(block, *args)
 
 
@@ -86,7 +86,7 @@ def map_blocks(engine: PreNet, method: str, data, bounds: list[tuple[int, int]],
 
     if client is None:
         for k in todo:
-            yield k, getattr(engine, method)(*args(k))
+            yield k, _run(engine, method, *args(k))
         return
     n_threads = max(1, sum(client.nthreads().values()))
     limit = max(1, in_flight_per_worker * n_threads)

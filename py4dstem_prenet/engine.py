@@ -23,7 +23,7 @@ from .refine import log_polar_view, refine_ellipse, refine_origin
 from .training import E12_SCALE
 from .views import VIEW_SIZE, full_view, polar_rmax, polar_view, view_to_detector
 
-__all__ = ["PreNet", "ellipse_bands", "fit_ellipse_bands", "LOW_DOSE_COUNTS"]
+__all__ = ["PreNet", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "LOW_DOSE_COUNTS"]
 
 #: Below this many counts per pattern the edge refinement reads the denoised pattern;
 #: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
@@ -89,6 +89,16 @@ def _clean_block(block: np.ndarray) -> torch.Tensor:
     if offset.any():
         x[offset] -= x[offset].min(axis=(1, 2), keepdims=True)
     return torch.from_numpy(np.clip(x, 0, None))[:, None]
+
+
+def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cleaned block on ``dev`` with masked pixels (False in ``mask``) set to 0, and the mask as a tensor."""
+    x = _clean_block(block).to(dev)
+    if mask is None:
+        return x, None
+    valid = torch.from_numpy(np.asarray(mask, bool)).to(dev)
+    return x * valid, valid
 
 
 def _median3(x: torch.Tensor) -> torch.Tensor:
@@ -195,11 +205,7 @@ class PreNet:
         h, w = int(block.shape[-2]), int(block.shape[-1])
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
-            x = _clean_block(block).to(dev)
-            valid = None
-            if mask is not None:
-                valid = torch.from_numpy(np.asarray(mask, bool)).to(dev)
-                x = x * valid
+            x, valid = _masked_block(block, mask, dev)
             y = load_model("denoiser", self.weights_dir, dev)(x) if self.denoise else x
             if self.denoise:
                 # where the recording is already better than the denoiser's own error, keep it
@@ -273,11 +279,7 @@ class PreNet:
         if not sel.any():
             return {"origin": out}
         with torch.inference_mode():
-            x = _clean_block(np.asarray(block)[sel]).to(dev)
-            valid = None
-            if mask is not None:
-                valid = torch.from_numpy(np.asarray(mask, bool)).to(dev)
-                x = x * valid
+            x, valid = _masked_block(np.asarray(block)[sel], mask, dev)
             y = load_model("denoiser", self.weights_dir, dev)(x) if self.denoise else None
             o = torch.from_numpy(np.asarray(out[sel], np.float32)).to(dev)
             out[sel] = refine_origin(_refinement_input(x, y), o, search=2.0, valid=valid).cpu().numpy()
@@ -356,6 +358,12 @@ def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float
     bands[ISOTROPIC] = (max(2.0, 1.5 * disk_radius + 2) if disk_radius is not None and np.isfinite(disk_radius)
                         else 2.0, edge)
     return {k: v for k, v in bands.items() if v[1] > 2 * v[0] and v[1] > 4}
+
+
+def add_polar_sums(total: dict[str, np.ndarray], part: dict[str, np.ndarray]) -> None:
+    """Add one block's :meth:`PreNet.polar_sums` into the running ``total`` (in place, in block order)."""
+    for key, val in part.items():
+        total[key] = total[key] + val if key in total else val
 
 
 def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float, float]]

@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__
 from .conventions import e12_to_ellipse
 from .distributed import block_bounds, map_blocks
-from .engine import PreNet, ellipse_bands, fit_ellipse_bands
+from .engine import PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess"]
@@ -263,6 +263,7 @@ def preprocess(
         out_data = np.empty((nrx, nry, h, w), np.float32)
         results = {}
         skip = None
+
     def extra(i0: int, i1: int) -> tuple:
         return (None if given_origin is None else given_origin[i0:i1], mask)
 
@@ -277,7 +278,8 @@ def preprocess(
                 out_data.reshape(n, h, w)[i0:i1] = res["data"]
                 for key, val in res.items():
                     if key != "data":
-                        results.setdefault(key, np.full((n, *val.shape[1:]), fill_value(val.dtype), val.dtype))[i0:i1] = val
+                        empty = np.full((n, *val.shape[1:]), fill_value(val.dtype), val.dtype)
+                        results.setdefault(key, empty)[i0:i1] = val
             bar.update(1)
         bar.close()
         if writer is not None:
@@ -309,7 +311,7 @@ def preprocess(
             if fit_descan and n >= 3:
                 from .baselines import fit_origin
 
-                qx0, qy0 = fit_origin(qx0, qy0, "parabola" if min(nrx, nry) >= 3 else "plane")
+                qx0, qy0 = fit_origin(qx0, qy0, "parabola")  # a plane or constant on thin scans
             origin_cal = (qx0, qy0)
         if ellipse:
             e12 = results["e12"]
@@ -327,8 +329,7 @@ def preprocess(
                 if bands:
                     for _, part in map_blocks(engine, "polar_sums", data, bounds,
                                               lambda i0, i1: (origin[i0:i1], bands), client=client):
-                        for key, val in part.items():
-                            sums[key] = sums[key] + val if key in sums else val
+                        add_polar_sums(sums, part)
                 est = fit_ellipse_bands(sums, bands)
                 if est is not None:
                     ratio, theta, quality, band = est

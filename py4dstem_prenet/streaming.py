@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .engine import PreNet, ellipse_bands, fit_ellipse_bands
+from .engine import PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands
 
 __all__ = ["stream", "StreamUpdate", "DescanFit"]
 
@@ -218,8 +218,7 @@ def stream(frames: Iterable[np.ndarray], *, scan_shape: tuple[int, int] | None =
             inside = np.all((origin >= 2) & (origin <= np.array([h - 3, w - 3])), axis=1)
             if bands and inside.any():
                 part = engine.polar_sums(block[inside], origin[inside], bands)
-                for key, val in part.items():
-                    sums[key] = sums[key] + val if key in sums else val
+                add_polar_sums(sums, part)
             if sums and k % int(ellipse_every) == 0:
                 est = fit_ellipse_bands(sums, bands)
                 ellipse = (est[0], 1.0, est[1]) if est is not None else None

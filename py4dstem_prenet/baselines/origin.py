@@ -19,8 +19,9 @@ __all__ = ["get_origin", "get_origin_friedel", "fit_origin"]
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence py4DSTEM's progress bars and warnings."""
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+    """Silence py4DSTEM's progress bars, prints and warnings."""
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+            contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
 

@@ -22,10 +22,11 @@ errors measure the calibration and the measurement, not a convention.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ..baselines.origin import _quiet
 
 __all__ = ["StrainConfig", "measure_strain", "run_strain_benchmark", "strain_markdown", "true_strain", "ROUTES"]
 
@@ -91,25 +92,6 @@ def true_strain(truth) -> np.ndarray:
     out = np.stack([sm.get_slice(k).data for k in _COMPONENTS])
     out[:, truth.grain < 0] = np.nan
     return out
-
-
-class _quiet:
-    """Silence py4DSTEM's progress bars, prints and warnings."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        self._stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
-        self._stack.enter_context(warnings.catch_warnings())
-        warnings.simplefilter("ignore")
-        return self
-
-    def __exit__(self, *exc):
-        self._stack.close()
-        return False
 
 
 def measure_strain(datacube, origin: tuple[np.ndarray, np.ndarray], ellipse: tuple[float, float, float] | None,
@@ -197,7 +179,7 @@ def _route_calibration(route: str, dc, truth):
             qx0, qy0 = fit_origin(*get_origin(dc, r=truth.disk_radius), "parabola")
             amorphous = truth.grain < 0
             mean, centre = aligned_mean_pattern(dc.data[amorphous][None], qx0[amorphous][None], qy0[amorphous][None])
-            ring = 0.55 * 0.36 * min(h, w)
+            ring = truth.ring_radius
             ratio, theta = ellipse_amorphous_ring(mean, centre, (0.75 * ring, 1.25 * ring))
         return dc, (qx0, qy0), (ratio, 1.0, theta), time.perf_counter() - t0
     if route == "prenet":
@@ -305,7 +287,7 @@ def write_pictures(prefix: str, rows: list[dict], dose: float = 1e4, seed: int =
                           title=f"PreNet origin, descan 12 px, bright disks, hot pixels, {dose:.0e} e-"), "origin_maps")
     amorphous = truth.grain < 0
     mean, centre = aligned_mean_pattern(dc.data[amorphous][None], qx[amorphous][None], qy[amorphous][None])
-    save(show_ellipse(mean, centre, out.calibration.get_ellipse(), 0.55 * 0.36 * 128, truth.ellipse,
+    save(show_ellipse(mean, centre, out.calibration.get_ellipse(), truth.ring_radius, truth.ellipse,
                       title="PreNet ellipse over the aligned mean of the amorphous strip"), "ellipse")
     i = [(truth.grain.shape[0] - 1, 0), (0, 0)]
     save(show_denoising(np.stack([dc.data[p] for p in i]), np.stack([out.data[p] for p in i]),

@@ -57,6 +57,8 @@ class StrainTruth:
         (R_Nx, R_Ny) bool: the unstrained region of grain 0 used as the strain reference.
     disk_radius : float
         Disk radius, pixels.
+    ring_radius : float
+        Radius of the amorphous ring in the undistorted frame, pixels.
     dose : float
         Electrons per pattern.
     """
@@ -71,6 +73,7 @@ class StrainTruth:
     basis: np.ndarray
     reference: np.ndarray
     disk_radius: float
+    ring_radius: float
     dose: float
 
     @property
@@ -190,5 +193,6 @@ def simulate_strain_datacube(
             data[rx, ry] = detector.record(electrons, rng, hot, dead)
     truth = StrainTruth(origin=origin, ratio=float(ratio), theta=float(theta) % np.pi, grain=grain,
                         grain_rotation=tuple(np.radians(grain_rotation_deg)), strain=strain, g1g2=g1g2,
-                        basis=basis, reference=reference, disk_radius=radius, dose=float(dose))
+                        basis=basis, reference=reference, disk_radius=radius, ring_radius=float(ring[0, 0]),
+                        dose=float(dose))
     return py4DSTEM.DataCube(data=data), truth
