@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["edge_map", "refine_origin", "log_polar_view", "refine_ellipse"]
+__all__ = ["edge_map", "refine_origin", "symmetry_centre", "log_polar_view", "refine_ellipse"]
 
 
 def _gauss_kernel(sigma: float, dtype, device) -> torch.Tensor:
@@ -67,8 +67,76 @@ def _peak_near(cc: torch.Tensor, s0: torch.Tensor, half: int) -> torch.Tensor:
     return torch.stack([pr.to(cc.dtype) + dr, pc.to(cc.dtype) + dc], dim=1)
 
 
-def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, global_check: bool = False,
-                  valid: torch.Tensor | None = None):
+def _dft_grid(spec: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Values of the real maps whose half spectra (rfft2 over ``size``) are ``spec`` at any positions.
+
+    Parameters
+    ----------
+    spec : torch.Tensor
+        (N, A, B // 2 + 1) complex half spectra.
+    rows, cols : torch.Tensor
+        (N, K) and (N, L) sample positions (real numbers) along each axis.
+    size : tuple of int
+        (A, B), the full map size.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, K, L) map values at every (row, col) pair: the band-limited
+        (trigonometric) interpolation of the sampled map, exact at integer positions.
+    """
+    a, b = size
+    kr = torch.fft.fftfreq(a, dtype=torch.float64, device=spec.device)
+    kc = torch.arange(spec.shape[-1], dtype=torch.float64, device=spec.device) / b
+    # every column but 0 (and b / 2 for even b) stands for itself and its conjugate twin
+    wc = torch.full_like(kc, 2.0)
+    wc[0] = 1.0
+    if b % 2 == 0:
+        wc[-1] = 1.0
+    two_pi = 2 * math.pi
+    er = torch.polar(torch.ones(1, dtype=torch.float64, device=spec.device),
+                     two_pi * rows.double()[:, :, None] * kr).to(spec.dtype)
+    ec = torch.polar(wc[None, :, None], two_pi * kc[None, :, None] * cols.double()[:, None, :]).to(spec.dtype)
+    return (er @ spec @ ec).real / (a * b)
+
+
+def _upsampled_peak(spec: torch.Tensor, s: torch.Tensor, size: tuple[int, int], half: float = 1.0,
+                    step: float = 0.1) -> torch.Tensor:
+    """Maximum of a map given by its half spectrum near first estimates, on a fine grid.
+
+    A parabola through three samples of a peak is biased by up to a few hundredths
+    of a sample (it depends on where the peak falls between samples); the map is
+    therefore evaluated by exact Fourier interpolation on a grid of ``step`` samples
+    within +-``half`` of ``s`` (N, 2), and a parabola through the best fine sample
+    and its neighbours gives the final position.
+    """
+    d = torch.arange(-half, half + step / 2, step, dtype=s.dtype, device=s.device)
+    rows, cols = s[:, 0, None] + d, s[:, 1, None] + d
+    fine = _dft_grid(spec, rows, cols, size)
+    n, k, _ = fine.shape
+    ar = torch.arange(n, device=s.device)
+    flat = fine.reshape(n, -1).argmax(dim=1)
+    i, j = (flat // k).clamp(1, k - 2), (flat % k).clamp(1, k - 2)
+    c = fine[ar, i, j]
+    di = _parabola_vertex(fine[ar, i - 1, j], c, fine[ar, i + 1, j])
+    dj = _parabola_vertex(fine[ar, i, j - 1], c, fine[ar, i, j + 1])
+    return torch.stack([rows[ar, i] + di * step, cols[ar, j] + dj * step], dim=1)
+
+
+def _edge_spectra(x: torch.Tensor, valid: torch.Tensor | None):
+    """Edge maps g (N, H, W), detector weights m (H, W), and the rfft2 of g over (2H, 2W)."""
+    _, _, h, w = x.shape
+    g = edge_map(x)[:, 0]
+    m = torch.ones((h, w), dtype=g.dtype, device=g.device)
+    if valid is not None:
+        m = (-F.max_pool2d(-valid[None, None].to(g.dtype), 7, stride=1, padding=3))[0, 0]  # erode by 3 px
+        g = g * m
+    size = (2 * h, 2 * w)
+    return g, m, torch.fft.rfft2(g, s=size), size
+
+
+def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, valid: torch.Tensor | None = None,
+                  with_score: bool = False):
     """Refine origins by the Friedel symmetry of the edge map near a first estimate.
 
     Parameters
@@ -79,53 +147,86 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, g
         (N, 2) first estimates (qx0, qy0), pixels.
     search : float
         Half-width of the search window around ``origin0``, pixels.
-    global_check : bool
-        Also search the whole detector: return, per pattern, the inversion
-        symmetry score (normalised cross-correlation of the mean-free edge map with
-        its inversion, 1 = perfectly symmetric) at the refined origin, the best
-        origin anywhere whose inversion keeps at least 40% of the detector,
-        refined the same way, and its score.
     valid : torch.Tensor, optional
         (H, W) bool, False on a beam stop or dead regions: edges within 3 px of
         them are ignored (their borders are not part of the pattern), and the
         symmetry score is normalised over valid pixels only.
+    with_score : bool
+        Also return the inversion-symmetry score at the refined origins (see
+        :func:`symmetry_centre`).
 
     Returns
     -------
     torch.Tensor or tuple
-        (N, 2) refined origins in pixels (sub-pixel by a parabola through the
-        peak); with ``global_check``, ``(origin, score, origin_global, score_global)``.
+        (N, 2) refined origins in pixels; with ``with_score``, ``(origin, score)``.
     """
-    n, _, h, w = x.shape
-    g = edge_map(x)[:, 0]
-    m = torch.ones((h, w), dtype=g.dtype, device=g.device)
-    if valid is not None:
-        m = (-F.max_pool2d(-valid[None, None].to(g.dtype), 7, stride=1, padding=3))[0, 0]  # erode by 3 px
-        g = g * m
-    size = (2 * h, 2 * w)
-    gf = torch.fft.rfft2(g, s=size)
-    cc = torch.fft.irfft2(gf * gf, s=size)  # peaks at s = 2 * origin
-    half = int(math.ceil(2 * search))
-    origin = _peak_near(cc, torch.round(2 * origin0).long(), half) / 2
-    if not global_check:
+    g, m, gf, size = _edge_spectra(x, valid)
+    cc = torch.fft.irfft2(gf * gf, s=size)  # the self-convolution peaks at s = 2 * origin
+    coarse = _peak_near(cc, torch.round(2 * origin0).long(), int(math.ceil(2 * search)))
+    origin = _upsampled_peak(gf * gf, coarse, size) / 2
+    if not with_score:
         return origin
-    # inversion-symmetry score: NCC of the mean-free edge map g0 with its inversion
-    # through s / 2, = conv(g0, g0)(s) / conv(g0^2, m)(s) over the overlap (m = detector)
+    return origin, _symmetry_at(g, m, gf, size, torch.round(2 * origin))
+
+
+def _symmetry_spectra(g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, size: tuple[int, int]):
+    """Half spectra of the numerator, denominator and overlap of the inversion-symmetry score."""
     mf = torch.fft.rfft2(m, s=size)
     mu = (g * m).sum(dim=(1, 2), keepdim=True) / m.sum().clamp_min(1)
     g0f = gf - mu * mf
-    num = torch.fft.irfft2(g0f * g0f, s=size)
-    den = torch.fft.irfft2(torch.fft.rfft2(((g - mu) * m) ** 2, s=size) * mf, s=size)
-    overlap = torch.fft.irfft2(mf * mf, s=size)
-    score = torch.where((overlap > 0.4 * h * w) & (den > 1e-12), num / den.clamp_min(1e-12),
-                        torch.full_like(num, -1.0))
-    ar = torch.arange(n, device=x.device)
-    s_local = torch.round(2 * origin).long()
-    local = score[ar, s_local[:, 0].clamp(0, 2 * h - 1), s_local[:, 1].clamp(0, 2 * w - 1)]
+    den = torch.fft.rfft2(((g - mu) * m) ** 2, s=size) * mf
+    return g0f * g0f, den, mf * mf
+
+
+def _score(num: torch.Tensor, den: torch.Tensor, overlap: torch.Tensor, hw: int, min_overlap: float) -> torch.Tensor:
+    return torch.where((overlap > min_overlap * hw) & (den > 1e-12), num / den.clamp_min(1e-12),
+                       torch.full_like(num, -1.0))
+
+
+def _symmetry_at(g, m, gf, size, s: torch.Tensor, min_overlap: float = 0.4) -> torch.Tensor:
+    """Inversion-symmetry score of each pattern about s / 2 (s: (N, 2) integer samples)."""
+    num, den, ovl = _symmetry_spectra(g, m, gf, size)
+    r, c = s[:, :1].to(g.dtype), s[:, 1:].to(g.dtype)
+    at = [_dft_grid(f if f.shape[0] == len(s) else f.expand(len(s), -1, -1), r, c, size)[:, 0, 0]
+          for f in (num, den, ovl[None])]
+    return _score(*at, g.shape[1] * g.shape[2], min_overlap)
+
+
+def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | None = None,
+                    min_overlap: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most inversion-symmetric point of each whole pattern.
+
+    The score is the normalised cross-correlation of the mean-free edge map with
+    its inversion through a point, over the part of the detector that the
+    inversion keeps (1 = perfectly symmetric); points whose inversion keeps less
+    than ``min_overlap`` of the detector are not considered. The best point is
+    refined as in :func:`refine_origin`.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, 1, H, W) patterns.
+    search : float
+        Half-width of the sub-pixel search around the best sample, pixels.
+    valid : torch.Tensor, optional
+        As in :func:`refine_origin`.
+    min_overlap : float
+        Fraction of the detector the inversion must keep.
+
+    Returns
+    -------
+    origin, score : torch.Tensor
+        (N, 2) pixels and (N,) scores in [-1, 1].
+    """
+    n, _, h, w = x.shape
+    g, m, gf, size = _edge_spectra(x, valid)
+    num, den, ovl = (torch.fft.irfft2(f, s=size) for f in _symmetry_spectra(g, m, gf, size))
+    score = _score(num, den, ovl.expand_as(num), h * w, min_overlap)
     best = score.reshape(n, -1).argmax(dim=1)
     s_best = torch.stack([best // (2 * w), best % (2 * w)], dim=1)
-    origin_g = _peak_near(cc, s_best, half) / 2
-    return origin, local, origin_g, score.reshape(n, -1).max(dim=1).values
+    cc = torch.fft.irfft2(gf * gf, s=size)
+    coarse = _peak_near(cc, s_best, int(math.ceil(2 * search)))
+    return _upsampled_peak(gf * gf, coarse, size) / 2, score.reshape(n, -1).max(dim=1).values
 
 
 def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float, r_max: float, n_rho: int = 256,
