@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["edge_map", "refine_origin", "symmetry_centre", "log_polar_view", "refine_ellipse"]
+__all__ = ["gaussian_blur", "edge_map", "refine_origin", "symmetry_centre", "log_polar_view", "refine_ellipse"]
 
 
 def _gauss_kernel(sigma: float, dtype, device) -> torch.Tensor:
@@ -27,17 +27,21 @@ def _gauss_kernel(sigma: float, dtype, device) -> torch.Tensor:
     return k / k.sum()
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (N, 1, H, W) patterns (sigma in pixels), edges replicated."""
+    k = _gauss_kernel(sigma, x.dtype, x.device)
+    r = (len(k) - 1) // 2
+    z = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(z, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+
+
 def edge_map(x: torch.Tensor, sigma: float = 0.7) -> torch.Tensor:
     """Gradient magnitude of Gaussian-smoothed patterns (N, 1, H, W), ``sqrt``-compressed.
 
     The square root (Anscombe-like) of the non-negative counts keeps bright Bragg
     disks from dominating the weaker bright-field edge.
     """
-    k = _gauss_kernel(sigma, x.dtype, x.device)
-    r = (len(k) - 1) // 2
-    z = torch.sqrt(x.clamp_min(0))
-    z = F.conv2d(F.pad(z, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    z = F.conv2d(F.pad(z, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    z = gaussian_blur(torch.sqrt(x.clamp_min(0)), sigma)
     gx = z[..., 2:, 1:-1] - z[..., :-2, 1:-1]
     gy = z[..., 1:-1, 2:] - z[..., 1:-1, :-2]
     g = torch.sqrt(gx * gx + gy * gy)
@@ -322,8 +326,13 @@ def refine_ellipse(polar_sum: np.ndarray, r_min: float, r_max: float, iterations
         # de-stretch each column by the current model, average -> reference
         aligned = np.stack([np.interp(rho_idx + shift_bins[j], rho_idx, edges[:, j]) for j in range(n_phi)], axis=1)
         reference = aligned.mean(axis=1)
+        # the residual shift of each de-stretched column: near zero after the first pass,
+        # where the parabola through the correlation peak is unbiased (a full shift of a
+        # fraction of a bin is pulled towards the nearest bin, and at a/b = 1.01 the whole
+        # stretch is ~0.4 bin)
         max_shift = max(2, int(math.ceil(0.08 / d_rho)))
-        s, corr = _shifts(edges, reference, max_shift)
+        residual, corr = _shifts(aligned, reference, max_shift)
+        s = shift_bins + residual
         w = np.clip(corr, 0, None)
         a = np.cos(2 * phi)
         b = np.sin(2 * phi)
