@@ -12,7 +12,8 @@ import py4dstem_prenet as prenet
 from py4dstem_prenet.models import CBAMUNet, ResNetHeatmap, ResNetRegressor
 from py4dstem_prenet.views import full_view, polar_view
 from py4dstem_prenet.pretrained import WEIGHTS_DIR, WeightsError, load_model
-from py4dstem_prenet.refine import refine_origin
+from py4dstem_prenet.engine import _median3
+from py4dstem_prenet.refine import _dft_grid, _upsampled_peak, refine_origin, symmetry_centre
 from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
 
 
@@ -49,6 +50,45 @@ def test_friedel_edge_refinement_is_sub_pixel():
     x = torch.stack([torch.from_numpy(render(scene, (128, 128), o.numpy(), 1.03, 0.4) * 50) for o in true])[:, None]
     r = refine_origin(x.float(), true + torch.tensor([[0.8, -0.6], [-0.9, 0.4]]))
     assert torch.linalg.norm(r - true, dim=1).max() < 0.05
+
+
+def test_fourier_peak_is_exact_between_samples():
+    # a sampled Gaussian peak, centred between samples: the band-limited interpolation finds
+    # it to < 0.01 sample where a parabola through three samples is off by several hundredths
+    n = 64
+    true = torch.tensor([[30.37, 21.81]])
+    rr, cc = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    m = torch.exp(-((rr - true[0, 0]) ** 2 + (cc - true[0, 1]) ** 2) / (2 * 1.3**2))[None]
+    spec = torch.fft.rfft2(m.double())
+    on_grid = _dft_grid(spec, torch.tensor([[3.0, 30.0]]), torch.tensor([[21.0, 40.0]]), (n, n))
+    assert torch.allclose(on_grid[0], m[0][[3, 30]][:, [21, 40]].double(), atol=1e-9)
+    found = _upsampled_peak(spec, torch.tensor([[30.0, 22.0]], dtype=torch.float64), (n, n))
+    assert torch.linalg.norm(found - true) < 0.01
+
+
+def test_symmetry_centre_finds_the_centre_anywhere_on_the_detector():
+    scene = Scene(disk_radius=6.0, spots=[[0, 0], [25, 8], [-25, -8], [-6, 22], [6, -22]])
+    true = torch.tensor([[52.4, 71.6]])
+    x = torch.from_numpy(render(scene, (128, 128), true[0].numpy(), 1.0, 0.0) * 40).float()[None, None]
+    found, score = symmetry_centre(x)
+    assert torch.linalg.norm(found - true) < 0.1 and 0.9 < score.item() <= 1.0
+    # the symmetry score is a normalised correlation: a pattern with no symmetric content scores lower
+    _, score_noise = symmetry_centre(torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(0)))
+    assert score_noise.item() < score.item()
+
+
+def test_hot_pixel_filter_spares_disk_rims():
+    x = torch.zeros(1, 1, 40, 40)
+    rr, cc = torch.meshgrid(torch.arange(40), torch.arange(40), indexing="ij")
+    x[0, 0][(rr - 20) ** 2 + (cc - 20) ** 2 <= 36] = 5000.0  # a bright disk at 1e6-like counts; its rim has
+    # single pixels (e.g. (14, 20)) with 5 of 9 neighbourhood pixels outside: a median filter alone removes them
+    x[0, 0, 3, 5] = 900.0  # an isolated hot pixel
+    x[0, 0, 30, 30] = x[0, 0, 30, 31] = 800.0  # a hot pair
+    before = x.clone()
+    y = _median3(x)
+    assert torch.equal(x, before)  # the input is not changed
+    assert y[0, 0, 3, 5] == 0 and y[0, 0, 30, 30] == 0 and y[0, 0, 30, 31] == 0
+    assert torch.equal(y[0, 0, 12:29, 12:29], x[0, 0, 12:29, 12:29])  # the disk, rim included, is kept
 
 
 def test_weights_errors(tiny_weights, tmp_path):
