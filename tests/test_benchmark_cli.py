@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 
 from py4dstem_prenet.cli import main
-from py4dstem_prenet.evaluation.benchmark import BenchmarkConfig, run_benchmark
+from py4dstem_prenet.evaluation.benchmark import (CLASSICAL_GET_ORIGIN, PRENET_CALIBRATION, PRENET_CENTRE,
+                                                  PRENET_DENOISER, PRENET_ELLIPSE, BenchmarkConfig, BenchmarkResult,
+                                                  run_benchmark)
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +15,7 @@ def quick_result():
 
 def test_benchmark_tables(quick_result, tmp_path):
     md = quick_result.to_markdown()
-    assert "py4DSTEM get_origin" in md and "CRLB" in md and "tensor SVD" in md
+    assert "py4DSTEM get_origin" in md and "CRLB" in md and "tensor SVD" in md and "| target | measured | met |" in md
     conditions = {r["data"] for r in quick_result.origin}
     assert "bright Bragg disks + hot pixels" in conditions
     for r in quick_result.origin:
@@ -22,6 +24,30 @@ def test_benchmark_tables(quick_result, tmp_path):
     assert crlb[1e5] < crlb[1e3]  # the bound falls with dose
     quick_result.plot(str(tmp_path / "b.png"))
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_targets_are_read_from_the_rows():
+    def origin(method, data, dose, mean, fail=0.0, speed=100.0):
+        return {"method": method, "data": data, "dose": dose, "mean": mean, "rms": 2 * mean, "crlb_rms": mean,
+                "fail": fail, "per_second": speed}
+
+    res = BenchmarkResult(config=BenchmarkConfig.quick())
+    res.origin = [origin(PRENET_CENTRE, "crystal", 1e4, 0.03), origin(PRENET_CENTRE, "bright Bragg disks", 1e4, 0.05, 0.01),
+                  origin(PRENET_CALIBRATION, "crystal", 1e4, 0.03, speed=300.0),
+                  origin(CLASSICAL_GET_ORIGIN, "crystal", 1e4, 0.5, speed=900.0)]
+    res.ellipse = [{"method": PRENET_ELLIPSE, "true_ratio": 1.02, "d_ratio": 0.001, "d_theta_deg": 0.5},
+                   {"method": PRENET_ELLIPSE, "true_ratio": 1.0, "d_ratio": 0.01, "d_theta_deg": 40.0}]
+    res.denoise = [{"method": "noisy input", "dose": 1e3, "mse_ratio": 1.0},
+                   {"method": "gaussian", "dose": 1e3, "mse_ratio": 0.2}, {"method": PRENET_DENOISER, "dose": 1e3,
+                                                                         "mse_ratio": 0.1}]
+    met = {t: ok for t, _, ok in res.targets()}
+    assert met["centre mean error <= 0.04 px at 1e+04"] is False  # one condition at 0.05
+    assert met["centre RMS <= 2 x CRLB at 1e+04"] is True
+    assert met["no pattern off by > 1 px where get_origin fails (bright disks, hot pixels), 1e+04"] is False
+    assert met["ellipse |d(a/b)| <= 0.002 (a/b - 1 >= 0.01)"] is True  # the a/b = 1.00 scan does not count
+    assert met["denoising MSE <= 0.5 x noisy and below Gaussian and tensor SVD at 1e+03"] is True
+    assert met["calibration alone at least as fast as get_origin on the same data"] is False
+    assert met["with denoising >= 20 patterns/s"] is True
 
 
 def test_benchmark_rejects_unknown_table():
