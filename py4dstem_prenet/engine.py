@@ -85,6 +85,13 @@ MIXED_MAX_FRACTION = 0.8
 #: Fit quality each ellipse band needs to be used (see :func:`fit_ellipse_bands`).
 _MIN_QUALITY = {ISOTROPIC: 0.9, "full": 0.97, "bright-field edge": 0.97}
 
+#: A pattern is examined for burned-in annotations (see :func:`overlay_mask`) when at
+#: least this many of its pixels share its maximum value.
+OVERLAY_MIN_PIXELS = 10
+
+#: Smallest connected group of maximum-valued pixels taken for an annotation stroke.
+OVERLAY_MIN_STROKE = 5
+
 #: Patterns per network call on a CPU: small chunks keep the activations in cache
 #: (channels-last, 2 cores, 128 x 128: the denoiser runs 107 patterns/s in chunks of
 #: 8 and 64 in chunks of 64; the ResNets are fastest at 32). A GPU takes the block.
@@ -111,14 +118,64 @@ def _clean_block(block: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.clip(x, 0, None))[:, None]
 
 
+def overlay_mask(x: torch.Tensor) -> torch.Tensor | None:
+    """Burned-in annotations (text, scale bars) of exported images, per pattern.
+
+    Annotations are drawn in one colour, the image's maximum: pixels at exactly the
+    maximum that form thin strokes (connected components of at least
+    OVERLAY_MIN_STROKE pixels with no 5 x 5 square of them) are annotation,
+    dilated by 1 px for antialiasing. A saturated direct beam or Bragg disk at the
+    maximum is a compact blob and is kept, a few brightest pixels (a peak, a hot
+    pixel) are left to the hot-pixel filter, and patterns with fewer than
+    OVERLAY_MIN_PIXELS pixels at their maximum are not examined.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, 1, H, W) cleaned patterns.
+
+    Returns
+    -------
+    torch.Tensor or None
+        (N, H, W) bool, True on annotation pixels; None when no pattern has any.
+    """
+    from scipy import ndimage
+
+    top = x == x.amax(dim=(2, 3), keepdim=True)
+    top &= x > 0
+    candidates = torch.nonzero(top.sum(dim=(1, 2, 3)) >= OVERLAY_MIN_PIXELS)[:, 0].tolist()
+    if not candidates:
+        return None
+    out = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.bool)
+    for i in candidates:
+        m = top[i, 0].cpu().numpy()
+        labels, n = ndimage.label(m, structure=np.ones((3, 3)))
+        thick = np.unique(labels[ndimage.binary_erosion(m, np.ones((5, 5)))])
+        small = np.nonzero(np.bincount(labels.ravel(), minlength=n + 1) < OVERLAY_MIN_STROKE)[0]
+        strokes = m & ~np.isin(labels, np.concatenate([thick, small, [0]]))
+        out[i] = torch.from_numpy(ndimage.binary_dilation(strokes, np.ones((3, 3))))
+    return out if out.any() else None
+
+
 def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cleaned block on ``dev`` with masked pixels (False in ``mask``) set to 0, and the mask as a tensor."""
-    x = _clean_block(block).to(dev)
-    if mask is None:
+    """Cleaned block on ``dev`` with masked pixels set to 0, and the valid pixels.
+
+    Masked are the pixels False in ``mask`` (a beam stop, dead regions) and burned-in
+    annotations (:func:`overlay_mask`). The valid map is (H, W) when it is the same
+    for every pattern, (N, H, W) when annotations make it differ, None when all
+    pixels are valid.
+    """
+    x = _clean_block(block)
+    valid = None if mask is None else torch.from_numpy(np.asarray(mask, bool))
+    overlay = overlay_mask(x)
+    if overlay is not None:
+        valid = ~overlay if valid is None else valid[None] & ~overlay
+    x = x.to(dev)
+    if valid is None:
         return x, None
-    valid = torch.from_numpy(np.asarray(mask, bool)).to(dev)
-    return x * valid, valid
+    valid = valid.to(dev)
+    return x * (valid if valid.dim() == 2 else valid[:, None]), valid
 
 
 def _median3(x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +238,8 @@ def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, origin: torch.T
     o_glob, s_glob = origin.clone(), score.clone()
     if need.any():
         idx = torch.nonzero(need)[:, 0]
-        og, sg = (t.cpu() for t in symmetry_centre(x[idx.to(x.device)], search=2.0, valid=valid))
+        v = valid[idx.to(valid.device)] if valid is not None and valid.dim() == 3 else valid
+        og, sg = (t.cpu() for t in symmetry_centre(x[idx.to(x.device)], search=2.0, valid=v))
         o_glob[idx], s_glob[idx] = og, sg
         lost = score[idx] < GLOBAL_SWITCH * sg
         near = torch.linalg.norm(og - origin[idx], dim=1) <= 3 * sigma_px[idx]

@@ -128,12 +128,14 @@ def _upsampled_peak(spec: torch.Tensor, s: torch.Tensor, size: tuple[int, int], 
 
 
 def _edge_spectra(x: torch.Tensor, valid: torch.Tensor | None):
-    """Edge maps g (N, H, W), detector weights m (H, W), and the rfft2 of g over (2H, 2W)."""
+    """Edge maps g (N, H, W), detector weights m (1 or N, H, W), and the rfft2 of g over (2H, 2W)."""
     _, _, h, w = x.shape
     g = edge_map(x)[:, 0]
-    m = torch.ones((h, w), dtype=g.dtype, device=g.device)
+    m = torch.ones((1, h, w), dtype=g.dtype, device=g.device)
     if valid is not None:
-        m = (-F.max_pool2d(-valid[None, None].to(g.dtype), 7, stride=1, padding=3))[0, 0]  # erode by 3 px
+        v = valid.to(g.dtype)
+        v = v[None] if v.dim() == 2 else v
+        m = (-F.max_pool2d(-v[:, None], 7, stride=1, padding=3))[:, 0]  # erode by 3 px
         g = g * m
     size = (2 * h, 2 * w)
     return g, m, torch.fft.rfft2(g, s=size), size
@@ -152,9 +154,10 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, v
     search : float
         Half-width of the search window around ``origin0``, pixels.
     valid : torch.Tensor, optional
-        (H, W) bool, False on a beam stop or dead regions: edges within 3 px of
-        them are ignored (their borders are not part of the pattern), and the
-        symmetry score is normalised over valid pixels only.
+        (H, W) bool, or (N, H, W) per pattern; False on a beam stop, dead regions
+        or burned-in annotations: edges within 3 px of them are ignored (their
+        borders are not part of the pattern), and the symmetry score is
+        normalised over valid pixels only.
     with_score : bool
         Also return the inversion-symmetry score at the refined origins (see
         :func:`symmetry_centre`).
@@ -176,7 +179,7 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, v
 def _symmetry_spectra(g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, size: tuple[int, int]):
     """Half spectra of the numerator, denominator and overlap of the inversion-symmetry score."""
     mf = torch.fft.rfft2(m, s=size)
-    mu = (g * m).sum(dim=(1, 2), keepdim=True) / m.sum().clamp_min(1)
+    mu = (g * m).sum(dim=(1, 2), keepdim=True) / m.sum(dim=(1, 2), keepdim=True).clamp_min(1)
     g0f = gf - mu * mf
     den = torch.fft.rfft2(((g - mu) * m) ** 2, s=size) * mf
     return g0f * g0f, den, mf * mf
@@ -191,8 +194,7 @@ def _symmetry_at(g, m, gf, size, s: torch.Tensor, min_overlap: float = 0.4) -> t
     """Inversion-symmetry score of each pattern about s / 2 (s: (N, 2) integer samples)."""
     num, den, ovl = _symmetry_spectra(g, m, gf, size)
     r, c = s[:, :1].to(g.dtype), s[:, 1:].to(g.dtype)
-    at = [_dft_grid(f if f.shape[0] == len(s) else f.expand(len(s), -1, -1), r, c, size)[:, 0, 0]
-          for f in (num, den, ovl[None])]
+    at = [_dft_grid(f.expand(len(s), -1, -1), r, c, size)[:, 0, 0] for f in (num, den, ovl)]
     return _score(*at, g.shape[1] * g.shape[2], min_overlap)
 
 

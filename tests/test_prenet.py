@@ -12,7 +12,7 @@ import py4dstem_prenet as prenet
 from py4dstem_prenet.models import CBAMUNet, ResNetHeatmap, ResNetRegressor
 from py4dstem_prenet.views import full_view, polar_view
 from py4dstem_prenet.pretrained import WEIGHTS_DIR, WeightsError, load_model
-from py4dstem_prenet.engine import _median3
+from py4dstem_prenet.engine import _median3, overlay_mask
 from py4dstem_prenet.refine import _dft_grid, _upsampled_peak, refine_origin, symmetry_centre
 from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
 
@@ -89,6 +89,20 @@ def test_hot_pixel_filter_spares_disk_rims():
     assert torch.equal(x, before)  # the input is not changed
     assert y[0, 0, 3, 5] == 0 and y[0, 0, 30, 30] == 0 and y[0, 0, 30, 31] == 0
     assert torch.equal(y[0, 0, 12:29, 12:29], x[0, 0, 12:29, 12:29])  # the disk, rim included, is kept
+
+
+def test_overlay_mask_flags_strokes_at_the_maximum_only():
+    x = torch.zeros(2, 1, 64, 64)
+    rr, cc = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    x[:, 0][:, (rr - 32) ** 2 + (cc - 32) ** 2 <= 49] = 255.0  # a saturated direct beam (a compact blob)
+    x[0, 0, 55, 5:30] = 255.0  # a 1 px line (a scale bar)
+    x[0, 0, 45:52, 10] = 255.0  # a stroke of a character
+    x[1, 0, 5, 5] = 255.0  # one hot pixel at the maximum: the hot-pixel filter's business
+    m = overlay_mask(x)
+    assert m is not None and m.shape == (2, 64, 64)
+    assert m[0, 55, 5:30].all() and m[0, 45:52, 10].all() and m[0, 54, 10]  # strokes + 1 px antialiasing margin
+    assert not m[:, 25:40, 25:40].any() and not m[1].any()
+    assert overlay_mask(torch.rand(3, 1, 32, 32)) is None  # a recorded pattern has no run of equal maxima
 
 
 def test_weights_errors(tiny_weights, tmp_path):

@@ -71,6 +71,44 @@ def test_bismuth_rings_with_a_beam_stop():
     assert out.metadata["prenet"]["ellipse_refined_band"] in ("full", "isotropic patterns")  # the rings
 
 
+def _burn_label(img: np.ndarray) -> np.ndarray:
+    """A copy of ``img`` with a text label and a 3 px scale bar burned in at its maximum, as exported images have."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = img.shape
+    fig = plt.figure(figsize=(w / 100, h / 100), dpi=100)
+    fig.patch.set_facecolor("black")
+    fig.text(0.04, 0.05, "50 cm  200 kV", fontsize=9, color="white", family="monospace")
+    fig.canvas.draw()
+    strokes = np.asarray(fig.canvas.buffer_rgba())[..., 0] > 128
+    plt.close(fig)
+    out = img.copy()
+    out[strokes] = img.max()
+    out[int(0.93 * h):int(0.93 * h) + 3, int(0.6 * w):int(0.9 * w)] = img.max()
+    return out
+
+
+@pytest.mark.parametrize("name", ["bismuth.dm4", "fpd_file_test.hdf5"])
+def test_burned_in_label_and_scale_bar_do_not_move_the_origin(name):
+    """Without the annotation mask a label and a scale bar moved the origin by 100 and 69 px."""
+    import py4DSTEM
+
+    from py4dstem_prenet.storage import open_datacube
+
+    img = np.asarray(open_datacube(os.path.join(os.path.dirname(DATA), name)).data, float).reshape(-1, 256, 256)[0]
+    img -= min(img.min(), 0.0)
+    labelled = _burn_label(img)
+    assert (labelled != img).sum() > 300
+    found = []
+    for im in (img, labelled):
+        out = prenet.preprocess(py4DSTEM.DataCube(data=im[None, None]), ellipse=False, progress=False)
+        found.append([float(v[0, 0]) for v in out.calibration.get_origin()])
+    assert np.linalg.norm(np.subtract(*found)) < 0.05, found
+
+
 @pytest.mark.parametrize("name,extra", [("test_multi.mib", ["--scan", "3x3"]), ("test.mib", ["--scan", "1x1"]),
                                         ("fpd_file_test.hdf5", [])])
 def test_cli_preprocesses_real_files_into_emd_py4dstem_reopens(name, extra, tmp_path):
