@@ -127,6 +127,21 @@ def _upsampled_peak(spec: torch.Tensor, s: torch.Tensor, size: tuple[int, int], 
     return torch.stack([rows[ar, i] + di * step, cols[ar, j] + dj * step], dim=1)
 
 
+def _check_patterns(x, valid, origin=None) -> None:
+    """Clear errors for the public refinement functions' inputs."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 1 or not x.is_floating_point():
+        raise ValueError(f"patterns must be a floating-point tensor (N, 1, H, W), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if min(x.shape[2:]) < 8:
+        raise ValueError(f"patterns must be at least 8 x 8 pixels, got {tuple(x.shape[2:])}")
+    if origin is not None and (not isinstance(origin, torch.Tensor) or tuple(origin.shape) != (x.shape[0], 2)):
+        raise ValueError(f"origins must be a tensor ({x.shape[0]}, 2), got {tuple(getattr(origin, 'shape', ()))}")
+    if valid is not None and (tuple(valid.shape) not in (tuple(x.shape[2:]), (x.shape[0], *x.shape[2:]))
+                              or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be a bool tensor {tuple(x.shape[2:])} or {(x.shape[0], *x.shape[2:])}, "
+                         f"got {valid.dtype} {tuple(valid.shape)}")
+
+
 def _edge_spectra(x: torch.Tensor, valid: torch.Tensor | None):
     """Edge maps g (N, H, W), detector weights m (1 or N, H, W), and the rfft2 of g over (2H, 2W)."""
     _, _, h, w = x.shape
@@ -166,7 +181,13 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, v
     -------
     torch.Tensor or tuple
         (N, 2) refined origins in pixels; with ``with_score``, ``(origin, score)``.
+
+    Raises
+    ------
+    ValueError
+        If the patterns, origins or valid map have the wrong type or shape.
     """
+    _check_patterns(x, valid, origin0)
     g, m, gf, size = _edge_spectra(x, valid)
     cc = torch.fft.irfft2(gf * gf, s=size)  # the self-convolution peaks at s = 2 * origin
     coarse = _peak_near(cc, torch.round(2 * origin0).long(), int(math.ceil(2 * search)))
@@ -223,7 +244,13 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
     -------
     origin, score : torch.Tensor
         (N, 2) pixels and (N,) scores in [-1, 1].
+
+    Raises
+    ------
+    ValueError
+        If the patterns or the valid map have the wrong type or shape.
     """
+    _check_patterns(x, valid)
     n, _, h, w = x.shape
     g, m, gf, size = _edge_spectra(x, valid)
     num, den, ovl = (torch.fft.irfft2(f, s=size) for f in _symmetry_spectra(g, m, gf, size))

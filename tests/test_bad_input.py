@@ -107,3 +107,25 @@ def test_cli_mask_option(tmp_path, tiny_weights, monkeypatch):
     np.save(tmp_path / "stop.npy", stop)
     assert main(["preprocess", src, str(tmp_path / "b.h5"), "--mask", str(tmp_path / "stop.npy"), "--quiet"]) == 0
     assert py4DSTEM.read(str(tmp_path / "b.h5")).calibration.get_origin()[0].shape == (2, 2)
+
+
+def test_refinement_functions_refuse_bad_tensors():
+    import torch
+
+    from py4dstem_prenet.engine import overlay_mask
+    from py4dstem_prenet.refine import refine_origin, symmetry_centre
+
+    x = torch.rand(2, 1, 32, 32)
+    before = x.clone()
+    for bad in (x[:, 0], x.double().numpy(), x.to(torch.int32), torch.rand(2, 1, 4, 4)):
+        with pytest.raises(ValueError, match="patterns"):
+            symmetry_centre(bad)
+    with pytest.raises(ValueError, match="origins"):
+        refine_origin(x, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="valid"):
+        refine_origin(x, torch.zeros(2, 2), valid=torch.ones(31, 32, dtype=torch.bool))
+    with pytest.raises(ValueError, match="valid"):
+        symmetry_centre(x, valid=torch.ones(32, 32))
+    refine_origin(x, torch.full((2, 2), 16.0), valid=torch.ones(2, 32, 32, dtype=torch.bool))
+    overlay_mask(x)
+    assert torch.equal(x, before)  # nothing changes its input

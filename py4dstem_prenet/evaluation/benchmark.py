@@ -125,7 +125,7 @@ class BenchmarkResult:
             out.append((f"centre RMS <= 2 x CRLB at {dose:.0e}", f"{min(ratios):.1f} - {max(ratios):.1f} x",
                         max(ratios) <= 2))
         for dose, rows in sorted(by_dose.items()):
-            hard = [r for r in rows if "bright" in r["data"]]
+            hard = [r for r in rows if r["data"].startswith("bright Bragg disks")]
             if hard:
                 out.append((f"no pattern off by > 1 px where get_origin fails (bright disks, hot pixels), {dose:.0e}",
                             ", ".join(f"{100 * r['fail']:.1f}%" for r in hard), all(r["fail"] == 0 for r in hard)))
@@ -133,8 +133,8 @@ class BenchmarkResult:
         if ell:
             ok_r = sum(r["d_ratio"] <= 0.002 for r in ell)
             ok_t = sum(r["d_theta_deg"] <= 1.0 for r in ell)
-            out.append(("ellipse |d(a/b)| <= 0.002 (a/b - 1 >= 0.01)", f"{ok_r} of {len(ell)} scans", ok_r == len(ell)))
-            out.append(("ellipse |d(theta)| <= 1 deg (a/b - 1 >= 0.01)", f"{ok_t} of {len(ell)} scans", ok_t == len(ell)))
+            out.append(("ellipse abs d(a/b) <= 0.002 (a/b - 1 >= 0.01)", f"{ok_r} of {len(ell)} scans", ok_r == len(ell)))
+            out.append(("ellipse abs d(theta) <= 1 deg (a/b - 1 >= 0.01)", f"{ok_t} of {len(ell)} scans", ok_t == len(ell)))
         den: dict[float, dict[str, float]] = {}
         for r in self.denoise:
             den.setdefault(r["dose"], {})[r["method"]] = r["mse_ratio"]
