@@ -24,7 +24,7 @@ from .refine import log_polar_view, refine_ellipse, refine_origin, symmetry_cent
 from .training import E12_SCALE
 from .views import VIEW_SIZE, full_view, polar_rmax, polar_view, view_to_detector
 
-__all__ = ["PreNet", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "LOW_DOSE_COUNTS"]
+__all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "LOW_DOSE_COUNTS"]
 
 #: Below this many counts per pattern the edge refinement reads the denoised pattern;
 #: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
@@ -55,7 +55,7 @@ GLOBAL_MIN_COUNTS = 1e3
 #: A centre-network uncertainty above this (in 64-pixel-view pixels; 2.5 detector px at
 #: 128 x 128) marks a pattern unlike the training data: on held-out simulated scans the
 #: predicted sigma stays below 1.12. Then the detector-wide symmetry centre is preferred
-#: when it is more symmetric and within 3 sigma.
+#: when it is UNSURE_MARGIN more symmetric and within 3 sigma.
 UNSURE_SIGMA_VIEW = 1.25
 
 #: Half-width of the refinement's search around the network's estimate, pixels. On
