@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
 from .refine import log_polar_view, refine_ellipse, refine_origin, symmetry_centre
 from .training import E12_SCALE
@@ -70,6 +71,14 @@ SEARCH_PX = 4.0
 #: by 0.003-0.04 (at a margin of 0.1: 14 instead of 19 of 300 patterns off by > 1
 #: px at 1e3 counts, 0 instead of 1 at 1e5; the scikit-ued cases still pass).
 UNSURE_MARGIN = 0.1
+
+#: Where the network is unsure and a beam stop is found but the origin is not under it,
+#: the origin behind the stop (see :mod:`~py4dstem_prenet.beamstop`) replaces it when
+#: the diffuse background is this much better explained (adjusted R^2) as a function of
+#: the distance to it. scikit-ued's test.mib (direct beam under a stop at the detector
+#: edge): 0.85 against 0.41; on simulated scans where a stop-like dark region was found
+#: (rings, disks at 1e5-1e6 counts) it never exceeded the current origin's score.
+STOP_MARGIN = 0.2
 
 #: Name of the ellipse band summed over isotropic patterns only.
 ISOTROPIC = "isotropic patterns"
@@ -247,6 +256,38 @@ def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, origin: torch.T
     return switch, o_glob, s_glob
 
 
+def _behind_beam_stops(x: torch.Tensor, origin: torch.Tensor, select: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Origins of the selected patterns that a beam stop hides (see STOP_MARGIN).
+
+    Returns
+    -------
+    moved, origin, sigma : torch.Tensor
+        (N,) bool, (N, 2) pixels (the input's where not moved) and (N,) pixels (nan
+        where not moved).
+    """
+    from scipy import ndimage
+
+    moved = torch.zeros(len(origin), dtype=torch.bool)
+    origin = origin.clone()
+    sigma = torch.full((len(origin),), float("nan"), dtype=torch.float64)
+    h, w = x.shape[2:]
+    for i in torch.nonzero(select)[:, 0].tolist():
+        img = x[i, 0].double().cpu().numpy()
+        stop = detect_beam_stop(img)
+        if stop is None:
+            continue
+        qx, qy = (int(np.clip(round(float(v)), 0, n - 1)) for v, n in zip(origin[i], (h, w)))
+        if ndimage.binary_dilation(stop, iterations=3)[qx, qy]:
+            continue  # the origin is under the stop already
+        behind, s, score, score_now = origin_behind_stop(img, stop, tuple(origin[i].tolist()))
+        if np.isfinite(score) and score > score_now + STOP_MARGIN:
+            moved[i] = True
+            origin[i] = torch.from_numpy(behind).to(origin.dtype)
+            sigma[i] = s
+    return moved, origin, sigma
+
+
 @dataclass(frozen=True)
 class PreNet:
     """The three networks and the physics refinement, applied to blocks of patterns.
@@ -334,7 +375,9 @@ class PreNet:
             inversion-symmetry score (normalised cross-correlation of the edge map
             with its inversion, 1 = perfect) at the origin, and 'origin_source' (N,)
             int8: 0 network, 1 refined near it, 2 symmetry centre of the detector
-            (the network's estimate was rejected); with the ellipse stage 'e12' (N, 2).
+            (the network's estimate was rejected), 4 behind a beam stop (from the
+            diffuse background's fall-off; 'origin_sigma' is then its uncertainty and
+            'origin_symmetry' nan); with the ellipse stage 'e12' (N, 2).
             (:func:`~py4dstem_prenet.preprocess` adds 3: re-refined at the scan's
             descan fit.)
         """
@@ -367,7 +410,17 @@ class PreNet:
                                                              x.sum(dim=(1, 2, 3)).cpu())
                     o = torch.where(switch[:, None], o_glob, o)
                     out["origin_symmetry"] = torch.where(switch, s_glob, score).numpy().astype(np.float64)
-                    out["origin_source"] = (ok.long() + 2 * switch.long()).clamp(max=2).numpy().astype(np.int8)
+                    source = (ok.long() + 2 * switch.long()).clamp(max=2)
+                    # an unsure network, and no symmetric centre under a beam stop: the direct
+                    # beam may be hidden behind the stop (only the diffuse fall-off shows it)
+                    unsure = (torch.exp(pred[:, 2]) > UNSURE_SIGMA_VIEW) & (
+                        x.sum(dim=(1, 2, 3)).cpu() >= GLOBAL_MIN_COUNTS)
+                    moved, o, s_stop = _behind_beam_stops(x, o, unsure)
+                    if moved.any():
+                        out["origin_sigma"] = np.where(moved.numpy(), s_stop.numpy(), out["origin_sigma"])
+                        out["origin_symmetry"][moved.numpy()] = np.nan
+                        source = torch.where(moved, torch.full_like(source, 4), source)
+                    out["origin_source"] = source.numpy().astype(np.int8)
                 out["origin"] = o.numpy().astype(np.float64)
             if self.ellipse:
                 o_e = out["origin"] if self.center else origin

@@ -191,7 +191,9 @@ def preprocess(
         refinement the inversion-symmetry score ``origin_symmetry`` (0-1),
         ``origin_source`` (0 network, 1 refined, 2 symmetry centre of the detector,
         3 re-refined at the scan's smooth descan fit because the first estimate
-        disagreed with it) and the count ``origin_rerefined``.
+        disagreed with it, 4 behind a beam stop that hides the direct beam, from the
+        fall-off of the diffuse background: a few pixels, see ``origin_sigma``) and
+        the count ``origin_rerefined``.
         With ``out``, its data is an h5py dataset of the output file.
 
     Raises

@@ -71,6 +71,25 @@ def test_bismuth_rings_with_a_beam_stop():
     assert out.metadata["prenet"]["ellipse_refined_band"] in ("full", "isotropic patterns")  # the rings
 
 
+def test_direct_beam_hidden_behind_a_beam_stop_at_the_detector_edge():
+    """scikit-ued's test.mib: a single crystal whose direct beam is under a beam stop at the left edge.
+
+    Reference: the spot lattice. A least-squares lattice through the centroids of the seven
+    Bragg spots (rms 0.24 px) puts the g = 0 point under the stop at (132.9, 7.1). The inversion
+    about it keeps a 15 px strip of the detector, all under the stop, so symmetry cannot find it;
+    before the beam-stop stage PreNet returned a Bragg spot 90 px away.
+    """
+    from py4dstem_prenet.storage import open_datacube
+
+    dc = open_datacube(os.path.join(os.path.dirname(DATA), "test.mib"), scan=(1, 1))
+    out = prenet.preprocess(dc, progress=False, ellipse=False)
+    qx0, qy0 = (float(v[0, 0]) for v in out.calibration.get_origin())
+    md = out.metadata["prenet"]
+    assert md["origin_source"][0, 0] == 4
+    error = np.hypot(qx0 - 132.9, qy0 - 7.1)
+    assert error <= md["origin_sigma"][0, 0] <= 10, (qx0, qy0, md["origin_sigma"])
+
+
 def _burn_label(img: np.ndarray) -> np.ndarray:
     """A copy of ``img`` with a text label and a 3 px scale bar burned in at its maximum, as exported images have."""
     import matplotlib
