@@ -76,7 +76,7 @@ UNSURE_MARGIN = 0.1
 #: the origin behind the stop (see :mod:`~py4dstem_prenet.beamstop`) replaces it when
 #: the diffuse background is this much better explained (adjusted R^2) as a function of
 #: the distance to it. scikit-ued's test.mib (direct beam under a stop at the detector
-#: edge): 0.85 against 0.41; on simulated scans where a stop-like dark region was found
+#: edge): 0.86 against 0.40; on simulated scans where a stop-like dark region was found
 #: (rings, disks at 1e5-1e6 counts) it never exceeded the current origin's score.
 STOP_MARGIN = 0.2
 
