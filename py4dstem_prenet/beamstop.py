@@ -33,6 +33,9 @@ RIM_FRACTION = 0.5
 #: Area of a beam stop, as fractions of the detector.
 MIN_AREA, MAX_AREA = 0.002, 0.4
 
+#: Most candidate centres tried behind a stop (its pixels are subsampled beyond this).
+MAX_CANDIDATES = 4000
+
 
 def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     """The beam stop of one pattern, if it has one.
@@ -118,8 +121,9 @@ def origin_behind_stop(pattern: np.ndarray, stop: np.ndarray, current: tuple[flo
 
     The background (30th percentile of blocks of ~1/32 of the detector, which skips
     Bragg disks smaller than a block and hot pixels) is modelled as a free function of
-    the distance to a centre; the centre is searched on a 1-px grid over the stop
-    (dilated by 2 blocks), and the fit is scored by its adjusted R^2.
+    the distance to a centre; the centre is searched over the pixels of the stop
+    (dilated by 2 blocks; every k-th pixel when there are more than MAX_CANDIDATES),
+    and the fit is scored by its adjusted R^2.
 
     Parameters
     ----------
@@ -145,7 +149,7 @@ def origin_behind_stop(pattern: np.ndarray, stop: np.ndarray, current: tuple[flo
     block = max(2, int(round(min(x.shape) / 32)))
     centres, z = _block_background(x, stop, block)
     reach = ndimage.binary_dilation(stop, iterations=2 * block)
-    cand = np.argwhere(reach)[:: max(1, int(reach.sum() // 4000) or 1)].astype(float)
+    cand = np.argwhere(reach)[:: max(1, int(reach.sum()) // MAX_CANDIDATES)].astype(float)
     if len(z) < 16 or len(cand) == 0:
         return np.full(2, np.nan), float("inf"), float("nan"), float("nan")
     q = _radial_fit_quality(centres, z, cand, block)
