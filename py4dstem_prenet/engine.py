@@ -222,7 +222,7 @@ def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None) -> torch.T
 
 
 def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, origin: torch.Tensor, sigma_px: torch.Tensor,
-                    score: torch.Tensor, sigma_view: torch.Tensor, counts: torch.Tensor
+                    score: torch.Tensor, unsure: torch.Tensor, eligible: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where the network's neighbourhood must give way to the detector-wide symmetry centre.
 
@@ -235,14 +235,16 @@ def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, origin: torch.T
     detector-wide search runs only for the patterns where a switch is possible
     (a score >= GLOBAL_SWITCH cannot lose against a best score <= 1).
 
+    ``unsure`` (N,) marks a network sigma above UNSURE_SIGMA_VIEW, ``eligible`` (N,)
+    patterns with at least GLOBAL_MIN_COUNTS counts.
+
     Returns
     -------
     switch, origin_global, score_global : torch.Tensor
         (N,) bool, (N, 2) pixels and (N,) scores (on CPU; the inputs' values where
         the search did not run).
     """
-    unsure = sigma_view > UNSURE_SIGMA_VIEW
-    need = ((score < GLOBAL_SWITCH) | unsure) & (counts >= GLOBAL_MIN_COUNTS)
+    need = ((score < GLOBAL_SWITCH) | unsure) & eligible
     switch = torch.zeros_like(need)
     o_glob, s_glob = origin.clone(), score.clone()
     if need.any():
@@ -386,10 +388,11 @@ class PreNet:
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             x, valid = _masked_block(block, mask, dev)
+            counts = x.sum(dim=(1, 2, 3)).cpu()
             y = self._apply("denoiser", x) if self.denoise else x
             if self.denoise:
                 # where the recording is already better than the denoiser's own error, keep it
-                high = x.sum(dim=(1, 2, 3)) > DENOISE_MAX_COUNTS
+                high = (counts > DENOISE_MAX_COUNTS).to(dev)
                 y = torch.where(high[:, None, None, None], x, y)
             out["data"] = y[:, 0].float().cpu().numpy()
             if self.center:
@@ -406,16 +409,15 @@ class PreNet:
                     # keep the refinement only where it agrees with the network's estimate
                     ok = torch.linalg.norm(r - o, dim=1) <= torch.clamp(3 * s_px, min=SEARCH_PX)
                     o = torch.where(ok[:, None], r, o)
-                    switch, o_glob, s_glob = _check_globally(xr, valid, o, s_px, score, torch.exp(pred[:, 2]),
-                                                             x.sum(dim=(1, 2, 3)).cpu())
+                    unsure = torch.exp(pred[:, 2]) > UNSURE_SIGMA_VIEW
+                    eligible = counts >= GLOBAL_MIN_COUNTS
+                    switch, o_glob, s_glob = _check_globally(xr, valid, o, s_px, score, unsure, eligible)
                     o = torch.where(switch[:, None], o_glob, o)
                     out["origin_symmetry"] = torch.where(switch, s_glob, score).numpy().astype(np.float64)
                     source = (ok.long() + 2 * switch.long()).clamp(max=2)
                     # an unsure network, and no symmetric centre under a beam stop: the direct
                     # beam may be hidden behind the stop (only the diffuse fall-off shows it)
-                    unsure = (torch.exp(pred[:, 2]) > UNSURE_SIGMA_VIEW) & (
-                        x.sum(dim=(1, 2, 3)).cpu() >= GLOBAL_MIN_COUNTS)
-                    moved, o, s_stop = _behind_beam_stops(x, o, unsure)
+                    moved, o, s_stop = _behind_beam_stops(x, o, unsure & eligible)
                     if moved.any():
                         out["origin_sigma"] = np.where(moved.numpy(), s_stop.numpy(), out["origin_sigma"])
                         out["origin_symmetry"][moved.numpy()] = np.nan
@@ -533,11 +535,11 @@ def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float
     h, w = shape
     o = np.asarray(origin, float).reshape(-1, 2)
     edge = float(min(o[:, 0].min(), h - 1 - o[:, 0].max(), o[:, 1].min(), w - 1 - o[:, 1].max())) - margin
+    known = disk_radius is not None and np.isfinite(disk_radius)
     bands = {"full": (2.0, edge)}
-    if disk_radius is not None and np.isfinite(disk_radius):
+    if known:
         bands["bright-field edge"] = (max(1.0, 0.4 * disk_radius), min(edge, 1.2 * disk_radius + 2))
-    bands[ISOTROPIC] = (max(2.0, 1.5 * disk_radius + 2) if disk_radius is not None and np.isfinite(disk_radius)
-                        else 2.0, edge)
+    bands[ISOTROPIC] = (max(2.0, 1.5 * disk_radius + 2) if known else 2.0, edge)
     return {k: v for k, v in bands.items() if v[1] > 2 * v[0] and v[1] > 4}
 
 

@@ -127,6 +127,14 @@ def _upsampled_peak(spec: torch.Tensor, s: torch.Tensor, size: tuple[int, int], 
     return torch.stack([rows[ar, i] + di * step, cols[ar, j] + dj * step], dim=1)
 
 
+def _symmetric_peak(gf: torch.Tensor, size: tuple[int, int], s0: torch.Tensor, search: float) -> torch.Tensor:
+    """Centre of symmetry (N, 2) px: the self-convolution's peak (at s = 2 * origin) within
+    +-``search`` px of the samples ``s0`` (N, 2), located by Fourier interpolation."""
+    spec = gf * gf
+    coarse = _peak_near(torch.fft.irfft2(spec, s=size), s0, int(math.ceil(2 * search)))
+    return _upsampled_peak(spec, coarse, size) / 2
+
+
 def _check_patterns(x, valid, origin=None) -> None:
     """Clear errors for the public refinement functions' inputs."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 1 or not x.is_floating_point():
@@ -189,9 +197,7 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, v
     """
     _check_patterns(x, valid, origin0)
     g, m, gf, size = _edge_spectra(x, valid)
-    cc = torch.fft.irfft2(gf * gf, s=size)  # the self-convolution peaks at s = 2 * origin
-    coarse = _peak_near(cc, torch.round(2 * origin0).long(), int(math.ceil(2 * search)))
-    origin = _upsampled_peak(gf * gf, coarse, size) / 2
+    origin = _symmetric_peak(gf, size, torch.round(2 * origin0).long(), search)
     if not with_score:
         return origin
     return origin, _symmetry_at(g, m, gf, size, torch.round(2 * origin))
@@ -257,9 +263,7 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
     score = _score(num, den, ovl.expand_as(num), h * w, min_overlap)
     best = score.reshape(n, -1).argmax(dim=1)
     s_best = torch.stack([best // (2 * w), best % (2 * w)], dim=1)
-    cc = torch.fft.irfft2(gf * gf, s=size)
-    coarse = _peak_near(cc, s_best, int(math.ceil(2 * search)))
-    return _upsampled_peak(gf * gf, coarse, size) / 2, score.reshape(n, -1).max(dim=1).values
+    return _symmetric_peak(gf, size, s_best, search), score.reshape(n, -1).max(dim=1).values
 
 
 def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float, r_max: float, n_rho: int = 256,
