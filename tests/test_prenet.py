@@ -13,7 +13,8 @@ from py4dstem_prenet.models import CBAMUNet, ResNetHeatmap, ResNetRegressor
 from py4dstem_prenet.views import full_view, polar_view
 from py4dstem_prenet.pretrained import WEIGHTS_DIR, WeightsError, load_model
 from py4dstem_prenet.engine import _median3, overlay_mask
-from py4dstem_prenet.refine import _dft_grid, _upsampled_peak, refine_origin, symmetry_centre
+from py4dstem_prenet.refine import (_dft_grid, _masked_edges, _symmetry_at, _upsampled_peak, edge_map, gaussian_blur,
+                                    refine_origin, symmetry_centre)
 from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
 
 
@@ -75,6 +76,57 @@ def test_symmetry_centre_finds_the_centre_anywhere_on_the_detector():
     # the symmetry score is a normalised correlation: a pattern with no symmetric content scores lower
     _, score_noise = symmetry_centre(torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(0)))
     assert score_noise.item() < score.item()
+
+
+def test_contrast_normalised_edges_weigh_both_sides_of_a_ramped_disk_alike():
+    # a bright-field disk 60% brighter on one side than the other (thickness, tilt): the
+    # square-root edge map is ~1.6x stronger on the bright side, which biases the symmetry
+    # centre towards it; contrast normalisation brings the two sides close
+    scene = Scene(disk_radius=10.0, spots=[[0, 0]], texture=[[0.6, 0.0, 0.0]])
+    x = torch.from_numpy(render(scene, (64, 64), (32.0, 32.0)) * 1000).float()[None, None]
+    for floor, most in ((None, 10.0), (10.0, 1.3)):
+        g = edge_map(x, floor_counts=floor)[0, 0]
+        bright, dim = g[38:46, 28:37].max(), g[18:27, 28:37].max()
+        assert 1.0 < bright / dim < most if floor is not None else bright / dim > 1.5
+    # well below the floor (dim patterns) the map is the square-root map, within sqrt(floor / (level + floor))
+    dim = x * 1e-3
+    ratio = edge_map(dim, floor_counts=10.0) / edge_map(dim).clamp_min(1e-12)
+    inside = edge_map(dim) > 1e-3
+    assert ratio[inside].min() > 0.9 * ratio[inside].max()
+
+
+def test_ramped_disk_origin_bias_is_smaller_than_without_normalisation():
+    scene = Scene(disk_radius=8.0, edge_width=0.85, spots=[[0, 0]], texture=[[0.3, 0.5, -0.3]])
+    true = torch.tensor([[62.3, 65.1], [66.7, 61.4]])
+    x = torch.stack([torch.from_numpy(render(scene, (128, 128), o.numpy()) * 1000) for o in true])[:, None].float()
+    err = torch.linalg.norm(refine_origin(x, true) - true, dim=1)
+    # the same refinement on the square-root map alone (before normalisation): 0.15-0.19 px
+    g, _ = _masked_edges(x, None)
+    gf = torch.fft.rfft2(g, s=(256, 256))
+    plain = _upsampled_peak(gf * gf, torch.round(2 * true), (256, 256)) / 2
+    err_plain = torch.linalg.norm(plain - true, dim=1)
+    assert torch.all(err < 0.85 * err_plain)
+
+
+def test_symmetry_score_at_a_point_matches_the_detector_wide_map():
+    scene = Scene(disk_radius=6.0, spots=[[0, 0], [25, 8], [-25, -8], [-6, 22], [6, -22]])
+    x = torch.from_numpy(render(scene, (96, 80), (47.3, 41.8)) * 40).float()[None, None]
+    valid = torch.ones(96, 80, dtype=torch.bool)
+    valid[:40, 30:45] = False
+    for v in (None, valid):
+        found, score = symmetry_centre(x, valid=v)
+        at = _symmetry_at(*_masked_edges(x, v), torch.round(2 * found).long())
+        assert abs(at.item() - score.item()) < 0.02
+    _, score = refine_origin(x, found, valid=valid, with_score=True)
+    assert torch.allclose(score, at, atol=1e-5)
+
+
+def test_gaussian_blur_keeps_the_sum_and_smooths():
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 16, 16] = 1.0
+    y = gaussian_blur(x, 1.5)
+    assert abs(y.sum().item() - 1.0) < 1e-5 and y.max().item() < 0.1
+    assert torch.allclose(y[0, 0], y[0, 0].T, atol=1e-7)
 
 
 def test_hot_pixel_filter_spares_disk_rims():
