@@ -558,8 +558,9 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
     full band, when its content is isotropic (fit quality >= 0.97); the sum of the
     isotropic patterns only (rings of amorphous or polycrystalline regions in a scan
     that also holds crystals; >= 0.9); the bright-field disk edge (the image of the
-    round condenser aperture, whatever the specimen; >= 0.97); when none reaches its
-    threshold, the one of highest quality.
+    round condenser aperture, whatever the specimen; fitted on the intensities, not
+    their square root; >= 0.97); when none reaches its threshold, the one of highest
+    quality.
 
     Returns
     -------
@@ -573,7 +574,8 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
     usable = [k for k in bands if k != ISOTROPIC or 1 <= n_iso <= MIXED_MAX_FRACTION * n_all]
     if not usable:
         return None
-    results = {k: refine_ellipse(sums[k], *bands[k], iterations=4) for k in usable}
+    results = {k: refine_ellipse(sums[k], *bands[k], iterations=4, compress=k != "bright-field edge")
+               for k in usable}
     q = {k: v[2] for k, v in results.items()}
     order = [k for k in ("full", ISOTROPIC, "bright-field edge") if k in q]
     band = next((k for k in order if q[k] >= _MIN_QUALITY[k]), max(order, key=lambda k: q[k]))

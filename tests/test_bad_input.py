@@ -113,13 +113,21 @@ def test_refinement_functions_refuse_bad_tensors():
     import torch
 
     from py4dstem_prenet.engine import overlay_mask
-    from py4dstem_prenet.refine import refine_origin, symmetry_centre
+    from py4dstem_prenet.refine import edge_map, gaussian_blur, refine_origin, symmetry_centre
 
     x = torch.rand(2, 1, 32, 32)
     before = x.clone()
     for bad in (x[:, 0], x.double().numpy(), x.to(torch.int32), torch.rand(2, 1, 4, 4)):
+        for f in (symmetry_centre, edge_map):
+            with pytest.raises(ValueError, match="patterns"):
+                f(bad)
+    for bad in (x[:, 0], x.numpy(), x.to(torch.int32)):
         with pytest.raises(ValueError, match="patterns"):
-            symmetry_centre(bad)
+            gaussian_blur(bad, 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_blur(x, 0.0)
+    with pytest.raises(ValueError, match="floor_counts"):
+        edge_map(x, floor_counts=-1.0)
     with pytest.raises(ValueError, match="origins"):
         refine_origin(x, torch.zeros(3, 2))
     with pytest.raises(ValueError, match="valid"):
@@ -128,4 +136,6 @@ def test_refinement_functions_refuse_bad_tensors():
         symmetry_centre(x, valid=torch.ones(32, 32))
     refine_origin(x, torch.full((2, 2), 16.0), valid=torch.ones(2, 32, 32, dtype=torch.bool))
     overlay_mask(x)
+    edge_map(x, floor_counts=10.0)
+    gaussian_blur(x, 1.0)
     assert torch.equal(x, before)  # nothing changes its input

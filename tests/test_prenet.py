@@ -250,6 +250,23 @@ def test_log_polar_ellipse_refinement(kind, ratio, theta):
     assert abs(est - ratio) < 0.003 and np.degrees(angle_difference(th, theta)) < 3 and quality > 0.9
 
 
+def test_bright_field_edge_ellipse_is_unbiased_without_the_square_root():
+    # the bright-field disk alone (radius 8 px, edge 1 px wide), noise-free, at the true origins,
+    # in the engine's band: the square root of the intensities puts the edge's gradient peak near
+    # its foot by an amount the stretch does not scale, which pulls a/b towards 1 (by 0.0014 here)
+    from py4dstem_prenet.refine import log_polar_view, refine_ellipse
+
+    scene = Scene(disk_radius=8.0, edge_width=1.0, spots=[[0, 0]])
+    rng = np.random.default_rng(4)
+    o = 48 + rng.uniform(-2, 2, (16, 2))
+    x = torch.from_numpy(np.stack([render(scene, (96, 96), c, 1.03, 0.7) for c in o])[:, None] * 100).float()
+    lp = log_polar_view(x, torch.from_numpy(o).float(), 3.2, 11.6).sum(0).numpy()
+    plain, _, q = refine_ellipse(lp, 3.2, 11.6, iterations=4, compress=False)
+    rooted, _, _ = refine_ellipse(lp, 3.2, 11.6, iterations=4)
+    assert abs(plain - 1.03) < 0.0005 and q > 0.97
+    assert abs(plain - 1.03) < abs(rooted - 1.03) - 0.0005
+
+
 def test_ellipse_stage_needs_origins(tiny_weights):
     dc, _ = simulate_datacube((2, 2), (48, 48), "vacuum", 1e3, (1.0, 0.0), seed=0)
     with pytest.raises(ValueError, match="needs origins"):
