@@ -371,7 +371,9 @@ class PreNet:
         -------
         dict of numpy.ndarray
             'data' (N, Q_Nx, Q_Ny) float32, denoised when the denoiser runs (patterns
-            above DENOISE_MAX_COUNTS stay as recorded), else the cleaned input; with the centre stage 'origin' (N, 2) (network +
+            above DENOISE_MAX_COUNTS stay as recorded), else the cleaned input;
+            'counts' (N,) the cleaned patterns' total counts; with the centre stage
+            'origin' (N, 2) (network +
             refinement), 'origin_network' (N, 2), 'origin_sigma' (N,) px and
             'disk_radius' (N,) px; with refinement also 'origin_symmetry' (N,), the
             inversion-symmetry score (normalised cross-correlation of the edge map
@@ -389,6 +391,7 @@ class PreNet:
         with torch.inference_mode():
             x, valid = _masked_block(block, mask, dev)
             counts = x.sum(dim=(1, 2, 3)).cpu()
+            out["counts"] = counts.numpy().astype(np.float64)
             y = self._apply("denoiser", x) if self.denoise else x
             if self.denoise:
                 # where the recording is already better than the denoiser's own error, keep it

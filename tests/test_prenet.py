@@ -235,6 +235,30 @@ def test_shipped_weights_find_the_origin_where_get_origin_fails():
     assert np.median(err) < 0.3 and err.max() < 1.0
 
 
+def test_low_dose_origins_are_measured_on_pooled_neighbourhoods():
+    from py4dstem_prenet.engine import PreNet
+    from py4dstem_prenet.preprocess import POOL_BELOW_COUNTS
+
+    dose = 300.0
+    dc, truth = simulate_datacube((6, 5), (128, 128), "crystal", dose, (1.02, 0.6), detector=Detector(),
+                                  descan_amplitude=4.0, seed=31)
+    before = dc.data.copy()
+    out = prenet.preprocess(dc, ellipse=False, progress=False)
+    md = out.metadata["prenet"]
+    assert dose < POOL_BELOW_COUNTS and md["origin_pooled"] == 30 and np.all(md["origin_source"] == 5)
+    err = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - truth.origin, axis=-1)
+    single = PreNet(ellipse=False).run(dc.data.reshape(-1, 128, 128))["origin"]
+    err_single = np.linalg.norm(single - truth.origin.reshape(-1, 2), axis=1)
+    assert err.mean() < 0.6 * err_single.mean() and err.max() < 1.0
+    # the border positions, whose windows are cut, are as good as the inner ones
+    assert err[[0, -1]].mean() < 2 * err[1:-1, 1:-1].mean() + 0.1
+    np.testing.assert_array_equal(dc.data, before)
+    # enough counts: every pattern keeps its own origin
+    dc_hi, _ = simulate_datacube((3, 3), (64, 64), "crystal", 1e4, (1.0, 0.0), seed=32)
+    md_hi = prenet.preprocess(dc_hi, ellipse=False, progress=False).metadata["prenet"]
+    assert md_hi["origin_pooled"] == 0 and not np.any(md_hi["origin_source"] == 5)
+
+
 @pytest.mark.parametrize("kind,ratio,theta", [("polycrystalline", 1.03, 0.5), ("vacuum", 1.02, 2.2)])
 def test_log_polar_ellipse_refinement(kind, ratio, theta):
     from py4dstem_prenet.conventions import angle_difference
