@@ -2,8 +2,10 @@
 
 Cuts the scan positions of a DataCube into blocks, runs PreNet on each
 (:class:`~py4dstem_prenet.engine.PreNet`: denoiser, centre network + Friedel edge
-refinement, ellipse network), in this process or on a dask cluster, and writes the
-results back as py4DSTEM calibrations: ``calibration.set_origin((qx0, qy0))`` and
+refinement, ellipse network), in this process or on a dask cluster, then uses the
+scan as a whole where one pattern is not enough (low-count patterns measured on
+pooled 3 x 3 neighbourhoods; origins far from the smooth descan re-measured), and
+writes the results back as py4DSTEM calibrations: ``calibration.set_origin((qx0, qy0))`` and
 ``calibration.set_ellipse((a/b, 1, theta))``, so that ``find_Bragg_disks``,
 ``braggvectors.calibrate()`` and strain mapping use them unchanged. With ``out=`` the
 result goes block by block to an EMD file (memory bounded by the block size, not the

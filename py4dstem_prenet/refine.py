@@ -7,6 +7,12 @@ where the intensities inside the disks are not (thick, dynamical crystals).  The
 self-convolution of the edge map peaks at twice the origin; the search is restricted
 to a small window around the network's estimate, which removes the wrong-peak
 failures of an unrestricted Friedel search.
+
+Two edge maps are used: the square-root map (edge strength in proportion to its
+signal-to-noise ratio) finds the peak to the nearest sample and gives the symmetry
+scores that decide between candidate centres; a contrast-normalised map, on which a
+disk brighter on one side pulls less, gives the sub-pixel position (see
+:func:`edge_map`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ EDGE_FLOOR_COUNTS = 100.0
 
 #: Normalisation floor of :func:`edge_map` as a fraction of the pattern's maximum: only
 #: edges brighter than this are equalised. On dev scans (seeds disjoint from the
-#: benchmark's) 0.03 and 0.3 both took the mean error from 0.047 to 0.035 px at 1e4 and
+#: benchmark's; count floor 10) 0.03 and 0.3 both took the mean error from 0.047 to 0.035 px at 1e4 and
 #: from 0.066 to 0.035-0.040 at 1e6 (a bright-field disk whose brightness varies across
 #: it: 0.095 to 0.074-0.077), but on a real Merlin frame 0.03 moved the origin 0.43 px
 #: off the direct beam's centroid (dim diffuse scattering around the beam, asymmetric,
@@ -248,13 +254,13 @@ def _masked_edges(x: torch.Tensor, valid: torch.Tensor | None, floor_counts: flo
     return g, m
 
 
-def _located(x: torch.Tensor, valid: torch.Tensor | None, g: torch.Tensor, s0: torch.Tensor,
+def _located(x: torch.Tensor, valid: torch.Tensor | None, gf: torch.Tensor, s0: torch.Tensor,
              search: float) -> torch.Tensor:
-    """Centres of symmetry (N, 2) px near s0 / 2 (see :func:`_symmetric_peak`); g: the
-    :func:`_masked_edges` of x without normalisation."""
+    """Centres of symmetry (N, 2) px near s0 / 2 (see :func:`_symmetric_peak`); gf: the rfft2
+    over (2H, 2W) of the :func:`_masked_edges` of x without normalisation."""
     size = (2 * x.shape[2], 2 * x.shape[3])
     fine = torch.fft.rfft2(_masked_edges(x, valid, EDGE_FLOOR_COUNTS)[0], s=size)
-    return _symmetric_peak(torch.fft.rfft2(g, s=size), fine, size, s0, search)
+    return _symmetric_peak(gf, fine, size, s0, search)
 
 
 def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, valid: torch.Tensor | None = None,
@@ -290,7 +296,8 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, v
     """
     _check_patterns(x, valid, origin0)
     g, m = _masked_edges(x, valid)
-    origin = _located(x, valid, g, torch.round(2 * origin0).long(), search)
+    gf = torch.fft.rfft2(g, s=(2 * x.shape[2], 2 * x.shape[3]))
+    origin = _located(x, valid, gf, torch.round(2 * origin0).long(), search)
     if not with_score:
         return origin
     return origin, _symmetry_at(g, m, torch.round(2 * origin).long())
@@ -371,8 +378,7 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
     score = _score(num, den, ovl.expand_as(num), h * w, min_overlap)
     best = score.reshape(n, -1).argmax(dim=1)
     s_best = torch.stack([best // (2 * w), best % (2 * w)], dim=1)
-    fine = torch.fft.rfft2(_masked_edges(x, valid, EDGE_FLOOR_COUNTS)[0], s=size)
-    return _symmetric_peak(gf, fine, size, s_best, search), score.reshape(n, -1).max(dim=1).values
+    return _located(x, valid, gf, s_best, search), score.reshape(n, -1).max(dim=1).values
 
 
 def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float, r_max: float, n_rho: int = 256,
