@@ -373,9 +373,9 @@ class PreNet:
             'data' (N, Q_Nx, Q_Ny) float32, denoised when the denoiser runs (patterns
             above DENOISE_MAX_COUNTS stay as recorded), else the cleaned input;
             'counts' (N,) the cleaned patterns' total counts; with the centre stage
-            'origin' (N, 2) (network +
-            refinement), 'origin_network' (N, 2), 'origin_sigma' (N,) px and
-            'disk_radius' (N,) px; with refinement also 'origin_symmetry' (N,), the
+            'origin' (N, 2) (network + refinement), 'origin_network' (N, 2),
+            'origin_sigma' (N,) px and 'disk_radius' (N,) px; with refinement also
+            'origin_symmetry' (N,), the
             inversion-symmetry score (normalised cross-correlation of the edge map
             with its inversion, 1 = perfect) at the origin, and 'origin_source' (N,)
             int8: 0 network, 1 refined near it, 2 symmetry centre of the detector
@@ -383,7 +383,7 @@ class PreNet:
             diffuse background's fall-off; 'origin_sigma' is then its uncertainty and
             'origin_symmetry' nan); with the ellipse stage 'e12' (N, 2).
             (:func:`~py4dstem_prenet.preprocess` adds 3: re-refined at the scan's
-            descan fit.)
+            descan fit, and 5: measured on pooled scan neighbourhoods.)
         """
         dev = self.torch_device
         h, w = int(block.shape[-2]), int(block.shape[-1])

@@ -5,11 +5,11 @@ Cuts the scan positions of a DataCube into blocks, runs PreNet on each
 refinement, ellipse network), in this process or on a dask cluster, then uses the
 scan as a whole where one pattern is not enough (low-count patterns measured on
 pooled 3 x 3 neighbourhoods; origins far from the smooth descan re-measured), and
-writes the results back as py4DSTEM calibrations: ``calibration.set_origin((qx0, qy0))`` and
-``calibration.set_ellipse((a/b, 1, theta))``, so that ``find_Bragg_disks``,
-``braggvectors.calibrate()`` and strain mapping use them unchanged. With ``out=`` the
-result goes block by block to an EMD file (memory bounded by the block size, not the
-scan), and an interrupted run resumes.
+writes the results back as py4DSTEM calibrations:
+``calibration.set_origin((qx0, qy0))`` and ``calibration.set_ellipse((a/b, 1, theta))``,
+so that ``find_Bragg_disks``, ``braggvectors.calibrate()`` and strain mapping use them
+unchanged. With ``out=`` the result goes block by block to an EMD file (memory bounded
+by the block size, not the scan), and an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -143,11 +143,10 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     Needs a scan of at least 3 x 3 positions. Descan moves the origin smoothly with
     the probe position, so the 3 x 3 patterns around a position (fewer at the scan's
     border) share its origin to within the drift between neighbours, and their sum
-    has up to nine times the counts. The
-    engine measures the origin of each pooled pattern; the drift over the window,
-    which does not cancel where the window is cut by the border, is then removed
-    with a robust parabolic fit of the pooled origins over the scan (the fit at the
-    position minus its mean over the window). Patterns keep their own origin where
+    has up to nine times the counts. The engine measures the origin of each pooled
+    pattern; the drift over the window, which does not cancel where the border cuts
+    the window, is then removed with a robust parabolic fit of the pooled origins
+    over the scan (the fit at the position minus its mean over the window). Patterns keep their own origin where
     they have POOL_BELOW_COUNTS counts or more, and all do where that fit moves by
     more than POOL_MAX_STEP_PX between neighbours.
 
