@@ -564,11 +564,11 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
     round condenser aperture, whatever the specimen; >= 0.97); when none reaches its
     threshold, the one of highest quality. The bright-field band is fitted on the
     intensities (see :func:`refine_ellipse`, ``compress``): on dev scans this took
-    its mean |d(a/b)| from 0.0016 to 0.0008. The full band keeps the square root:
-    on rings alone the intensities did better too (0.0007 to 0.0005 on 18 amorphous
-    and polycrystalline scans), but on single crystals, where bright Bragg disks then
-    outweigh the bright-field edge, worse (18 scans at 1e4 counts: 0.0063 to 0.0085,
-    and 13 to 10 within 0.002).
+    its mean |d(a/b)| from 0.0016 to 0.0008. So is the full band where (nearly)
+    every pattern is rings only (0.0007 to 0.0005 on 18 amorphous and
+    polycrystalline dev scans); elsewhere it keeps the square root: on single
+    crystals the intensities let bright Bragg disks outweigh the bright-field edge
+    (18 dev scans at 1e4 counts: 0.0063 to 0.0085, and 13 to 10 within 0.002).
 
     Returns
     -------
@@ -582,8 +582,9 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
     usable = [k for k in bands if k != ISOTROPIC or 1 <= n_iso <= MIXED_MAX_FRACTION * n_all]
     if not usable:
         return None
-    results = {k: refine_ellipse(sums[k], *bands[k], iterations=4, compress=k != "bright-field edge")
-               for k in usable}
+    rings = n_all > 0 and n_iso > MIXED_MAX_FRACTION * n_all  # (nearly) every pattern is rings only
+    plain = {"bright-field edge"} | ({"full"} if rings else set())
+    results = {k: refine_ellipse(sums[k], *bands[k], iterations=4, compress=k not in plain) for k in usable}
     q = {k: v[2] for k, v in results.items()}
     order = [k for k in ("full", ISOTROPIC, "bright-field edge") if k in q]
     band = next((k for k in order if q[k] >= _MIN_QUALITY[k]), max(order, key=lambda k: q[k]))
