@@ -294,6 +294,30 @@ def test_bright_field_edge_ellipse_is_unbiased_without_the_square_root():
     assert abs(plain - 1.03) < abs(rooted - 1.03) - 0.0005
 
 
+def test_ellipse_bands_weighting_follows_the_content(monkeypatch):
+    # the bright-field edge is fitted on intensities; the full band too when (nearly) every
+    # pattern is rings only, and on square roots when Bragg disks may outweigh that edge
+    import py4dstem_prenet.engine as engine
+
+    calls = {}
+
+    def fake(polar_sum, r_min, r_max, iterations=3, compress=True):
+        calls[(r_min, r_max)] = compress
+        return 1.01, 0.5, 0.99
+
+    monkeypatch.setattr(engine, "refine_ellipse", fake)
+    bands = engine.ellipse_bands(np.full((4, 2), 48.0), (96, 96), 8.0)
+    band_of = {v: k for k, v in bands.items()}
+    sums = {k: np.zeros((4, 4)) for k in bands}
+    for n_iso, full_compressed in ((100.0, False), (10.0, True)):
+        calls.clear()
+        ratio, theta, quality, band = engine.fit_ellipse_bands({**sums, engine.ISOTROPIC + " count":
+                                                                np.array([n_iso, 100.0])}, bands)
+        by_name = {band_of[key]: c for key, c in calls.items()}
+        assert by_name["bright-field edge"] is False and by_name["full"] is full_compressed
+        assert by_name.get(engine.ISOTROPIC, True) is True and band == "full" and ratio == 1.01
+
+
 def test_ellipse_stage_needs_origins(tiny_weights):
     dc, _ = simulate_datacube((2, 2), (48, 48), "vacuum", 1e3, (1.0, 0.0), seed=0)
     with pytest.raises(ValueError, match="needs origins"):
