@@ -146,9 +146,9 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     has up to nine times the counts. The engine measures the origin of each pooled
     pattern; the drift over the window, which does not cancel where the border cuts
     the window, is then removed with a robust parabolic fit of the pooled origins
-    over the scan (the fit at the position minus its mean over the window). Patterns keep their own origin where
-    they have POOL_BELOW_COUNTS counts or more, and all do where that fit moves by
-    more than POOL_MAX_STEP_PX between neighbours.
+    over the scan (the fit at the position minus its mean over the window). Patterns
+    keep their own origin where they have POOL_BELOW_COUNTS counts or more, and all
+    do where that fit moves by more than POOL_MAX_STEP_PX between neighbours.
 
     Reads only the scan rows around low-count patterns (``results['counts']``, from
     the first pass). Updates ``origin`` (N, 2) and ``results['origin_sigma']``,
@@ -162,11 +162,10 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     nrx, nry = scan
     h, w = (int(v) for v in data.shape[2:])
     run = dataclasses.replace(engine, ellipse=False)
-    kept = origin.copy(), {k: np.array(v, copy=True) for k, v in results.items() if k.startswith("origin_")}
     low_all = (np.asarray(results["counts"]) < POOL_BELOW_COUNTS).reshape(nrx, nry)
     rows = max(1, 64 // nry)
-    pooled = np.zeros(nrx * nry, bool)
-    windows: dict[int, tuple[slice, slice]] = {}
+    found: dict[str, list] = {"index": [], "origin": [], "origin_sigma": [], "origin_symmetry": []}
+    windows: list[tuple[slice, slice]] = []
     for r0 in range(0, nrx, rows):
         r1 = min(nrx, r0 + rows)
         low = low_all[r0:r1]
@@ -174,33 +173,31 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
             continue
         a0, a1 = max(0, r0 - 1), min(nrx, r1 + 1)
         x = _clean_block(read_block(data, a0 * nry, a1 * nry))[:, 0].numpy().reshape(a1 - a0, nry, h, w)
-        sums, idx = [], []
+        sums = []
         for i, j in zip(*np.nonzero(low)):
             r = r0 + i
             win = (slice(max(0, r - 1), min(nrx, r + 2)), slice(max(0, j - 1), min(nry, j + 2)))
             sums.append(x[win[0].start - a0:win[0].stop - a0, win[1]].sum(axis=(0, 1)))
-            idx.append(r * nry + j)
-            windows[r * nry + j] = win
+            found["index"].append(r * nry + j)
+            windows.append(win)
         res = run.run(np.stack(sums), mask=mask)
-        idx = np.array(idx)
-        origin[idx] = res["origin"]
-        pooled[idx] = True
-        for key in ("origin_sigma", "origin_symmetry"):
-            if key in res and key in results:
-                results[key][idx] = res[key]
-        if "origin_source" in results:
-            results["origin_source"][idx] = 5
-    if not pooled.any():
+        for key in ("origin", "origin_sigma", "origin_symmetry"):
+            found[key].append(res[key])
+    if not windows:
         return 0
-    fit = robust_descan_fit(origin, scan).reshape(nrx, nry, 2)
+    idx = np.array(found["index"])
+    pooled = origin.copy()
+    pooled[idx] = np.concatenate(found["origin"])
+    fit = robust_descan_fit(pooled, scan).reshape(nrx, nry, 2)
     step = max(float(np.linalg.norm(np.diff(fit, axis=a), axis=-1).max()) for a in (0, 1))
-    if step > POOL_MAX_STEP_PX:  # neighbours do not share the origin: back to one pattern each
-        origin[:] = kept[0]
-        results.update(kept[1])
+    if step > POOL_MAX_STEP_PX:  # neighbours do not share the origin: every pattern keeps its own
         return 0
-    for k, (wr, wc) in windows.items():
-        origin[k] += fit[k // nry, k % nry] - fit[wr, wc].reshape(-1, 2).mean(axis=0)
-    return int(pooled.sum())
+    for k, (wr, wc) in zip(idx, windows):
+        origin[k] = pooled[k] + (fit[k // nry, k % nry] - fit[wr, wc].reshape(-1, 2).mean(axis=0))
+    for key in ("origin_sigma", "origin_symmetry"):
+        results[key][idx] = np.concatenate(found[key])
+    results["origin_source"][idx] = 5
+    return len(idx)
 
 
 def preprocess(

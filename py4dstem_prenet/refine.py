@@ -121,8 +121,11 @@ def edge_map(x: torch.Tensor, sigma: float = 0.7, floor_counts: float | None = N
     gx = z[..., 2:, 1:-1] - z[..., :-2, 1:-1]
     gy = z[..., 1:-1, 2:] - z[..., 1:-1, :-2]
     g = F.pad(torch.sqrt(gx * gx + gy * gy), (1, 1, 1, 1))
-    if floor_counts is None:
-        return g
+    return g if floor_counts is None else g * _contrast_weight(x, floor_counts)
+
+
+def _contrast_weight(x: torch.Tensor, floor_counts: float) -> torch.Tensor:
+    """(N, 1, H, W) factor of :func:`edge_map`'s contrast normalisation of counts x >= 0."""
     b = gaussian_blur(x, 1.0)
     floor = (EDGE_FLOOR_FRACTION * b.amax(dim=(2, 3), keepdim=True)).clamp_min(floor_counts)
     h, w = b.shape[-2:]
@@ -130,7 +133,7 @@ def edge_map(x: torch.Tensor, sigma: float = 0.7, floor_counts: float | None = N
     level = torch.stack([p[..., i:i + w] for i in range(5)]).amax(dim=0)
     p = F.pad(level, (0, 0, 2, 2))
     level = torch.stack([p[..., i:i + h, :] for i in range(5)]).amax(dim=0)  # 5 x 5 maximum (b >= 0)
-    return g * torch.sqrt(floor / (level + floor))
+    return torch.sqrt(floor / (level + floor))
 
 
 def _parabola_vertex(m: torch.Tensor, c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -241,10 +244,10 @@ def _check_patterns(x, valid, origin=None) -> None:
                          f"got {valid.dtype} {tuple(valid.shape)}")
 
 
-def _masked_edges(x: torch.Tensor, valid: torch.Tensor | None, floor_counts: float | None = None):
-    """Edge maps g (N, H, W) and detector weights m (1 or N, H, W): 0 within 3 px of invalid pixels."""
+def _masked_edges(x: torch.Tensor, valid: torch.Tensor | None):
+    """Square-root edge maps g (N, H, W) and detector weights m (1 or N, H, W): 0 within 3 px of invalid pixels."""
     _, _, h, w = x.shape
-    g = edge_map(x, floor_counts=floor_counts)[:, 0]
+    g = edge_map(x)[:, 0]
     m = torch.ones((1, h, w), dtype=g.dtype, device=g.device)
     if valid is not None:
         v = valid.to(g.dtype)
@@ -254,12 +257,12 @@ def _masked_edges(x: torch.Tensor, valid: torch.Tensor | None, floor_counts: flo
     return g, m
 
 
-def _located(x: torch.Tensor, valid: torch.Tensor | None, gf: torch.Tensor, s0: torch.Tensor,
-             search: float) -> torch.Tensor:
-    """Centres of symmetry (N, 2) px near s0 / 2 (see :func:`_symmetric_peak`); gf: the rfft2
-    over (2H, 2W) of the :func:`_masked_edges` of x without normalisation."""
+def _located(x: torch.Tensor, g: torch.Tensor, gf: torch.Tensor, s0: torch.Tensor, search: float) -> torch.Tensor:
+    """Centres of symmetry (N, 2) px near s0 / 2 (see :func:`_symmetric_peak`). g: the
+    :func:`_masked_edges` of x, gf its rfft2 over (2H, 2W); the contrast-normalised map
+    is g times :func:`_contrast_weight` (the mask and the weight commute)."""
     size = (2 * x.shape[2], 2 * x.shape[3])
-    fine = torch.fft.rfft2(_masked_edges(x, valid, EDGE_FLOOR_COUNTS)[0], s=size)
+    fine = torch.fft.rfft2(g * _contrast_weight(x.clamp_min(0), EDGE_FLOOR_COUNTS)[:, 0], s=size)
     return _symmetric_peak(gf, fine, size, s0, search)
 
 
@@ -297,7 +300,7 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, v
     _check_patterns(x, valid, origin0)
     g, m = _masked_edges(x, valid)
     gf = torch.fft.rfft2(g, s=(2 * x.shape[2], 2 * x.shape[3]))
-    origin = _located(x, valid, gf, torch.round(2 * origin0).long(), search)
+    origin = _located(x, g, gf, torch.round(2 * origin0).long(), search)
     if not with_score:
         return origin
     return origin, _symmetry_at(g, m, torch.round(2 * origin).long())
@@ -378,7 +381,7 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
     score = _score(num, den, ovl.expand_as(num), h * w, min_overlap)
     best = score.reshape(n, -1).argmax(dim=1)
     s_best = torch.stack([best // (2 * w), best % (2 * w)], dim=1)
-    return _located(x, valid, gf, s_best, search), score.reshape(n, -1).max(dim=1).values
+    return _located(x, g, gf, s_best, search), score.reshape(n, -1).max(dim=1).values
 
 
 def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float, r_max: float, n_rho: int = 256,
