@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
-from .refine import log_polar_view, refine_ellipse, refine_origin, symmetry_centre
+from .refine import edge_blur_bias, log_polar_view, refine_ellipse, refine_origin, symmetry_centre
 from .training import E12_SCALE
 from .views import VIEW_SIZE, full_view, polar_rmax, polar_view, view_to_detector
 
@@ -381,7 +381,10 @@ class PreNet:
             int8: 0 network, 1 refined near it, 2 symmetry centre of the detector
             (the network's estimate was rejected), 4 behind a beam stop (from the
             diffuse background's fall-off; 'origin_sigma' is then its uncertainty and
-            'origin_symmetry' nan); with the ellipse stage 'e12' (N, 2).
+            'origin_symmetry' nan), and 'origin_blur_bias' (N, 2) px, the edge-blur bias
+            of the symmetry centres (see :func:`~py4dstem_prenet.refine.edge_blur_bias`;
+            not subtracted from 'origin' here, 0 for sources 0 and 4); with the
+            ellipse stage 'e12' (N, 2).
             (:func:`~py4dstem_prenet.preprocess` adds 3: re-refined at the scan's
             descan fit, and 5: measured on pooled scan neighbourhoods.)
         """
@@ -426,6 +429,15 @@ class PreNet:
                         out["origin_symmetry"][moved.numpy()] = np.nan
                         source = torch.where(moved, torch.full_like(source, 4), source)
                     out["origin_source"] = source.numpy().astype(np.int8)
+                    # the edge-blur bias of the symmetry centres (preprocess smooths it over the
+                    # scan and subtracts it); 0 where the origin is not an edge-symmetry centre
+                    bias = torch.zeros_like(o)
+                    edge = (source == 1) | (source == 2)
+                    if edge.any():
+                        i = torch.nonzero(edge)[:, 0]
+                        v = valid[i.to(valid.device)] if valid is not None and valid.dim() == 3 else valid
+                        bias[i] = edge_blur_bias(xr[i.to(dev)], o[i].to(dev).to(xr.dtype), v).cpu().to(o.dtype)
+                    out["origin_blur_bias"] = bias.numpy().astype(np.float64)
                 out["origin"] = o.numpy().astype(np.float64)
             if self.ellipse:
                 o_e = out["origin"] if self.center else origin

@@ -82,3 +82,49 @@ def test_strain_benchmark_quick_runs_all_routes():
     classical = next(r for r in rows if r["route"] == "classical")
     assert classical["e_xx"] < none["e_xx"]
     assert "RMS e_xx" in strain_markdown(rows)
+
+
+def _row(case, route, rms, unmeasured=0.0, dose=1e5):
+    return {"case": case, "dose": dose, "route": route, "unmeasured": unmeasured,
+            "e_xx": rms, "e_yy": 0.5 * rms, "e_xy": 0.5 * rms, "theta": 0.0}
+
+
+def test_strain_verdicts_judge_against_the_exact_floor():
+    from py4dstem_prenet.evaluation.strain import strain_verdicts, verdicts_markdown
+
+    rows = [_row("met", "none", 0.01), _row("met", "classical", 0.003), _row("met", "prenet", 0.0011),
+            _row("met", "exact", 0.001),
+            _row("tie", "none", 0.008), _row("tie", "classical", 0.00102), _row("tie", "prenet", 0.00105),
+            _row("tie", "exact", 0.001),
+            _row("no", "none", 0.008), _row("no", "classical", 0.002), _row("no", "prenet", 0.002),
+            _row("no", "exact", 0.001),
+            _row("flat", "none", 0.00105), _row("flat", "classical", 0.001), _row("flat", "prenet", 0.001),
+            _row("flat", "exact", 0.001),
+            _row("unindexed", "none", float("nan"), unmeasured=1.0), _row("unindexed", "classical", 0.004),
+            _row("unindexed", "prenet", 0.0012), _row("unindexed", "exact", 0.001)]
+    rows += [_row(c, "exact, PreNet data", 0.001) for c in ("met", "tie", "no", "flat", "unindexed")]
+    # PreNet's own data can have another floor: it is judged against that one
+    rows += [_row("own floor", "none", 0.01), _row("own floor", "classical", 0.003),
+             _row("own floor", "prenet", 0.0021), _row("own floor", "exact", 0.001),
+             _row("own floor", "exact, PreNet data", 0.002)]
+    before = [dict(r) for r in rows]
+    v = {x["case"]: x for x in strain_verdicts(rows)}
+    assert rows == before  # input unchanged
+    assert v["met"]["verdict"] == "met"
+    assert abs(v["met"]["added"]["classical"] - np.sqrt(0.003**2 - 0.001**2)) < 1e-12
+    assert v["tie"]["verdict"] == "tie at the floor"
+    assert v["no"]["verdict"] == "NO"
+    assert v["flat"]["verdict"] == "calibration does not matter" and not v["flat"]["matters"]
+    assert v["unindexed"]["matters"] and v["unindexed"]["added"]["none"] == float("inf")
+    assert v["unindexed"]["verdict"] == "met"
+    assert v["own floor"]["verdict"] == "met"
+    assert abs(v["own floor"]["added"]["prenet"] - np.sqrt(0.0021**2 - 0.002**2)) < 1e-12
+    table = verdicts_markdown(list(v.values()))
+    assert "not measured" in table and "tie at the floor" in table
+
+
+def test_strain_verdicts_need_the_exact_route():
+    from py4dstem_prenet.evaluation.strain import strain_verdicts
+
+    with pytest.raises(ValueError, match="exact"):
+        strain_verdicts([_row("a", "classical", 0.002), _row("a", "prenet", 0.001)])
