@@ -386,7 +386,8 @@ class PreNet:
             not subtracted from 'origin' here, 0 for sources 0 and 4); with the
             ellipse stage 'e12' (N, 2).
             (:func:`~py4dstem_prenet.preprocess` adds 3: re-refined at the scan's
-            descan fit, and 5: measured on pooled scan neighbourhoods.)
+            descan fit, 5: measured on pooled scan neighbourhoods, and 6: the
+            scan's tile descan model, where a pooled measurement disagreed with it.)
         """
         dev = self.torch_device
         h, w = int(block.shape[-2]), int(block.shape[-1])

@@ -26,7 +26,7 @@ from .distributed import block_bounds, map_blocks
 from .engine import PreNet, _clean_block, add_polar_sums, ellipse_bands, fit_ellipse_bands
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
-__all__ = ["preprocess", "blur_correction"]
+__all__ = ["preprocess", "blur_correction", "robust_descan_fit", "tile_descan_model"]
 
 
 def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool, mask: np.ndarray | None) -> dict:
@@ -49,6 +49,22 @@ def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool, mask: 
 #: A pattern whose origin is further than this many robust standard deviations (and at
 #: least 1 px) from the scan's smooth descan fit is re-measured around the fit.
 DESCAN_OUTLIER_SIGMAS = 5.0
+
+
+def _poly_design(u: np.ndarray, v: np.ndarray, degree: int) -> np.ndarray:
+    """Columns 1, u, v (degree 1) and u^2, uv, v^2 (degree 2) of a smooth descan model."""
+    cols = [np.ones_like(u), u, v] + ([u * u, u * v, v * v] if degree == 2 else [])
+    return np.stack(cols, axis=1)
+
+
+def _robust_fit(design: np.ndarray, origin: np.ndarray, iterations: int = 30) -> np.ndarray:
+    """Least-absolute-deviation coefficients (iteratively reweighted least squares) of origin ~ design."""
+    w = np.ones(len(design))
+    for _ in range(iterations):
+        coef = np.linalg.lstsq(design * w[:, None], origin * w[:, None], rcond=None)[0]
+        r = np.linalg.norm(origin - design @ coef, axis=1)
+        w = 1.0 / np.sqrt(np.maximum(r, 0.01))  # sqrt: the weights of squared residuals -> |r|
+    return coef
 
 
 def robust_descan_fit(origin: np.ndarray, scan: tuple[int, int], iterations: int = 30) -> np.ndarray:
@@ -77,14 +93,73 @@ def robust_descan_fit(origin: np.ndarray, scan: tuple[int, int], iterations: int
     """
     nrx, nry = scan
     u, v = np.meshgrid(np.linspace(-1, 1, nrx), np.linspace(-1, 1, nry), indexing="ij")
-    u, v = u.ravel(), v.ravel()
-    a = np.stack([np.ones_like(u), u, v, u * u, u * v, v * v], axis=1)
-    w = np.ones(len(u))
-    for _ in range(iterations):
-        coef = np.linalg.lstsq(a * w[:, None], origin * w[:, None], rcond=None)[0]
-        r = np.linalg.norm(origin - a @ coef, axis=1)
-        w = 1.0 / np.sqrt(np.maximum(r, 0.01))  # sqrt: the weights of squared residuals -> |r|
-    return a @ coef
+    a = _poly_design(u.ravel(), v.ravel(), 2)
+    return a @ _robust_fit(a, origin, iterations)
+
+
+#: Scan tiles of the low-dose descan model (:func:`tile_descan_model`) hold at least
+#: this many counts where the scan allows it (at least 2 x 2 and at most 8 x 8 tiles).
+TILE_COUNTS = 2e4
+
+#: A pooled low-dose origin further than this from the tile descan model is replaced by
+#: the model (``origin_source`` 6). Dev scans (12 x 12, 1e2 and 3e2 counts per pattern,
+#: seeds disjoint from the benchmark's): with 0.5 px no pattern was off by more than
+#: 1 px (before: one bright-disk scan at 1e2 was wrong everywhere, 6.5 px, because its
+#: pooled origins were too wrong for the pooling's own descan fit); with 1.0 px, 1.2%.
+DESCAN_MODEL_TOL_PX = 0.5
+
+
+def tile_descan_model(engine: PreNet, data, scan: tuple[int, int], counts: np.ndarray,
+                      mask: np.ndarray | None = None) -> np.ndarray | None:
+    """Smooth descan model of a low-dose scan from the origins of summed scan tiles.
+
+    Descan is a smooth function of the probe position, so the patterns of a block
+    of neighbouring positions, summed, form a pattern of many counts whose origin is
+    their mean origin (the spread of the descan within the block blurs the disk
+    edges, symmetrically). The scan is cut into T x T tiles of at least TILE_COUNTS
+    counts where possible (2 <= T <= 8), the engine measures each tile's origin, and
+    a robust (least absolute deviations) plane (T < 4) or parabola (T >= 4) over the
+    tile centres gives the model at every position. It is the fallback where the
+    pooled low-dose origins are too noisy for their own descan fit.
+
+    Parameters
+    ----------
+    engine : PreNet
+        The engine (its ellipse stage is not run).
+    data : array-like
+        (R_Nx, R_Ny, Q_Nx, Q_Ny) patterns, read a scan row at a time.
+    scan : tuple of int
+        (R_Nx, R_Ny).
+    counts : numpy.ndarray
+        (R_Nx * R_Ny,) counts of each pattern.
+    mask : numpy.ndarray, optional
+        Detector mask, as in :func:`preprocess`.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        (R_Nx * R_Ny, 2) model origins in scan order, pixels; None for scans smaller
+        than 4 x 4 positions.
+    """
+    nrx, nry = scan
+    if min(nrx, nry) < 4:
+        return None
+    t = int(np.clip(np.floor(np.sqrt(float(np.sum(counts)) / TILE_COUNTS)), 2, min(8, nrx // 2, nry // 2)))
+    rows, cols = np.array_split(np.arange(nrx), t), np.array_split(np.arange(nry), t)
+    h, w = (int(v) for v in data.shape[2:])
+    sums = np.zeros((t, t, h, w), np.float64)
+    for i, band in enumerate(rows):
+        for r in band:  # a scan row at a time: memory of one row, whatever the tile size
+            x = _clean_block(read_block(data, r * nry, (r + 1) * nry))[:, 0].numpy()
+            for j, c in enumerate(cols):
+                sums[i, j] += x[c].sum(axis=0)
+    found = dataclasses.replace(engine, ellipse=False).run(sums.reshape(t * t, h, w).astype(np.float32), mask=mask)
+    u = np.repeat([b.mean() for b in rows], t)
+    v = np.tile([c.mean() for c in cols], t)
+    degree = 2 if t >= 4 else 1
+    coef = _robust_fit(_poly_design(u, v, degree), found["origin"])
+    gu, gv = np.meshgrid(np.arange(nrx, dtype=float), np.arange(nry, dtype=float), indexing="ij")
+    return _poly_design(gu.ravel(), gv.ravel(), degree) @ coef
 
 
 def blur_correction(bias: np.ndarray, source: np.ndarray, scan: tuple[int, int]) -> np.ndarray:
@@ -95,9 +170,12 @@ def blur_correction(bias: np.ndarray, source: np.ndarray, scan: tuple[int, int])
     centres; the intensity slopes it comes from change slowly with the probe
     position, so each pattern takes the median of the estimates over its 3 x 3 scan
     neighbourhood (fewer at the border; the estimates of edge-symmetry centres only,
-    ``origin_source`` 1 or 2). On dev scans the median cost no accuracy where the
-    bias changes from pattern to pattern (abTEM patterns drawn at random thicknesses:
-    0.047 -> 0.048 px at 1e4 counts) and kept most of the gain where it is smooth.
+    ``origin_source`` 1, 2, and 5, whose estimate is that of the pooled sum). On dev
+    scans the median cost no accuracy where the bias changes from pattern to pattern
+    (abTEM patterns drawn at random thicknesses: 0.047 -> 0.048 px at 1e4 counts) and
+    kept most of the gain where it is smooth; on pooled low-dose origins it helped
+    analytic crystals a little (1e3 counts: 0.092 -> 0.090 and 0.083 -> 0.079 px; 3e2:
+    0.27 -> 0.26) and cost abTEM as little (0.080 -> 0.081 at 1e3).
 
     Parameters
     ----------
@@ -111,18 +189,18 @@ def blur_correction(bias: np.ndarray, source: np.ndarray, scan: tuple[int, int])
     Returns
     -------
     numpy.ndarray
-        (R_Nx * R_Ny, 2) correction, pixels: 0 where the origin is not measured from
-        its own pattern's edges (sources 0, 4 and 5) or no neighbour has an estimate.
+        (R_Nx * R_Ny, 2) correction, pixels: 0 where the origin is not an
+        edge-symmetry centre (sources 0, 4 and 6) or no neighbour has an estimate.
     """
     nrx, nry = scan
-    est = np.where(np.isin(source, (1, 2))[:, None], np.asarray(bias, float), np.nan).reshape(nrx, nry, 2)
+    est = np.where(np.isin(source, (1, 2, 5))[:, None], np.asarray(bias, float), np.nan).reshape(nrx, nry, 2)
     pad = np.pad(est, ((1, 1), (1, 1), (0, 0)), constant_values=np.nan)
     windows = np.stack([pad[i:i + nrx, j:j + nry] for i in range(3) for j in range(3)])
     have = np.isfinite(windows[..., 0]).any(axis=0)
     med = np.zeros((nrx, nry, 2))
     if have.any():
         med[have] = np.nanmedian(windows[:, have], axis=0)
-    apply = np.isin(source, (1, 2, 3)).reshape(nrx, nry)
+    apply = np.isin(source, (1, 2, 3, 5)).reshape(nrx, nry)
     return np.where(apply[..., None], med, 0.0).reshape(-1, 2)
 
 
@@ -176,7 +254,7 @@ POOL_MAX_STEP_PX = 0.75
 
 
 def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarray, results: dict,
-                   mask) -> int:
+                   mask) -> tuple[int, int]:
     """Measure the origins of low-count patterns on the sums of their scan neighbourhoods.
 
     Needs a scan of at least 3 x 3 positions. Descan moves the origin smoothly with
@@ -188,22 +266,31 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     over the scan (the fit at the position minus its mean over the window). Patterns
     keep their own origin where they have POOL_BELOW_COUNTS counts or more, and all
     do where that fit moves by more than POOL_MAX_STEP_PX between neighbours.
+    Before that fit, a pooled origin further than DESCAN_MODEL_TOL_PX from the
+    scan's tile descan model (:func:`tile_descan_model`, averaged over the same
+    window) is replaced by the model: at the lowest doses a pooled pattern's own
+    measurement can still land on a wrong disk, and where most do, the fit follows
+    them.
 
     Reads only the scan rows around low-count patterns (``results['counts']``, from
-    the first pass). Updates ``origin`` (N, 2) and ``results['origin_sigma']``,
-    ``['origin_source']`` (5 where pooled) and ``['origin_symmetry']`` in place.
+    the first pass), and the whole scan once for the tile model. Updates ``origin``
+    (N, 2) and ``results['origin_sigma']``, ``['origin_source']`` (5 where pooled, 6
+    where the model replaced the pooled measurement) and ``['origin_symmetry']`` in
+    place.
 
     Returns
     -------
-    int
-        How many origins were measured on pooled patterns.
+    pooled, from_model : int
+        How many origins were measured on pooled patterns, and how many of those
+        the tile model replaced.
     """
     nrx, nry = scan
     h, w = (int(v) for v in data.shape[2:])
     run = dataclasses.replace(engine, ellipse=False)
     low_all = (np.asarray(results["counts"]) < POOL_BELOW_COUNTS).reshape(nrx, nry)
     rows = max(1, 64 // nry)
-    found: dict[str, list] = {"index": [], "origin": [], "origin_sigma": [], "origin_symmetry": []}
+    found: dict[str, list] = {"index": [], "origin": [], "origin_sigma": [], "origin_symmetry": [],
+                              "origin_blur_bias": []}
     windows: list[tuple[slice, slice]] = []
     for r0 in range(0, nrx, rows):
         r1 = min(nrx, r0 + rows)
@@ -220,23 +307,31 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
             found["index"].append(r * nry + j)
             windows.append(win)
         res = run.run(np.stack(sums), mask=mask)
-        for key in ("origin", "origin_sigma", "origin_symmetry"):
+        for key in ("origin", "origin_sigma", "origin_symmetry", "origin_blur_bias"):
             found[key].append(res[key])
     if not windows:
-        return 0
+        return 0, 0
     idx = np.array(found["index"])
     pooled = origin.copy()
     pooled[idx] = np.concatenate(found["origin"])
+    off_model = np.zeros(len(idx), bool)
+    model = tile_descan_model(engine, data, scan, results["counts"], mask)
+    if model is not None:
+        m = model.reshape(nrx, nry, 2)
+        expected = np.array([m[wr, wc].reshape(-1, 2).mean(axis=0) for wr, wc in windows])
+        off_model = np.linalg.norm(pooled[idx] - expected, axis=1) > DESCAN_MODEL_TOL_PX
+        pooled[idx[off_model]] = expected[off_model]
     fit = robust_descan_fit(pooled, scan).reshape(nrx, nry, 2)
     step = max(float(np.linalg.norm(np.diff(fit, axis=a), axis=-1).max()) for a in (0, 1))
     if step > POOL_MAX_STEP_PX:  # neighbours do not share the origin: every pattern keeps its own
-        return 0
+        return 0, 0
     for k, (wr, wc) in zip(idx, windows):
         origin[k] = pooled[k] + (fit[k // nry, k % nry] - fit[wr, wc].reshape(-1, 2).mean(axis=0))
-    for key in ("origin_sigma", "origin_symmetry"):
+    for key in ("origin_sigma", "origin_symmetry", "origin_blur_bias"):
         results[key][idx] = np.concatenate(found[key])
-    results["origin_source"][idx] = 5
-    return len(idx)
+    results["origin_symmetry"][idx[off_model]] = np.nan  # not a symmetry measurement
+    results["origin_source"][idx] = np.where(off_model, 6, 5)
+    return len(idx), int(off_model.sum())
 
 
 def preprocess(
@@ -320,8 +415,11 @@ def preprocess(
         disagreed with it, 4 behind a beam stop that hides the direct beam, from the
         fall-off of the diffuse background: a few pixels, see ``origin_sigma``, 5
         measured on the sum of the 3 x 3 neighbouring patterns because the pattern
-        has fewer than POOL_BELOW_COUNTS counts) and the counts ``origin_rerefined``
-        and ``origin_pooled``.
+        has fewer than POOL_BELOW_COUNTS counts, 6 the scan's smooth descan model
+        from summed scan tiles, where that pooled measurement disagreed with it by
+        more than DESCAN_MODEL_TOL_PX), the counts ``origin_rerefined``,
+        ``origin_pooled`` and ``origin_descan_model``, and the edge-blur correction
+        ``origin_blur_correction`` (px, already subtracted).
         With ``out``, its data is an h5py dataset of the output file.
 
     Raises
@@ -415,10 +513,10 @@ def preprocess(
         if writer is not None:
             results = writer.results()
         origin = results["origin"] if center else given_origin
-        n_rerefined = n_pooled = 0
+        n_rerefined = n_pooled = n_model = 0
         if center and refine and min(nrx, nry) >= 3:
             origin = origin.copy()
-            n_pooled = _pool_low_dose(engine, data, (nrx, nry), origin, results, mask)
+            n_pooled, n_model = _pool_low_dose(engine, data, (nrx, nry), origin, results, mask)
         if center and refine and min(nrx, nry) >= 3:
             origin, source, n_rerefined = _descan_consistency(engine, data, bounds, origin, results["origin_source"],
                                                               (nrx, nry), mask, client)
@@ -443,6 +541,7 @@ def preprocess(
                 md["origin_blur_correction"] = correction.reshape(nrx, nry, 2)
             md["origin_rerefined"] = int(n_rerefined)
             md["origin_pooled"] = int(n_pooled)
+            md["origin_descan_model"] = int(n_model)
             md["origin_network"] = results["origin_network"].reshape(nrx, nry, 2)
             md["origin_sigma"] = results["origin_sigma"].reshape(nrx, nry)
             for key in ("origin_symmetry", "origin_source"):

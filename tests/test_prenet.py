@@ -145,8 +145,9 @@ def test_blur_correction_is_the_neighbourhood_median_of_edge_centres():
     bias = np.tile([0.1, -0.05], (12, 1))
     bias[5] = [5.0, 5.0]  # one wild estimate: the median over its neighbours ignores it
     source = np.ones(12, np.int8)
-    source[[0, 7]] = (4, 5)  # behind a beam stop, pooled: no estimate of their own, no correction
+    source[[0, 7]] = (4, 6)  # behind a beam stop, the descan model: not edge-symmetry centres, no correction
     source[11] = 3  # re-measured at the descan fit: corrected by its neighbours' estimates
+    source[1] = 5  # pooled: its estimate (that of the pooled sum) counts, and it is corrected
     before = bias.copy()
     c = blur_correction(bias, source, scan)
     assert np.array_equal(bias, before) and c.shape == (12, 2)
@@ -443,3 +444,33 @@ def test_denoiser_leaves_high_dose_patterns_as_recorded(tiny_weights):
                             ellipse=False, weights_dir=tiny_weights, progress=False)
     np.testing.assert_array_equal(out.data[0, 0], high[0, 0])
     assert not np.array_equal(out.data[0, 1], low[0, 0])
+
+
+def test_tile_descan_model_follows_the_descan_at_100_counts():
+    from py4dstem_prenet.engine import PreNet
+    from py4dstem_prenet.preprocess import tile_descan_model
+
+    dc, truth = simulate_datacube((8, 8), (96, 96), "crystal", 1e2, (1.02, 0.6), seed=12)
+    before = dc.data.copy()
+    counts = dc.data.reshape(64, -1).sum(axis=1)
+    model = tile_descan_model(PreNet(ellipse=False), dc.data, (8, 8), counts)
+    assert np.array_equal(dc.data, before) and model.shape == (64, 2)
+    assert np.linalg.norm(model - truth.origin.reshape(-1, 2), axis=1).mean() < 0.35
+    assert tile_descan_model(PreNet(ellipse=False), dc.data[:3, :3], (3, 3), counts[:9]) is None
+
+
+def test_lowest_dose_bright_disks_no_pattern_off_by_a_pixel():
+    # 100 counts per pattern, a Bragg disk brighter than the bright-field disk: the pooled 3 x 3
+    # measurements of this scan land on wrong disks so often that their own descan fit followed
+    # them (6.5 px everywhere); the tile descan model replaces those far from it
+    from py4dstem_prenet.evaluation.benchmark import bright_disk_scene
+
+    seed = 32_001_102
+    scene = bright_disk_scene(np.random.default_rng(seed), (128, 128))
+    dc, truth = simulate_datacube((12, 12), (128, 128), "crystal", 1e2, (1.02, 0.6), scene=scene, seed=seed)
+    out = prenet.preprocess(dc, ellipse=False, progress=False)
+    err = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - truth.origin, axis=-1)
+    md = out.metadata["prenet"]
+    assert err.max() < 1.0 and md["origin_descan_model"] > 0
+    assert set(np.unique(md["origin_source"])) <= {5, 6}
+    assert np.all(np.isnan(md["origin_symmetry"][md["origin_source"] == 6]))
