@@ -154,11 +154,13 @@ def tile_descan_model(engine: PreNet, data, scan: tuple[int, int], counts: np.nd
             for j, c in enumerate(cols):
                 sums[i, j] += x[c].sum(axis=0)
     found = dataclasses.replace(engine, ellipse=False).run(sums.reshape(t * t, h, w).astype(np.float32), mask=mask)
-    u = np.repeat([b.mean() for b in rows], t)
-    v = np.tile([c.mean() for c in cols], t)
+    # scan coordinates scaled to [-1, 1] (well-conditioned polynomials on any scan size)
+    su, sv = 2.0 / (nrx - 1), 2.0 / (nry - 1)
+    u = np.repeat([b.mean() * su - 1 for b in rows], t)
+    v = np.tile([c.mean() * sv - 1 for c in cols], t)
     degree = 2 if t >= 4 else 1
     coef = _robust_fit(_poly_design(u, v, degree), found["origin"])
-    gu, gv = np.meshgrid(np.arange(nrx, dtype=float), np.arange(nry, dtype=float), indexing="ij")
+    gu, gv = np.meshgrid(np.linspace(-1, 1, nrx), np.linspace(-1, 1, nry), indexing="ij")
     return _poly_design(gu.ravel(), gv.ravel(), degree) @ coef
 
 

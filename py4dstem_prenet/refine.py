@@ -45,8 +45,11 @@ EDGE_FLOOR_COUNTS = 100.0
 #: weighed as much as the beam's edge), 0.3 by 0.07 px.
 EDGE_FLOOR_FRACTION = 0.3
 
+#: Gaussian smoothing of the edge maps before the gradient, pixels.
+EDGE_SIGMA = 0.7
+
 #: Smoothing of the edge map (pixels) at which :func:`edge_blur_bias` measures the centre
-#: a second time, next to :func:`edge_map`'s default 0.7. On dev scans (seeds and
+#: a second time, next to EDGE_SIGMA. On dev scans (seeds and
 #: structures disjoint from the benchmark's; correction smoothed over 3 x 3 scan
 #: positions as in preprocess) 1.2 took the mean error at 1e6 counts from 0.020-0.034 to
 #: 0.015-0.021 px (analytic crystals) and 0.025 to 0.023 (abTEM Si, GaAs), at 1e4 from
@@ -87,7 +90,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return sum(k[i] * p[..., i:i + h, :] for i in range(len(k)))
 
 
-def edge_map(x: torch.Tensor, sigma: float = 0.7, floor_counts: float | None = None) -> torch.Tensor:
+def edge_map(x: torch.Tensor, sigma: float = EDGE_SIGMA, floor_counts: float | None = None) -> torch.Tensor:
     """Gradient magnitude of Gaussian-smoothed patterns (N, 1, H, W), of ``sqrt`` of the counts.
 
     The square root (Anscombe-like: Poisson noise of constant size) keeps bright
@@ -254,7 +257,7 @@ def _check_patterns(x, valid, origin=None) -> None:
                          f"got {valid.dtype} {tuple(valid.shape)}")
 
 
-def _masked_edges(x: torch.Tensor, valid: torch.Tensor | None, sigma: float = 0.7):
+def _masked_edges(x: torch.Tensor, valid: torch.Tensor | None, sigma: float = EDGE_SIGMA):
     """Square-root edge maps g (N, H, W) and detector weights m (1 or N, H, W): 0 within 3 px of invalid pixels."""
     _, _, h, w = x.shape
     g = edge_map(x, sigma)[:, 0]
@@ -320,13 +323,16 @@ def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | 
                    sigma: float = BIAS_SIGMA) -> torch.Tensor:
     """Bias of the refined origin from blurring edges next to intensity slopes.
 
-    Where the intensity inside a disk slopes (thickness, tilt, dynamical contrast),
-    the ridge of a blurred edge moves towards the dimmer side by about
-    ``slope / step * s**2``, ``s**2`` the total blur variance (the edge's own width and
-    the edge map's smoothing), so the symmetry centre of such disks is biased in
-    proportion to ``s**2``. Measuring it at the default smoothing 0.7 px and at
-    ``sigma`` gives the change per unit of smoothing variance, and Richardson
-    extrapolation to no smoothing estimates the bias the edge map's smoothing adds:
+    Where the intensity inside a disk varies (thickness, tilt, dynamical contrast),
+    its edge profile is not the same all around: the ridge of a blurred edge next
+    to an interior slope moves, and so does the peak of the square-root edge map
+    where the edge's contrast changes around the disk. Both shifts grow with the
+    blur of the edge (to first order in proportion to the blur variance ``s**2``:
+    the edge's own width plus the edge map's smoothing), and they do not cancel
+    between opposite edges, so the symmetry centre is biased. Measuring it at the
+    smoothing EDGE_SIGMA (0.7 px) and at ``sigma`` gives the change per unit of
+    smoothing variance, and Richardson extrapolation to no smoothing estimates the
+    bias the edge map's smoothing adds:
     ``bias = (c(sigma) - c(0.7)) * 0.7**2 / (sigma**2 - 0.7**2)``; subtract it from
     the origin. The part of the bias that the edge's own width adds is left: on
     noise-free ramped disks with 1 px edges the correction removes 25-50% of the
@@ -344,7 +350,7 @@ def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | 
     valid : torch.Tensor, optional
         As in :func:`refine_origin`.
     sigma : float
-        The second smoothing, pixels (> 0.7).
+        The second smoothing, pixels (> EDGE_SIGMA).
 
     Returns
     -------
@@ -355,10 +361,10 @@ def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | 
     ------
     ValueError
         If the patterns, origins or valid map have the wrong type or shape, or
-        ``sigma`` is not > 0.7.
+        ``sigma`` is not > EDGE_SIGMA.
     """
     _check_patterns(x, valid, origin)
-    base = 0.7
+    base = EDGE_SIGMA
     if not sigma > base:
         raise ValueError(f"sigma must be > {base}, got {sigma}")
     size = (2 * x.shape[2], 2 * x.shape[3])
