@@ -3,8 +3,8 @@ import pytest
 
 from py4dstem_prenet.cli import main
 from py4dstem_prenet.evaluation.benchmark import (CLASSICAL_GET_ORIGIN, PRENET_CALIBRATION, PRENET_CENTRE,
-                                                  PRENET_DENOISER, PRENET_ELLIPSE, BenchmarkConfig, BenchmarkResult,
-                                                  run_benchmark)
+                                                  PRENET_DENOISER, PRENET_ELLIPSE, STOP_CONDITION, BenchmarkConfig,
+                                                  BenchmarkResult, run_benchmark)
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def test_benchmark_tables(quick_result, tmp_path):
     md = quick_result.to_markdown()
     assert "py4DSTEM get_origin" in md and "CRLB" in md and "tensor SVD" in md and "| target | measured | met |" in md
     conditions = {r["data"] for r in quick_result.origin}
-    assert "bright Bragg disks + hot pixels" in conditions
+    assert "bright Bragg disks + hot pixels" in conditions and STOP_CONDITION in conditions
     for r in quick_result.origin:
         assert r["crlb_rms"] > 0 and r["per_second"] > 0 and 0 <= r["fail"] <= 1
     crlb = {r["dose"]: r["crlb_rms"] for r in quick_result.origin}
@@ -35,7 +35,9 @@ def test_targets_are_read_from_the_rows():
     res.origin = [origin(PRENET_CENTRE, "crystal (random disk brightness)", 1e4, 0.03, fail=0.5),
                   origin(PRENET_CENTRE, "bright Bragg disks", 1e4, 0.05, 0.01),
                   origin(PRENET_CALIBRATION, "crystal (random disk brightness)", 1e4, 0.03, speed=300.0),
-                  origin(CLASSICAL_GET_ORIGIN, "crystal (random disk brightness)", 1e4, 0.5, speed=900.0)]
+                  origin(CLASSICAL_GET_ORIGIN, "crystal (random disk brightness)", 1e4, 0.5, speed=900.0),
+                  origin(PRENET_CENTRE, "bright Bragg disks", 1e5, 0.02),
+                  origin(PRENET_CENTRE, STOP_CONDITION, 1e5, 0.02, fail=0.03)]
     res.ellipse = [{"method": PRENET_ELLIPSE, "true_ratio": 1.02, "d_ratio": 0.001, "d_theta_deg": 0.5},
                    {"method": PRENET_ELLIPSE, "true_ratio": 1.0, "d_ratio": 0.01, "d_theta_deg": 40.0}]
     res.denoise = [{"method": "noisy input", "dose": 1e3, "mse_ratio": 1.0},
@@ -45,8 +47,10 @@ def test_targets_are_read_from_the_rows():
     assert met["centre mean error <= 0.04 px at 1e+04"] is False  # one condition at 0.05
     assert met["centre RMS <= 2 x CRLB at 1e+04"] is True
     # only the bright-disk conditions count (the plain crystal's 50% does not enter, the bright disks' 1% does)
-    assert met["no pattern off by > 1 px where get_origin fails (bright disks, hot pixels), 1e+04"] is False
-    assert [m for t, m, _ in res.targets() if t.startswith("no pattern")] == ["1.0%"]
+    assert met["no pattern off by > 1 px where get_origin fails (bright disks, hot pixels, beam stop), 1e+04"] is False
+    # the beam-stop condition counts too
+    assert met["no pattern off by > 1 px where get_origin fails (bright disks, hot pixels, beam stop), 1e+05"] is False
+    assert [m for t, m, _ in res.targets() if t.startswith("no pattern")] == ["1.0%", "0.0%, 3.0%"]
     assert met["ellipse abs d(a/b) <= 0.002 (a/b - 1 >= 0.01)"] is True  # the a/b = 1.00 scan does not count
     assert met["denoising MSE <= 0.5 x noisy and below Gaussian and tensor SVD at 1e+03"] is True
     assert met["calibration alone at least as fast as get_origin on the same data"] is False

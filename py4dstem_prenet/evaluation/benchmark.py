@@ -39,6 +39,10 @@ PRENET_ELLIPSE = "PreNet (ResNet + log-polar refinement)"
 PRENET_DENOISER = "PreNet CBAM U-Net"
 CLASSICAL_GET_ORIGIN = "py4DSTEM get_origin (default r)"
 
+#: The condition with a beam stop (disk and rod) over the bright-field disk; its mask is
+#: given to the methods that take one (py4DSTEM get_origin_friedel, PreNet).
+STOP_CONDITION = "beam stop over the bright-field disk (mask given)"
+
 
 @dataclass
 class BenchmarkConfig:
@@ -131,9 +135,10 @@ class BenchmarkResult:
                              f"CRLB / 3: {3 * min(ratios):.1f} - {3 * max(ratios):.1f} x")
             out.append((f"centre RMS <= 2 x CRLB at {dose:.0e}", measured, bound * max(ratios) <= 2))
         for dose, rows in sorted(by_dose.items()):
-            hard = [r for r in rows if r["data"].startswith("bright Bragg disks")]
+            hard = [r for r in rows if r["data"].startswith("bright Bragg disks") or r["data"] == STOP_CONDITION]
             if hard:
-                out.append((f"no pattern off by > 1 px where get_origin fails (bright disks, hot pixels), {dose:.0e}",
+                out.append((f"no pattern off by > 1 px where get_origin fails (bright disks, hot pixels, beam stop), "
+                            f"{dose:.0e}",
                             ", ".join(f"{100 * r['fail']:.1f}%" for r in hard), all(r["fail"] == 0 for r in hard)))
         ell = [r for r in self.ellipse if r["method"] == PRENET_ELLIPSE and r["true_ratio"] - 1 >= 0.01 - 1e-9]
         if ell:
@@ -317,7 +322,7 @@ def classical_methods() -> dict[str, dict]:
             CLASSICAL_GET_ORIGIN: lambda dc, ctx: get_origin(dc),
             "py4DSTEM get_origin (r hand-set to the true radius)": lambda dc, ctx: get_origin(dc, r=ctx["disk_radius"]),
             "py4DSTEM get_origin (true r) + fit_origin": lambda dc, ctx: fit_origin(*get_origin(dc, r=ctx["disk_radius"])),
-            "py4DSTEM get_origin_friedel": lambda dc, ctx: get_origin_friedel(dc),
+            "py4DSTEM get_origin_friedel": lambda dc, ctx: get_origin_friedel(dc, mask=ctx.get("mask")),
         },
         "ellipse": {
             "py4DSTEM fit_ellipse_1D (aligned mean)": (mean_ring(ellipse_fit_1d), ("polycrystalline", "amorphous")),
@@ -338,15 +343,17 @@ def prenet_methods(weights_dir: str | None = None) -> dict[str, dict]:
     from ..preprocess import preprocess
 
     def calib(dc, ctx):
-        out = preprocess(dc, denoise=False, ellipse=False, progress=False, weights_dir=weights_dir)
+        out = preprocess(dc, denoise=False, ellipse=False, progress=False, weights_dir=weights_dir,
+                         mask=ctx.get("mask"))
         return out.calibration.get_origin()
 
     def calib_denoised(dc, ctx):
-        out = preprocess(dc, ellipse=False, progress=False, weights_dir=weights_dir)
+        out = preprocess(dc, ellipse=False, progress=False, weights_dir=weights_dir, mask=ctx.get("mask"))
         return out.calibration.get_origin()
 
     def net_only(dc, ctx):
-        out = preprocess(dc, denoise=False, ellipse=False, refine=False, progress=False, weights_dir=weights_dir)
+        out = preprocess(dc, denoise=False, ellipse=False, refine=False, progress=False, weights_dir=weights_dir,
+                         mask=ctx.get("mask"))
         return out.calibration.get_origin()
 
     def ellipse(dc, ctx):
@@ -395,7 +402,9 @@ def _origin_rows(methods: dict, cubes: list, condition: str, dose: float) -> lis
     for name, fn in methods.items():
         preds, seconds, peak = [], 0.0, 0.0
         for dc, truth in cubes:
-            (qx0, qy0), dt, pk = _timed(fn, dc, {"disk_radius": truth.disk_radius})
+            # a known beam stop is given as a mask (the user knows where it is): False under it
+            stop = None if np.all(truth.transmission >= 1) else truth.transmission > 0.5
+            (qx0, qy0), dt, pk = _timed(fn, dc, {"disk_radius": truth.disk_radius, "mask": stop})
             preds.append(np.stack([qx0, qy0], -1).reshape(-1, 2))
             seconds += dt
             peak = max(peak, pk)
@@ -482,14 +491,15 @@ def run_benchmark(
                     for name in ("Au", "MgO")]
         except ImportError:
             say("abtem not installed: no multislice condition")
-    # name -> (detector, force a Bragg disk brighter than the bright-field disk)
+    # name -> (detector, force a Bragg disk brighter than the bright-field disk, beam stop)
     conditions = {
-        "crystal (random disk brightness)": (Detector(), False),
-        "bright Bragg disks": (Detector(), True),
-        "bright Bragg disks + hot pixels": (Detector(hot_fraction=5e-4, hot_level=10.0), True),
+        "crystal (random disk brightness)": (Detector(), False, False),
+        "bright Bragg disks": (Detector(), True, False),
+        "bright Bragg disks + hot pixels": (Detector(hot_fraction=5e-4, hot_level=10.0), True, False),
+        STOP_CONDITION: (Detector(), False, True),
     }
     for di, dose in enumerate(cfg.doses):
-        for ci, (condition, (detector, bright)) in enumerate(conditions.items()):
+        for ci, (condition, (detector, bright, stop)) in enumerate(conditions.items()):
             say(f"origin, {condition}, dose {dose:.0e}")
             cubes = []
             for s in range(cfg.n_scans):
@@ -497,7 +507,7 @@ def run_benchmark(
                 rng = np.random.default_rng(seed)
                 scene = bright_disk_scene(rng, shape) if bright else None
                 dc, truth = simulate_datacube(
-                    cfg.scan_shape, shape, "crystal", dose, cfg.ellipse, detector=detector,
+                    cfg.scan_shape, shape, "crystal", dose, cfg.ellipse, detector=detector, beam_stop=stop,
                     scene=scene, seed=seed, compute_crlb=True,
                 )
                 cubes.append((dc, truth))
