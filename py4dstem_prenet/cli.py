@@ -293,8 +293,9 @@ from training; the abTEM condition uses structures, Au and MgO, that the trainin
 do not contain). Crystal scans have descan drift (3 px plane + curvature + jitter), an
 elliptical distortion, and thickness-like intensity variation inside the disks (which
 moves the centre of mass but not the disk edge); "bright Bragg disks" scans have a Bragg
-disk 1.5x brighter per pixel than the bright-field disk; "beam stop" scans have a disk
-and rod over the bright-field disk (the dose is counted before the stop), whose mask is
+disk 1.5x brighter per pixel than the bright-field disk; "beam stop" scans (a crystal, and
+an amorphous film whose rings are all that is left) have a disk and rod over the
+bright-field disk (the dose is counted before the stop), whose mask is
 given to the methods that take one (py4DSTEM get_origin_friedel, PreNet's `mask=`), as a
 user who knows the stop would. The origin label is the geometric
 centre of the bright-field disk. py4DSTEM's classical methods are run with their

@@ -39,9 +39,11 @@ PRENET_ELLIPSE = "PreNet (ResNet + log-polar refinement)"
 PRENET_DENOISER = "PreNet CBAM U-Net"
 CLASSICAL_GET_ORIGIN = "py4DSTEM get_origin (default r)"
 
-#: The condition with a beam stop (disk and rod) over the bright-field disk; its mask is
-#: given to the methods that take one (py4DSTEM get_origin_friedel, PreNet).
+#: The conditions with a beam stop (disk and rod) over the bright-field disk, on a crystal
+#: and on an amorphous film (rings only); the mask is given to the methods that take one
+#: (py4DSTEM get_origin_friedel, PreNet).
 STOP_CONDITION = "beam stop over the bright-field disk (mask given)"
+STOP_RINGS_CONDITION = "amorphous rings, beam stop over the bright-field disk (mask given)"
 
 
 @dataclass
@@ -135,7 +137,8 @@ class BenchmarkResult:
                              f"CRLB / 3: {3 * min(ratios):.1f} - {3 * max(ratios):.1f} x")
             out.append((f"centre RMS <= 2 x CRLB at {dose:.0e}", measured, bound * max(ratios) <= 2))
         for dose, rows in sorted(by_dose.items()):
-            hard = [r for r in rows if r["data"].startswith("bright Bragg disks") or r["data"] == STOP_CONDITION]
+            hard = [r for r in rows if r["data"].startswith("bright Bragg disks")
+                    or r["data"] in (STOP_CONDITION, STOP_RINGS_CONDITION)]
             if hard:
                 out.append((f"no pattern off by > 1 px where get_origin fails (bright disks, hot pixels, beam stop), "
                             f"{dose:.0e}",
@@ -491,15 +494,16 @@ def run_benchmark(
                     for name in ("Au", "MgO")]
         except ImportError:
             say("abtem not installed: no multislice condition")
-    # name -> (detector, force a Bragg disk brighter than the bright-field disk, beam stop)
+    # name -> (detector, force a Bragg disk brighter than the bright-field disk, beam stop, kind)
     conditions = {
-        "crystal (random disk brightness)": (Detector(), False, False),
-        "bright Bragg disks": (Detector(), True, False),
-        "bright Bragg disks + hot pixels": (Detector(hot_fraction=5e-4, hot_level=10.0), True, False),
-        STOP_CONDITION: (Detector(), False, True),
+        "crystal (random disk brightness)": (Detector(), False, False, "crystal"),
+        "bright Bragg disks": (Detector(), True, False, "crystal"),
+        "bright Bragg disks + hot pixels": (Detector(hot_fraction=5e-4, hot_level=10.0), True, False, "crystal"),
+        STOP_CONDITION: (Detector(), False, True, "crystal"),
+        STOP_RINGS_CONDITION: (Detector(), False, True, "amorphous"),
     }
     for di, dose in enumerate(cfg.doses):
-        for ci, (condition, (detector, bright, stop)) in enumerate(conditions.items()):
+        for ci, (condition, (detector, bright, stop, kind)) in enumerate(conditions.items()):
             say(f"origin, {condition}, dose {dose:.0e}")
             cubes = []
             for s in range(cfg.n_scans):
@@ -507,7 +511,7 @@ def run_benchmark(
                 rng = np.random.default_rng(seed)
                 scene = bright_disk_scene(rng, shape) if bright else None
                 dc, truth = simulate_datacube(
-                    cfg.scan_shape, shape, "crystal", dose, cfg.ellipse, detector=detector, beam_stop=stop,
+                    cfg.scan_shape, shape, kind, dose, cfg.ellipse, detector=detector, beam_stop=stop,
                     scene=scene, seed=seed, compute_crlb=True,
                 )
                 cubes.append((dc, truth))
