@@ -4,8 +4,7 @@ import pytest
 from py4dstem_prenet.cli import main
 from py4dstem_prenet.evaluation.benchmark import (CLASSICAL_GET_ORIGIN, PRENET_CALIBRATION, PRENET_CENTRE,
                                                   PRENET_DENOISER, PRENET_ELLIPSE, STOP_CONDITION, STOP_RINGS_CONDITION,
-                                                  BenchmarkConfig,
-                                                  BenchmarkResult, run_benchmark)
+                                                  BenchmarkConfig, BenchmarkResult, run_benchmark)
 
 
 @pytest.fixture(scope="module")
