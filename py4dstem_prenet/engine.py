@@ -13,6 +13,7 @@ radial bands), :func:`fit_ellipse_bands` the reduction.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +80,18 @@ UNSURE_MARGIN = 0.1
 #: edge): 0.86 against 0.40; on simulated scans where a stop-like dark region was found
 #: (rings, disks at 1e5-1e6 counts) it never exceeded the current origin's score.
 STOP_MARGIN = 0.2
+
+#: Masked pixels (a given mask) that survive an erosion by this many pixels form a beam
+#: stop's core (rods, lines, dead columns and annotation strokes do not survive it).
+STOP_CORE_ERODE = 3
+
+#: Where a given mask has a stop core at least as large as a disk of half the bright-field
+#: radius and the origin found lies outside it, the most symmetric point under the stop
+#: (which hides the direct beam) replaces it when it scores at least this fraction of the
+#: origin's score: with the bright-field disk hidden, a crystal's Bragg lattice is about as
+#: symmetric about other lattice points (a dev scan: 0.26 at a point 37 px away, 0.15 at
+#: the true origin under the stop).
+STOP_PRIOR_FRACTION = 0.5
 
 #: Name of the ellipse band summed over isotropic patterns only.
 ISOTROPIC = "isotropic patterns"
@@ -290,6 +303,60 @@ def _behind_beam_stops(x: torch.Tensor, origin: torch.Tensor, select: torch.Tens
     return moved, origin, sigma
 
 
+def _stop_region(valid: torch.Tensor, radius: float) -> torch.Tensor | None:
+    """Where a given beam stop may hide the direct beam: (1 or N, H, W) bool, or None.
+
+    The core of the masked region (masked pixels that survive an erosion by
+    STOP_CORE_ERODE px), where it covers at least a disk of half the bright-field
+    radius, dilated back by STOP_CORE_ERODE + 2 px.
+    """
+    inv = (~valid if valid.dim() == 3 else ~valid[None]).float()[:, None]
+    k = 2 * STOP_CORE_ERODE + 1
+    core = -F.max_pool2d(-F.pad(inv, (STOP_CORE_ERODE,) * 4, value=1.0), k, stride=1)
+    big = core.sum(dim=(1, 2, 3)) >= max(20.0, math.pi * (0.5 * radius) ** 2)
+    if not big.any():
+        return None
+    core = core * big[:, None, None, None]
+    d = STOP_CORE_ERODE + 2
+    return F.max_pool2d(core, 2 * d + 1, stride=1, padding=d)[:, 0] > 0
+
+
+def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor, score: torch.Tensor,
+                      radius: float, select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Origins outside a given beam stop replaced by the most symmetric point under it.
+
+    See STOP_PRIOR_FRACTION. ``select`` (N,) marks the patterns that may move (edge-
+    symmetry origins of patterns with enough counts).
+
+    Returns
+    -------
+    moved, origin, score : torch.Tensor
+        (N,) bool, (N, 2) pixels and (N,) scores (the inputs' where not moved).
+    """
+    moved = torch.zeros(len(origin), dtype=torch.bool)
+    region = _stop_region(valid, radius)
+    if region is None:
+        return moved, origin, score
+    region = region.cpu()
+    h, w = region.shape[1:]
+    r = origin[:, 0].round().long().clamp(0, h - 1)
+    c = origin[:, 1].round().long().clamp(0, w - 1)
+    rows = torch.arange(len(origin)) if region.shape[0] > 1 else torch.zeros(len(origin), dtype=torch.long)
+    outside = ~region[rows, r, c] & select & region[rows].flatten(1).any(dim=1)
+    if not outside.any():
+        return moved, origin, score
+    idx = torch.nonzero(outside)[:, 0]
+    v = valid[idx.to(valid.device)] if valid.dim() == 3 else valid
+    allowed = (region[idx] if region.shape[0] > 1 else region[0]).to(x.device)
+    og, sg = (t.cpu() for t in symmetry_centre(x[idx.to(x.device)], search=2.0, valid=v, allowed=allowed))
+    take = sg >= STOP_PRIOR_FRACTION * score[idx]
+    moved[idx[take]] = True
+    origin, score = origin.clone(), score.clone()
+    origin[idx[take]] = og[take].to(origin.dtype)
+    score[idx[take]] = sg[take].to(score.dtype)
+    return moved, origin, score
+
+
 @dataclass(frozen=True)
 class PreNet:
     """The three networks and the physics refinement, applied to blocks of patterns.
@@ -381,7 +448,9 @@ class PreNet:
             int8: 0 network, 1 refined near it, 2 symmetry centre of the detector
             (the network's estimate was rejected), 4 behind a beam stop (from the
             diffuse background's fall-off; 'origin_sigma' is then its uncertainty and
-            'origin_symmetry' nan), and 'origin_blur_bias' (N, 2) px, the edge-blur bias
+            'origin_symmetry' nan), 7 the most symmetric point under a beam stop given in
+            ``mask`` (the origin found lay outside it; see STOP_PRIOR_FRACTION), and
+            'origin_blur_bias' (N, 2) px, the edge-blur bias
             of the symmetry centres (see :func:`~py4dstem_prenet.refine.edge_blur_bias`;
             not subtracted from 'origin' here, 0 for sources 0 and 4); with the
             ellipse stage 'e12' (N, 2).
@@ -429,11 +498,18 @@ class PreNet:
                         out["origin_sigma"] = np.where(moved.numpy(), s_stop.numpy(), out["origin_sigma"])
                         out["origin_symmetry"][moved.numpy()] = np.nan
                         source = torch.where(moved, torch.full_like(source, 4), source)
+                    if valid is not None:
+                        # a given beam stop hides the direct beam: an origin outside it is suspect
+                        sym = torch.from_numpy(out["origin_symmetry"]).to(o.dtype)
+                        under, o, sym = _under_given_stop(xr, valid, o, sym, float(np.median(out["disk_radius"])),
+                                                          ((source == 1) | (source == 2)) & eligible)
+                        out["origin_symmetry"] = sym.numpy().astype(np.float64)
+                        source = torch.where(under, torch.full_like(source, 7), source)
                     out["origin_source"] = source.numpy().astype(np.int8)
                     # the edge-blur bias of the symmetry centres (preprocess smooths it over the
                     # scan and subtracts it); 0 where the origin is not an edge-symmetry centre
                     bias = torch.zeros_like(o)
-                    edge = (source == 1) | (source == 2)
+                    edge = (source == 1) | (source == 2) | (source == 7)
                     if edge.any():
                         i = torch.nonzero(edge)[:, 0]
                         v = valid[i.to(valid.device)] if valid is not None and valid.dim() == 3 else valid

@@ -172,7 +172,7 @@ def blur_correction(bias: np.ndarray, source: np.ndarray, scan: tuple[int, int])
     centres; the intensity slopes it comes from change slowly with the probe
     position, so each pattern takes the median of the estimates over its 3 x 3 scan
     neighbourhood (fewer at the border; the estimates of edge-symmetry centres only,
-    ``origin_source`` 1, 2, and 5, whose estimate is that of the pooled sum). On dev
+    ``origin_source`` 1, 2, 7, and 5, whose estimate is that of the pooled sum). On dev
     scans the median cost no accuracy where the bias changes from pattern to pattern
     (abTEM patterns drawn at random thicknesses: 0.047 -> 0.048 px at 1e4 counts) and
     kept most of the gain where it is smooth; on pooled low-dose origins it helped
@@ -195,14 +195,14 @@ def blur_correction(bias: np.ndarray, source: np.ndarray, scan: tuple[int, int])
         edge-symmetry centre (sources 0, 4 and 6) or no neighbour has an estimate.
     """
     nrx, nry = scan
-    est = np.where(np.isin(source, (1, 2, 5))[:, None], np.asarray(bias, float), np.nan).reshape(nrx, nry, 2)
+    est = np.where(np.isin(source, (1, 2, 5, 7))[:, None], np.asarray(bias, float), np.nan).reshape(nrx, nry, 2)
     pad = np.pad(est, ((1, 1), (1, 1), (0, 0)), constant_values=np.nan)
     windows = np.stack([pad[i:i + nrx, j:j + nry] for i in range(3) for j in range(3)])
     have = np.isfinite(windows[..., 0]).any(axis=0)
     med = np.zeros((nrx, nry, 2))
     if have.any():
         med[have] = np.nanmedian(windows[:, have], axis=0)
-    apply = np.isin(source, (1, 2, 3, 5)).reshape(nrx, nry)
+    apply = np.isin(source, (1, 2, 3, 5, 7)).reshape(nrx, nry)
     return np.where(apply[..., None], med, 0.0).reshape(-1, 2)
 
 
@@ -419,7 +419,9 @@ def preprocess(
         measured on the sum of the 3 x 3 neighbouring patterns because the pattern
         has fewer than POOL_BELOW_COUNTS counts, 6 the scan's smooth descan model
         from summed scan tiles, where that pooled measurement disagreed with it by
-        more than DESCAN_MODEL_TOL_PX), the counts ``origin_rerefined``,
+        more than DESCAN_MODEL_TOL_PX, 7 the most symmetric point under a beam stop
+        given in ``mask``, where the origin found lay outside it), the counts
+        ``origin_rerefined``,
         ``origin_pooled`` and ``origin_descan_model``, and the edge-blur correction
         ``origin_blur_correction`` (px, already subtracted).
         With ``out``, its data is an h5py dataset of the output file.

@@ -414,7 +414,7 @@ def _symmetry_at(g: torch.Tensor, m: torch.Tensor, s: torch.Tensor, min_overlap:
 
 
 def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | None = None,
-                    min_overlap: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+                    min_overlap: float = 0.4, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The most inversion-symmetric point of each whole pattern.
 
     The score is the normalised cross-correlation of the mean-free edge map with
@@ -433,6 +433,9 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
         As in :func:`refine_origin`.
     min_overlap : float
         Fraction of the detector the inversion must keep.
+    allowed : torch.Tensor, optional
+        (H, W) or (N, H, W) bool: only centres on these pixels are considered (e.g.
+        under a beam stop, which hides the direct beam); all when None.
 
     Returns
     -------
@@ -451,6 +454,12 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
     gf = torch.fft.rfft2(g, s=size)
     num, den, ovl = (torch.fft.irfft2(f, s=size) for f in _symmetry_spectra(g, m, gf, size))
     score = _score(num, den, ovl.expand_as(num), h * w, min_overlap)
+    if allowed is not None:
+        a = allowed if allowed.dim() == 3 else allowed[None]
+        if tuple(a.shape[1:]) != (h, w) or a.dtype != torch.bool:
+            raise ValueError(f"allowed must be a bool tensor {(h, w)} or {(n, h, w)}, got {a.dtype} {tuple(allowed.shape)}")
+        on_grid = a.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # s = 2 * centre
+        score = torch.where(on_grid, score, torch.full_like(score, -1.0))
     best = score.reshape(n, -1).argmax(dim=1)
     s_best = torch.stack([best // (2 * w), best % (2 * w)], dim=1)
     return _located(x, g, gf, s_best, search), score.reshape(n, -1).max(dim=1).values

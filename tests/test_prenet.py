@@ -474,3 +474,27 @@ def test_lowest_dose_bright_disks_no_pattern_off_by_a_pixel():
     assert err.max() < 1.0 and md["origin_descan_model"] > 0
     assert set(np.unique(md["origin_source"])) <= {5, 6}
     assert np.all(np.isnan(md["origin_symmetry"][md["origin_source"] == 6]))
+
+
+def test_symmetry_centre_within_allowed_pixels():
+    scene = Scene(disk_radius=6.0, spots=[[0, 0], [25, 8], [-25, -8], [-6, 22], [6, -22]])
+    x = torch.from_numpy(render(scene, (96, 80), (47.3, 41.8)) * 40).float()[None, None]
+    allowed = torch.zeros(96, 80, dtype=torch.bool)
+    allowed[10:30, 50:70] = True  # a region away from the true centre
+    found, _ = symmetry_centre(x, allowed=allowed)
+    assert 7.5 <= found[0, 0] <= 32 and 47.5 <= found[0, 1] <= 72  # the sample, refined within +-2 px
+    near, _ = symmetry_centre(x, allowed=torch.ones(1, 96, 80, dtype=torch.bool))
+    assert torch.linalg.norm(near[0] - torch.tensor([47.3, 41.8])) < 0.1
+    with pytest.raises(ValueError, match="allowed"):
+        symmetry_centre(x, allowed=torch.ones(90, 80, dtype=torch.bool))
+
+
+def test_origin_is_kept_under_a_given_beam_stop():
+    # a crystal whose bright-field disk is under a disk-and-rod stop (mask given): its Bragg
+    # lattice is about as symmetric about other lattice points (this scan: 37 px off everywhere
+    # without the rule), and the stop hides the direct beam, so the origin is sought under it
+    dc, truth = simulate_datacube((6, 6), (128, 128), "crystal", 1e4, (1.02, 0.6), seed=88_002, beam_stop=True)
+    out = prenet.preprocess(dc, ellipse=False, progress=False, mask=truth.transmission > 0.5)
+    err = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - truth.origin, axis=-1)
+    assert np.median(err) < 1.0 and err.max() < 5.0
+    assert 7 in np.unique(out.metadata["prenet"]["origin_source"])
