@@ -342,7 +342,7 @@ def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor
     r = origin[:, 0].round().long().clamp(0, h - 1)
     c = origin[:, 1].round().long().clamp(0, w - 1)
     rows = torch.arange(len(origin)) if region.shape[0] > 1 else torch.zeros(len(origin), dtype=torch.long)
-    outside = ~region[rows, r, c] & select & region[rows].flatten(1).any(dim=1)
+    outside = ~region[rows, r, c] & select & region.flatten(1).any(dim=1)[rows]
     if not outside.any():
         return moved, origin, score
     idx = torch.nonzero(outside)[:, 0]

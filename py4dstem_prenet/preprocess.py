@@ -109,6 +109,43 @@ TILE_COUNTS = 2e4
 DESCAN_MODEL_TOL_PX = 0.5
 
 
+def _tile_grid(scan: tuple[int, int], counts: np.ndarray) -> tuple[list, list] | None:
+    """Scan rows and columns of the T x T tiles of :func:`tile_descan_model`, or None (< 4 x 4)."""
+    nrx, nry = scan
+    if min(nrx, nry) < 4:
+        return None
+    t = int(np.clip(np.floor(np.sqrt(float(np.sum(counts)) / TILE_COUNTS)), 2, min(8, nrx // 2, nry // 2)))
+    return np.array_split(np.arange(nrx), t), np.array_split(np.arange(nry), t)
+
+
+def _add_rows_to_tiles(sums: np.ndarray, x: np.ndarray, first_row: int, grid: tuple[list, list]) -> None:
+    """Add the cleaned patterns ``x`` (rows, R_Ny, Q_Nx, Q_Ny) of scan rows first_row... to the tile sums."""
+    rows, cols = grid
+    for i, band in enumerate(rows):
+        for r in band:
+            if first_row <= r < first_row + len(x):
+                for j, c in enumerate(cols):
+                    sums[i, j] += x[r - first_row][c].sum(axis=0)
+
+
+def _model_from_tiles(engine: PreNet, sums: np.ndarray, grid: tuple[list, list], scan: tuple[int, int],
+                      mask: np.ndarray | None) -> np.ndarray:
+    """The descan model (R_Nx * R_Ny, 2) from the tile sums (T, T, Q_Nx, Q_Ny) (see :func:`tile_descan_model`)."""
+    nrx, nry = scan
+    rows, cols = grid
+    t = len(rows)
+    h, w = sums.shape[2:]
+    found = dataclasses.replace(engine, ellipse=False).run(sums.reshape(t * t, h, w).astype(np.float32), mask=mask)
+    # scan coordinates scaled to [-1, 1] (well-conditioned polynomials on any scan size)
+    su, sv = 2.0 / (nrx - 1), 2.0 / (nry - 1)
+    u = np.repeat([b.mean() * su - 1 for b in rows], t)
+    v = np.tile([c.mean() * sv - 1 for c in cols], t)
+    degree = 2 if t >= 4 else 1
+    coef = _robust_fit(_poly_design(u, v, degree), found["origin"])
+    gu, gv = np.meshgrid(np.linspace(-1, 1, nrx), np.linspace(-1, 1, nry), indexing="ij")
+    return _poly_design(gu.ravel(), gv.ravel(), degree) @ coef
+
+
 def tile_descan_model(engine: PreNet, data, scan: tuple[int, int], counts: np.ndarray,
                       mask: np.ndarray | None = None) -> np.ndarray | None:
     """Smooth descan model of a low-dose scan from the origins of summed scan tiles.
@@ -120,7 +157,8 @@ def tile_descan_model(engine: PreNet, data, scan: tuple[int, int], counts: np.nd
     counts where possible (2 <= T <= 8), the engine measures each tile's origin, and
     a robust (least absolute deviations) plane (T < 4) or parabola (T >= 4) over the
     tile centres gives the model at every position. It is the fallback where the
-    pooled low-dose origins are too noisy for their own descan fit.
+    pooled low-dose origins are too noisy for their own descan fit (the pooling
+    builds the same tile sums from the rows it reads anyway).
 
     Parameters
     ----------
@@ -141,27 +179,14 @@ def tile_descan_model(engine: PreNet, data, scan: tuple[int, int], counts: np.nd
         (R_Nx * R_Ny, 2) model origins in scan order, pixels; None for scans smaller
         than 4 x 4 positions.
     """
-    nrx, nry = scan
-    if min(nrx, nry) < 4:
+    grid = _tile_grid(scan, counts)
+    if grid is None:
         return None
-    t = int(np.clip(np.floor(np.sqrt(float(np.sum(counts)) / TILE_COUNTS)), 2, min(8, nrx // 2, nry // 2)))
-    rows, cols = np.array_split(np.arange(nrx), t), np.array_split(np.arange(nry), t)
-    h, w = (int(v) for v in data.shape[2:])
-    sums = np.zeros((t, t, h, w), np.float64)
-    for i, band in enumerate(rows):
-        for r in band:  # a scan row at a time: memory of one row, whatever the tile size
-            x = _clean_block(read_block(data, r * nry, (r + 1) * nry))[:, 0].numpy()
-            for j, c in enumerate(cols):
-                sums[i, j] += x[c].sum(axis=0)
-    found = dataclasses.replace(engine, ellipse=False).run(sums.reshape(t * t, h, w).astype(np.float32), mask=mask)
-    # scan coordinates scaled to [-1, 1] (well-conditioned polynomials on any scan size)
-    su, sv = 2.0 / (nrx - 1), 2.0 / (nry - 1)
-    u = np.repeat([b.mean() * su - 1 for b in rows], t)
-    v = np.tile([c.mean() * sv - 1 for c in cols], t)
-    degree = 2 if t >= 4 else 1
-    coef = _robust_fit(_poly_design(u, v, degree), found["origin"])
-    gu, gv = np.meshgrid(np.linspace(-1, 1, nrx), np.linspace(-1, 1, nry), indexing="ij")
-    return _poly_design(gu.ravel(), gv.ravel(), degree) @ coef
+    nrx, nry = scan
+    sums = np.zeros((len(grid[0]), len(grid[1]), *(int(v) for v in data.shape[2:])), np.float64)
+    for r in range(nrx):  # a scan row at a time: memory of one row, whatever the tile size
+        _add_rows_to_tiles(sums, _clean_block(read_block(data, r * nry, (r + 1) * nry))[:, 0].numpy()[None], r, grid)
+    return _model_from_tiles(engine, sums, grid, scan, mask)
 
 
 def blur_correction(bias: np.ndarray, source: np.ndarray, scan: tuple[int, int]) -> np.ndarray:
@@ -274,8 +299,9 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     measurement can still land on a wrong disk, and where most do, the fit follows
     them.
 
-    Reads only the scan rows around low-count patterns (``results['counts']``, from
-    the first pass), and the whole scan once for the tile model. Updates ``origin``
+    Where any pattern has few counts (``results['counts']``, from the first pass), reads
+    the scan once, in blocks of rows with one row either side, for the pooled patterns
+    and the tile model's sums alike. Updates ``origin``
     (N, 2) and ``results['origin_sigma']``, ``['origin_source']`` (5 where pooled, 6
     where the model replaced the pooled measurement) and ``['origin_symmetry']`` in
     place.
@@ -290,6 +316,10 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     h, w = (int(v) for v in data.shape[2:])
     run = dataclasses.replace(engine, ellipse=False)
     low_all = (np.asarray(results["counts"]) < POOL_BELOW_COUNTS).reshape(nrx, nry)
+    if not low_all.any():
+        return 0, 0
+    grid = _tile_grid(scan, results["counts"])
+    tiles = None if grid is None else np.zeros((len(grid[0]), len(grid[1]), h, w), np.float64)
     rows = max(1, 64 // nry)
     found: dict[str, list] = {"index": [], "origin": [], "origin_sigma": [], "origin_symmetry": [],
                               "origin_blur_bias": []}
@@ -297,10 +327,14 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     for r0 in range(0, nrx, rows):
         r1 = min(nrx, r0 + rows)
         low = low_all[r0:r1]
-        if not low.any():
+        if tiles is None and not low.any():
             continue
         a0, a1 = max(0, r0 - 1), min(nrx, r1 + 1)
         x = _clean_block(read_block(data, a0 * nry, a1 * nry))[:, 0].numpy().reshape(a1 - a0, nry, h, w)
+        if tiles is not None:  # the tile model's sums from the same read (rows r0..r1 only, once each)
+            _add_rows_to_tiles(tiles, x[r0 - a0:r1 - a0], r0, grid)
+        if not low.any():
+            continue
         sums = []
         for i, j in zip(*np.nonzero(low)):
             r = r0 + i
@@ -311,14 +345,12 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
         res = run.run(np.stack(sums), mask=mask)
         for key in ("origin", "origin_sigma", "origin_symmetry", "origin_blur_bias"):
             found[key].append(res[key])
-    if not windows:
-        return 0, 0
     idx = np.array(found["index"])
     pooled = origin.copy()
     pooled[idx] = np.concatenate(found["origin"])
     off_model = np.zeros(len(idx), bool)
-    model = tile_descan_model(engine, data, scan, results["counts"], mask)
-    if model is not None:
+    if tiles is not None:
+        model = _model_from_tiles(engine, tiles, grid, scan, mask)
         m = model.reshape(nrx, nry, 2)
         expected = np.array([m[wr, wc].reshape(-1, 2).mean(axis=0) for wr, wc in windows])
         off_model = np.linalg.norm(pooled[idx] - expected, axis=1) > DESCAN_MODEL_TOL_PX

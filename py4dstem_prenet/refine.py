@@ -449,6 +449,9 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
     """
     _check_patterns(x, valid)
     n, _, h, w = x.shape
+    if allowed is not None and (tuple(allowed.shape) not in ((h, w), (n, h, w)) or allowed.dtype != torch.bool):
+        raise ValueError(f"allowed must be a bool tensor {(h, w)} or {(n, h, w)}, got {allowed.dtype} "
+                         f"{tuple(allowed.shape)}")
     g, m = _masked_edges(x, valid)
     size = (2 * h, 2 * w)
     gf = torch.fft.rfft2(g, s=size)
@@ -456,8 +459,6 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
     score = _score(num, den, ovl.expand_as(num), h * w, min_overlap)
     if allowed is not None:
         a = allowed if allowed.dim() == 3 else allowed[None]
-        if tuple(a.shape[1:]) != (h, w) or a.dtype != torch.bool:
-            raise ValueError(f"allowed must be a bool tensor {(h, w)} or {(n, h, w)}, got {a.dtype} {tuple(allowed.shape)}")
         on_grid = a.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # s = 2 * centre
         score = torch.where(on_grid, score, torch.full_like(score, -1.0))
     best = score.reshape(n, -1).argmax(dim=1)
