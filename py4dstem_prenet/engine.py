@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
-from .refine import edge_blur_bias, log_polar_view, refine_ellipse, refine_origin, symmetry_centre
+from .refine import (edge_blur_bias, gaussian_blur, intensity_symmetry_centre, log_polar_view, refine_ellipse,
+                     refine_origin, symmetry_centre)
 from .training import E12_SCALE
 from .views import VIEW_SIZE, full_view, polar_rmax, polar_view, view_to_detector
 
@@ -357,6 +358,91 @@ def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor
     return moved, origin, score
 
 
+def _angular_fraction(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of a pattern's variance that varies with angle about its origin (0: rings only).
+
+    The pattern, smoothed by 2 px, is resampled on 32
+    log-spaced radii from 4 px to :func:`~py4dstem_prenet.views.polar_rmax` and 36
+    angles (:func:`~py4dstem_prenet.refine.log_polar_view`); the variance about each
+    radius's angular mean, over the variance about the overall mean, both over the
+    samples whose rays are valid and less the variance of the Poisson noise that the
+    smoothing leaves (``x`` in counts). Rings of amorphous or polycrystalline films score
+    near 0 (dev scans behind a beam stop, 1e3-1e6 counts: <= 0.33), Bragg disks near 1 (>= 0.65).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, 1, H, W) counts.
+    origin : torch.Tensor
+        (N, 2) origins, pixels.
+    valid : torch.Tensor, optional
+        (H, W) or (N, H, W) bool, False on a beam stop or dead pixels.
+
+    Returns
+    -------
+    torch.Tensor
+        (N,) fractions in [0, 1].
+    """
+    n, _, h, w = x.shape
+    r_max = polar_rmax((h, w))
+    lp = log_polar_view(gaussian_blur(x, 2.0), origin.to(x.dtype), 4.0, r_max, 32, 36)
+    v = torch.ones((h, w), dtype=x.dtype, device=x.device) if valid is None else valid.to(x.dtype)
+    v = (v[None] if v.dim() == 2 else v)[:, None].expand(n, 1, h, w)
+    wt = (log_polar_view(v, origin.to(x.dtype), 4.0, r_max, 32, 36) > 0.99).to(x.dtype)
+    row_mean = (lp * wt).sum(2, keepdim=True) / wt.sum(2, keepdim=True).clamp_min(1)
+    mean = (lp * wt).sum((1, 2), keepdim=True) / wt.sum((1, 2), keepdim=True).clamp_min(1)
+    # Poisson noise left after the smoothing (variance counts / (4 pi sigma^2), halved by
+    # the two rays of each sample) is angular variance that is not structure
+    noise = ((lp.clamp_min(0) / (8 * math.pi * 2.0**2)) * wt).sum((1, 2))
+    angular = ((((lp - row_mean) ** 2) * wt).sum((1, 2)) - noise).clamp_min(0)
+    total = ((((lp - mean) ** 2) * wt).sum((1, 2)) - noise).clamp_min(0)
+    return torch.where(total > 0, angular / total.clamp_min(1e-30), torch.ones_like(total))
+
+
+def _diffuse_behind_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor,
+                         select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Origins of ring patterns under a given beam stop, from the symmetry of their intensity.
+
+    Where the origin lies under a given stop (see :func:`_stop_region`; any core of
+    at least 20 px: with the bright-field disk hidden, the network's radius is a
+    guess) and the pattern is rings only (:func:`_angular_fraction` <= 1 - ISOTROPY_MIN), the edge
+    map has no bright-field edge left, only speckle: the inversion symmetry of the
+    smoothed intensity (:func:`~py4dstem_prenet.refine.intensity_symmetry_centre`)
+    within SEARCH_PX replaces the origin. ``select`` (N,) marks the patterns that
+    may move.
+
+    Returns
+    -------
+    moved, origin : torch.Tensor
+        (N,) bool and (N, 2) pixels (the input's where not moved).
+    """
+    moved = torch.zeros(len(origin), dtype=torch.bool)
+    region = _stop_region(valid, 0.0)
+    if region is None or not select.any():
+        return moved, origin
+    region = region.cpu()
+    h, w = region.shape[1:]
+    r = origin[:, 0].round().long().clamp(0, h - 1)
+    c = origin[:, 1].round().long().clamp(0, w - 1)
+    rows = torch.arange(len(origin)) if region.shape[0] > 1 else torch.zeros(len(origin), dtype=torch.long)
+    under = region[rows, r, c] & select
+    if not under.any():
+        return moved, origin
+    idx = torch.nonzero(under)[:, 0]
+    v = valid[idx.to(valid.device)] if valid.dim() == 3 else valid
+    xi, oi = x[idx.to(x.device)], origin[idx].to(x.device).to(x.dtype)
+    rings = (_angular_fraction(xi, oi, v) <= 1 - ISOTROPY_MIN).cpu()
+    if not rings.any():
+        return moved, origin
+    k = torch.nonzero(rings)[:, 0]
+    vk = v[k.to(v.device)] if v.dim() == 3 else v
+    found = intensity_symmetry_centre(xi[k.to(x.device)], oi[k.to(x.device)], SEARCH_PX, vk).cpu()
+    moved[idx[k]] = True
+    origin = origin.clone()
+    origin[idx[k]] = found.to(origin.dtype)
+    return moved, origin
+
+
 @dataclass(frozen=True)
 class PreNet:
     """The three networks and the physics refinement, applied to blocks of patterns.
@@ -449,10 +535,12 @@ class PreNet:
             (the network's estimate was rejected), 4 behind a beam stop (from the
             diffuse background's fall-off; 'origin_sigma' is then its uncertainty and
             'origin_symmetry' nan), 7 the most symmetric point under a beam stop given in
-            ``mask`` (the origin found lay outside it; see STOP_PRIOR_FRACTION), and
-            'origin_blur_bias' (N, 2) px, the edge-blur bias
+            ``mask`` (the origin found lay outside it; see STOP_PRIOR_FRACTION), 8 the
+            inversion-symmetry centre of the intensity of a ring pattern whose origin
+            lies under a given stop (see :func:`_diffuse_behind_stop`; 'origin_symmetry'
+            nan), and 'origin_blur_bias' (N, 2) px, the edge-blur bias
             of the symmetry centres (see :func:`~py4dstem_prenet.refine.edge_blur_bias`;
-            not subtracted from 'origin' here, 0 for sources 0 and 4); with the
+            not subtracted from 'origin' here, 0 for sources 0, 4 and 8); with the
             ellipse stage 'e12' (N, 2).
             (:func:`~py4dstem_prenet.preprocess` adds 3: re-refined at the scan's
             descan fit, 5: measured on pooled scan neighbourhoods, and 6: the
@@ -503,8 +591,12 @@ class PreNet:
                         sym = torch.from_numpy(out["origin_symmetry"]).to(o.dtype)
                         under, o, sym = _under_given_stop(xr, valid, o, sym, float(np.median(out["disk_radius"])),
                                                           ((source == 1) | (source == 2)) & eligible)
-                        out["origin_symmetry"] = sym.numpy().astype(np.float64)
                         source = torch.where(under, torch.full_like(source, 7), source)
+                        # rings under the stop: the intensity's symmetry, not the speckle's edges
+                        rings, o = _diffuse_behind_stop(xr, valid, o, (source == 1) | (source == 2) | (source == 7))
+                        sym[rings] = float("nan")  # not an edge-symmetry score
+                        out["origin_symmetry"] = sym.numpy().astype(np.float64)
+                        source = torch.where(rings, torch.full_like(source, 8), source)
                     out["origin_source"] = source.numpy().astype(np.int8)
                     # the edge-blur bias of the symmetry centres (preprocess smooths it over the
                     # scan and subtracts it); 0 where the origin is not an edge-symmetry centre

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 
 import numpy as np
@@ -26,7 +27,7 @@ from .distributed import block_bounds, map_blocks
 from .engine import PreNet, _clean_block, add_polar_sums, ellipse_bands, fit_ellipse_bands
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
-__all__ = ["preprocess", "blur_correction", "robust_descan_fit", "tile_descan_model"]
+__all__ = ["preprocess", "blur_correction", "origin_scatter", "robust_descan_fit", "tile_descan_model"]
 
 
 def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool, mask: np.ndarray | None) -> dict:
@@ -263,6 +264,74 @@ def _descan_consistency(engine: PreNet, data, bounds, origin: np.ndarray, source
     return origin, source, int(outlier.sum())
 
 
+#: Origins scattering more than this (px, RMS over both axes of the differences between
+#: scan neighbours, each axis scaled by 1/sqrt(2): the white, pattern-to-pattern part of
+#: their scatter about the scan's smooth descan) are measurement noise, not descan, and
+#: the scan's robust parabolic descan fit replaces them (see :func:`origin_scatter`).
+#: Dev scans (12 x 12, seeds disjoint from the benchmark's): origins that the pattern
+#: pins down scatter by 0.03-0.11 px (the simulated per-position jitter of 0.05 px per
+#: axis alone gives 0.07); amorphous rings behind a beam stop, whose speckle defines the
+#: centre poorly, by 0.2-0.8 px (the fit took their mean error from 0.21-0.79 to
+#: 0.07-0.23 px at 1e4 counts, and 0.19-0.32 to 0.09-0.10 at 1e6); a crystal behind a
+#: stop at 1e4, 0.21 px (0.20 -> 0.09).
+NOISY_ORIGIN_PX = 0.15
+
+#: The parabolic fit replaces noisy origins only where it describes the descan: the
+#: scatter of the origins about it (robust RMS) is at most this many times their white
+#: scatter (more means structure the parabola misses; dev scans: 0.9-1.8).
+NOISY_STRUCTURE_MAX = 2.0
+
+#: Smallest scan (positions per side) on which the noisy-origin rule acts: the fit has
+#: six coefficients per axis.
+NOISY_MIN_SCAN = 5
+
+
+def origin_scatter(origin: np.ndarray, scan: tuple[int, int]) -> tuple[float, float, np.ndarray]:
+    """How much measured origins scatter about the scan's smooth descan.
+
+    Descan moves the origin smoothly with the probe, so the difference between the
+    residuals (origin minus :func:`robust_descan_fit`) of neighbouring positions is
+    the pattern-to-pattern (white) scatter of the measurement; the residuals
+    themselves add whatever smooth structure the parabola misses. Both are robust
+    (1.4826 x the median absolute deviation, per axis) and given as RMS over the two
+    axes.
+
+    Parameters
+    ----------
+    origin : numpy.ndarray
+        (R_Nx * R_Ny, 2) origins in scan order, pixels.
+    scan : tuple of int
+        (R_Nx, R_Ny), each at least 2.
+
+    Returns
+    -------
+    white, total : float
+        The white scatter (neighbour differences / sqrt(2)) and the scatter of the
+        residuals about the fit, pixels.
+    fitted : numpy.ndarray
+        (R_Nx * R_Ny, 2) the robust parabolic descan fit, pixels.
+
+    Raises
+    ------
+    ValueError
+        If ``origin`` is not finite (R_Nx * R_Ny, 2) or the scan is smaller than 2 x 2.
+    """
+    nrx, nry = (int(v) for v in scan)
+    origin = np.asarray(origin, float)
+    if min(nrx, nry) < 2 or origin.shape != (nrx * nry, 2) or not np.all(np.isfinite(origin)):
+        raise ValueError(f"origin must be finite ({nrx * nry}, 2) on a scan of at least 2 x 2, "
+                         f"got {origin.shape} on {(nrx, nry)}")
+    fitted = robust_descan_fit(origin, (nrx, nry))
+    r = (origin - fitted).reshape(nrx, nry, 2)
+    diff = np.concatenate([(r[1:] - r[:-1]).reshape(-1, 2), (r[:, 1:] - r[:, :-1]).reshape(-1, 2)])
+
+    def spread(a: np.ndarray) -> float:
+        mad = 1.4826 * np.median(np.abs(a - np.median(a, axis=0)), axis=0)
+        return float(np.sqrt(np.sum(mad**2)))
+
+    return spread(diff) / math.sqrt(2), spread(r.reshape(-1, 2)), fitted
+
+
 #: A pattern with fewer counts than this has its origin measured on the sum of its 3 x 3
 #: scan neighbourhood (see :func:`_pool_low_dose`). On dev scans (seeds disjoint from the
 #: benchmark's) of 12 x 12 crystals with 3 px of descan and 0.05 px of per-position
@@ -452,10 +521,17 @@ def preprocess(
         has fewer than POOL_BELOW_COUNTS counts, 6 the scan's smooth descan model
         from summed scan tiles, where that pooled measurement disagreed with it by
         more than DESCAN_MODEL_TOL_PX, 7 the most symmetric point under a beam stop
-        given in ``mask``, where the origin found lay outside it), the counts
+        given in ``mask``, where the origin found lay outside it, 8 the symmetry
+        centre of the intensity of rings whose origin lies under a stop given in
+        ``mask``: the bright-field edge is hidden and the rings' edges are speckle), the counts
         ``origin_rerefined``,
-        ``origin_pooled`` and ``origin_descan_model``, and the edge-blur correction
-        ``origin_blur_correction`` (px, already subtracted).
+        ``origin_pooled`` and ``origin_descan_model``, the edge-blur correction
+        ``origin_blur_correction`` (px, already subtracted), the white scatter of the
+        origins between scan neighbours ``origin_scatter`` (px, see
+        :func:`origin_scatter`) and ``origin_descan_smoothed``: True where that
+        scatter exceeded NOISY_ORIGIN_PX (measurement noise, e.g. speckled rings
+        behind a beam stop) and the origins are the scan's robust parabolic descan
+        fit; the per-pattern ones are ``origin_measured`` either way.
         With ``out``, its data is an h5py dataset of the output file.
 
     Raises
@@ -561,6 +637,14 @@ def preprocess(
         if center and refine and "origin_blur_bias" in results:
             correction = blur_correction(results["origin_blur_bias"], results["origin_source"], (nrx, nry))
             origin = origin - correction
+        smoothed, scatter = False, None
+        if center and refine and min(nrx, nry) >= NOISY_MIN_SCAN:
+            white, total, fitted = origin_scatter(origin, (nrx, nry))
+            scatter = white
+            smoothed = white > NOISY_ORIGIN_PX and total <= NOISY_STRUCTURE_MAX * white
+        measured = origin
+        if smoothed:  # the per-pattern origins are noise about the descan: take its fit
+            origin = fitted
 
         md = Metadata(name="prenet")
         md["version"] = __version__
@@ -572,7 +656,7 @@ def preprocess(
         if center:
             qx0 = origin[:, 0].reshape(nrx, nry)
             qy0 = origin[:, 1].reshape(nrx, nry)
-            md["origin_measured"] = origin.reshape(nrx, nry, 2)
+            md["origin_measured"] = measured.reshape(nrx, nry, 2)
             if correction is not None:
                 md["origin_blur_correction"] = correction.reshape(nrx, nry, 2)
             md["origin_rerefined"] = int(n_rerefined)
@@ -583,7 +667,10 @@ def preprocess(
             for key in ("origin_symmetry", "origin_source"):
                 if key in results:
                     md[key] = results[key].reshape(nrx, nry)
-            if fit_descan and n >= 3:
+            md["origin_descan_smoothed"] = bool(smoothed)
+            if scatter is not None:
+                md["origin_scatter"] = float(scatter)
+            if fit_descan and not smoothed and n >= 3:
                 from .baselines import fit_origin
 
                 qx0, qy0 = fit_origin(qx0, qy0, "parabola")  # a plane or constant on thin scans

@@ -4,7 +4,8 @@ Every disk edge (the bright-field disk, Bragg disks, and ring edges) is the imag
 the circular condenser aperture, and the elliptical distortion is centrosymmetric,
 so the *edge map* of a pattern is symmetric under inversion through the origin even
 where the intensities inside the disks are not (thick, dynamical crystals).  The
-self-convolution of the edge map peaks at twice the origin; the search is restricted
+self-convolution of the edge map, normalised over the pixels that the inversion keeps
+on the detector and outside masked regions, peaks at twice the origin; the search is restricted
 to a small window around the network's estimate, which removes the wrong-peak
 failures of an unrestricted Friedel search.
 
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_blur", "edge_map", "refine_origin", "edge_blur_bias", "symmetry_centre", "log_polar_view",
-           "refine_ellipse"]
+__all__ = ["gaussian_blur", "edge_map", "refine_origin", "edge_blur_bias", "symmetry_centre", "intensity_symmetry_centre",
+           "log_polar_view", "refine_ellipse"]
 
 #: Smallest contrast-normalisation floor of :func:`edge_map`, counts per pixel: edges of
 #: features dimmer than this keep square-root weights. Where counts are few, those
@@ -206,18 +207,21 @@ def _dft_grid(spec: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, size: 
 
 
 def _upsampled_peak(spec: torch.Tensor, s: torch.Tensor, size: tuple[int, int], half: float = 1.0,
-                    step: float = 0.1) -> torch.Tensor:
+                    step: float = 0.1, den: torch.Tensor | None = None) -> torch.Tensor:
     """Maximum of a map given by its half spectrum near first estimates, on a fine grid.
 
     A parabola through three samples of a peak is biased by up to a few hundredths
     of a sample (it depends on where the peak falls between samples); the map is
     therefore evaluated by exact Fourier interpolation on a grid of ``step`` samples
     within +-``half`` of ``s`` (N, 2), and a parabola through the best fine sample
-    and its neighbours gives the final position.
+    and its neighbours gives the final position. With ``den`` (the half spectrum of
+    a positive map) the maximum of the ratio of the two maps is found.
     """
     d = torch.arange(-half, half + step / 2, step, dtype=s.dtype, device=s.device)
     rows, cols = s[:, 0, None] + d, s[:, 1, None] + d
     fine = _dft_grid(spec, rows, cols, size)
+    if den is not None:
+        fine = fine / _dft_grid(den, rows, cols, size).clamp_min(1e-12)
     n, k, _ = fine.shape
     ar = torch.arange(n, device=s.device)
     flat = fine.reshape(n, -1).argmax(dim=1)
@@ -228,18 +232,20 @@ def _upsampled_peak(spec: torch.Tensor, s: torch.Tensor, size: tuple[int, int], 
     return torch.stack([rows[ar, i] + di * step, cols[ar, j] + dj * step], dim=1)
 
 
-def _symmetric_peak(gf: torch.Tensor, gf_fine: torch.Tensor, size: tuple[int, int], s0: torch.Tensor,
+def _symmetric_peak(spec: tuple, spec_fine: tuple, size: tuple[int, int], s0: torch.Tensor,
                     search: float) -> torch.Tensor:
-    """Centre of symmetry (N, 2) px: the self-convolution's peak (at s = 2 * origin).
+    """Centre of symmetry (N, 2) px: the normalised self-convolution's peak (at s = 2 * origin).
 
-    The peak of the self-convolution of the edge maps whose spectra are ``gf`` is
-    found within +-``search`` px of the samples ``s0`` (N, 2); the sub-pixel
-    position is that of the peak of the maps whose spectra are ``gf_fine`` (the
-    contrast-normalised maps) within +-1 sample of it, by Fourier interpolation.
+    ``spec`` and ``spec_fine`` are (numerator, denominator) half spectra (see
+    :func:`_peak_spectra`). The peak of the map ``spec`` is found within +-``search`` px of the samples
+    ``s0`` (N, 2); the sub-pixel position is that of the peak of the map
+    ``spec_fine`` (of the contrast-normalised edge maps) within +-1 sample of it,
+    by Fourier interpolation.
     """
-    spec = gf * gf
-    coarse = _peak_near(torch.fft.irfft2(spec, s=size), s0, int(math.ceil(2 * search)))
-    return _upsampled_peak(gf_fine * gf_fine, coarse, size) / 2
+    num, den = spec
+    cc = torch.fft.irfft2(num, s=size) / torch.fft.irfft2(den, s=size).clamp_min(1e-12)
+    coarse = _peak_near(cc, s0, int(math.ceil(2 * search)))
+    return _upsampled_peak(spec_fine[0], coarse, size, den=spec_fine[1]) / 2
 
 
 def _check_patterns(x, valid, origin=None) -> None:
@@ -257,26 +263,45 @@ def _check_patterns(x, valid, origin=None) -> None:
                          f"got {valid.dtype} {tuple(valid.shape)}")
 
 
+def _masked(g: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps g (N, H, W) and detector weights m (1 or N, H, W), both 0 within 3 px of invalid pixels."""
+    if valid is None:
+        return g, torch.ones((1, *g.shape[1:]), dtype=g.dtype, device=g.device)
+    v = valid.to(g.dtype)
+    v = v[None] if v.dim() == 2 else v
+    m = (-F.max_pool2d(-v[:, None], 7, stride=1, padding=3))[:, 0]  # erode by 3 px
+    return g * m, m
+
+
 def _masked_edges(x: torch.Tensor, valid: torch.Tensor | None, sigma: float = EDGE_SIGMA):
-    """Square-root edge maps g (N, H, W) and detector weights m (1 or N, H, W): 0 within 3 px of invalid pixels."""
-    _, _, h, w = x.shape
-    g = edge_map(x, sigma)[:, 0]
-    m = torch.ones((1, h, w), dtype=g.dtype, device=g.device)
-    if valid is not None:
-        v = valid.to(g.dtype)
-        v = v[None] if v.dim() == 2 else v
-        m = (-F.max_pool2d(-v[:, None], 7, stride=1, padding=3))[:, 0]  # erode by 3 px
-        g = g * m
-    return g, m
+    """Square-root edge maps g (N, H, W) and detector weights m (see :func:`_masked`)."""
+    return _masked(edge_map(x, sigma)[:, 0], valid)
 
 
-def _located(x: torch.Tensor, g: torch.Tensor, gf: torch.Tensor, s0: torch.Tensor, search: float) -> torch.Tensor:
-    """Centres of symmetry (N, 2) px near s0 / 2 (see :func:`_symmetric_peak`). g: the
-    :func:`_masked_edges` of x, gf its rfft2 over (2H, 2W); the contrast-normalised map
+def _peak_spectra(g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, size: tuple[int, int]):
+    """(numerator, denominator) half spectra of the map whose peak is the centre of symmetry.
+
+    The map is the inversion-symmetry score of :func:`symmetry_centre`, normalised
+    over the pixels that the inversion keeps on the detector and valid. A plain
+    self-convolution of the edge maps g (spectra gf over ``size``) is pulled towards
+    the point about which the detector and mask are most symmetric (inverting
+    through it loses the fewest edge pixels off the detector or behind a stop): on dev
+    scans of rings reaching the detector's border, normalising took the mean error at
+    1e4 counts from 0.088 to 0.055 px (polycrystalline) and 0.073 to 0.055 (amorphous).
+    """
+    num, den, _ = _symmetry_spectra(g, m, gf, size)
+    return num, den
+
+
+def _located(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, s0: torch.Tensor,
+             search: float) -> torch.Tensor:
+    """Centres of symmetry (N, 2) px near s0 / 2 (see :func:`_symmetric_peak`). g, m: the
+    :func:`_masked_edges` of x, gf the rfft2 of g over (2H, 2W); the contrast-normalised map
     is g times :func:`_contrast_weight` (the mask and the weight commute)."""
     size = (2 * x.shape[2], 2 * x.shape[3])
-    fine = torch.fft.rfft2(g * _contrast_weight(x.clamp_min(0), EDGE_FLOOR_COUNTS)[:, 0], s=size)
-    return _symmetric_peak(gf, fine, size, s0, search)
+    gw = g * _contrast_weight(x.clamp_min(0), EDGE_FLOOR_COUNTS)[:, 0]
+    fine = _peak_spectra(gw, m, torch.fft.rfft2(gw, s=size), size)
+    return _symmetric_peak(_peak_spectra(g, m, gf, size), fine, size, s0, search)
 
 
 def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, valid: torch.Tensor | None = None,
@@ -313,7 +338,7 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, v
     _check_patterns(x, valid, origin0)
     g, m = _masked_edges(x, valid)
     gf = torch.fft.rfft2(g, s=(2 * x.shape[2], 2 * x.shape[3]))
-    origin = _located(x, g, gf, torch.round(2 * origin0).long(), search)
+    origin = _located(x, g, m, gf, torch.round(2 * origin0).long(), search)
     if not with_score:
         return origin
     return origin, _symmetry_at(g, m, torch.round(2 * origin).long())
@@ -372,9 +397,10 @@ def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | 
     weight = _contrast_weight(x.clamp_min(0), EDGE_FLOOR_COUNTS)[:, 0]
     centres = []
     for sg in (base, sigma):
-        g, _ = _masked_edges(x, valid, sg)
-        f = torch.fft.rfft2(g * weight, s=size)
-        centres.append(_upsampled_peak(f * f, s0, size) / 2)
+        g, m = _masked_edges(x, valid, sg)
+        gw = g * weight
+        num, den = _peak_spectra(gw, m, torch.fft.rfft2(gw, s=size), size)
+        centres.append(_upsampled_peak(num, s0, size, den=den) / 2)
     return ((centres[1] - centres[0]) * (base**2 / (sigma**2 - base**2))).to(x.dtype)
 
 
@@ -463,7 +489,57 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
         score = torch.where(on_grid, score, torch.full_like(score, -1.0))
     best = score.reshape(n, -1).argmax(dim=1)
     s_best = torch.stack([best // (2 * w), best % (2 * w)], dim=1)
-    return _located(x, g, gf, s_best, search), score.reshape(n, -1).max(dim=1).values
+    return _located(x, g, m, gf, s_best, search), score.reshape(n, -1).max(dim=1).values
+
+
+#: Gaussian smoothing (pixels) of the square-root counts whose inversion symmetry
+#: :func:`intensity_symmetry_centre` measures. Dev scans of amorphous rings behind a beam
+#: stop (seeds disjoint from the benchmark's; true origins +- 1 px as first estimates):
+#: mean error 0.24, 0.43, 0.16 px at 1e4 counts with 1 px, 0.22, 0.60, 0.26 with 2 px,
+#: 0.30, 1.02, 0.62 with 4 px.
+INTENSITY_SIGMA = 1.0
+
+
+def intensity_symmetry_centre(x: torch.Tensor, origin0: torch.Tensor, search: float = 4.0,
+                              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Centres of inversion symmetry of the intensity itself, near first estimates.
+
+    For diffuse patterns, the rings of an amorphous film once a beam stop hides the
+    bright-field disk, the edge map holds little but speckle and Poisson noise, while
+    the smooth radial profile of the rings, all of their counts, is symmetric about
+    the origin. The map is the normalised cross-correlation of the mean-free square
+    root of the counts (Gaussian-smoothed by INTENSITY_SIGMA px) with its inversion,
+    over the pixels that the inversion keeps valid (within 3 px of invalid pixels
+    excluded), and its peak within +-``search`` px of ``origin0`` is the centre.
+    Inside Bragg disks the intensity is not symmetric (dynamical diffraction), so
+    crystals keep :func:`refine_origin`.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, 1, H, W) non-negative counts.
+    origin0 : torch.Tensor
+        (N, 2) first estimates (qx0, qy0), pixels.
+    search : float
+        Half-width of the search window, pixels.
+    valid : torch.Tensor, optional
+        (H, W) or (N, H, W) bool, False on a beam stop or dead pixels.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, 2) centres, pixels.
+
+    Raises
+    ------
+    ValueError
+        If the patterns, origins or valid map have the wrong type or shape.
+    """
+    _check_patterns(x, valid, origin0)
+    g, m = _masked(gaussian_blur(torch.sqrt(x.clamp_min(0)), INTENSITY_SIGMA)[:, 0], valid)
+    size = (2 * x.shape[2], 2 * x.shape[3])
+    spec = _peak_spectra(g, m, torch.fft.rfft2(g, s=size), size)
+    return _symmetric_peak(spec, spec, size, torch.round(2 * origin0).long(), search)
 
 
 def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float, r_max: float, n_rho: int = 256,

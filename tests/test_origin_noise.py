@@ -1,0 +1,110 @@
+"""Masks and detector borders in the symmetry search, rings behind a beam stop, noisy origins."""
+
+import numpy as np
+import pytest
+import torch
+
+import py4dstem_prenet as prenet
+from py4dstem_prenet.engine import _angular_fraction
+from py4dstem_prenet.preprocess import NOISY_ORIGIN_PX, origin_scatter
+from py4dstem_prenet.refine import (_masked_edges, _upsampled_peak, intensity_symmetry_centre, refine_origin)
+from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
+
+
+def _rings_behind_stop(scan=(4, 4), dose=1e4, seed=33_000_009):
+    # an amorphous film whose bright-field disk is under a disk-and-rod stop (dev seed, not
+    # a benchmark one): only broad speckled rings are left
+    return simulate_datacube(scan, (128, 128), "amorphous", dose, (1.02, 0.6), seed=seed, beam_stop=True)
+
+
+def test_symmetry_search_is_not_pulled_by_a_mask():
+    scene = Scene(disk_radius=7.0, spots=[[0, 0], [22, 6], [-22, -6], [-5, 21], [5, -21]])
+    true = torch.tensor([[60.4, 63.7]])
+    x = torch.from_numpy(render(scene, (128, 128), true[0].numpy()) * 100).float()[None, None]
+    yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    valid = (yy - 70) ** 2 + (xx - 58) ** 2 > 8**2  # a stop off the centre, over part of the disk
+    valid[70:, 55:61] = False
+    found = refine_origin(x, true + 0.6, valid=valid)
+    # the plain self-convolution of the masked edge map (the search before it was normalised)
+    g, _ = _masked_edges(x * valid, valid)
+    gf = torch.fft.rfft2(g, s=(256, 256))
+    plain = _upsampled_peak(gf * gf, torch.round(2 * true), (256, 256)) / 2
+    assert torch.linalg.norm(found - true) < 0.015 < 0.03 < torch.linalg.norm(plain - true)
+
+
+def test_intensity_symmetry_finds_rings_behind_a_stop():
+    dc, truth = _rings_behind_stop()
+    x = torch.from_numpy(np.asarray(dc.data, np.float32).reshape(-1, 1, 128, 128))
+    valid = torch.from_numpy(truth.transmission > 0.5)
+    true = torch.from_numpy(truth.origin.reshape(-1, 2)).float()
+    start = true + torch.tensor([1.5, -1.0])
+    before = x.clone()
+    found = intensity_symmetry_centre(x, start, valid=valid)
+    edges = refine_origin(x, start, search=4.0, valid=valid)
+    assert torch.equal(x, before)
+    err = torch.linalg.norm(found - true, dim=1).mean()
+    assert err < 0.3 and 2 * err < torch.linalg.norm(edges - true, dim=1).mean()
+
+
+def test_intensity_symmetry_rejects_bad_input():
+    x = torch.rand(2, 1, 32, 32)
+    with pytest.raises(ValueError, match="origins"):
+        intensity_symmetry_centre(x, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="valid"):
+        intensity_symmetry_centre(x, torch.full((2, 2), 16.0), valid=torch.ones(31, 32, dtype=torch.bool))
+    with pytest.raises(ValueError, match="patterns"):
+        intensity_symmetry_centre(x[:, 0], torch.full((2, 2), 16.0))
+
+
+def test_angular_fraction_tells_rings_from_bragg_disks_behind_a_stop():
+    fractions = {}
+    for kind in ("amorphous", "crystal"):
+        dc, truth = simulate_datacube((2, 2), (128, 128), kind, 1e4, (1.02, 0.6), seed=33_000_109, beam_stop=True,
+                                      detector=Detector())  # no hot pixels (the engine removes them first)
+        x = torch.from_numpy(np.asarray(dc.data, np.float32).reshape(-1, 1, 128, 128))
+        fractions[kind] = _angular_fraction(x, torch.from_numpy(truth.origin.reshape(-1, 2)).float(),
+                                            torch.from_numpy(truth.transmission > 0.5))
+    assert fractions["amorphous"].max() < 0.4 < 0.6 < fractions["crystal"].min()
+
+
+def _descan(scan):
+    u, v = np.meshgrid(np.linspace(-1, 1, scan[0]), np.linspace(-1, 1, scan[1]), indexing="ij")
+    return np.stack([60 + 1.5 * u + 0.4 * u * v, 64 - 1.0 * v + 0.3 * u * u], -1).reshape(-1, 2)
+
+
+def test_origin_scatter_separates_noise_from_descan_structure():
+    scan = (12, 12)
+    smooth = _descan(scan)
+    noisy = smooth + np.random.default_rng(0).normal(0, 0.3, smooth.shape)
+    before = noisy.copy()
+    white, total, fitted = origin_scatter(noisy, scan)
+    assert np.array_equal(noisy, before)
+    assert 0.3 < white < 0.55 and total < 1.3 * white  # 0.3 px per axis: 0.42 px over both
+    assert np.sqrt(np.mean(np.sum((fitted - smooth) ** 2, axis=1))) < 0.15
+    # a structure the parabola misses (a wave over the scan) is not white
+    u = np.arange(scan[0])[:, None] + np.zeros(scan)
+    wavy = smooth + 0.5 * np.sin(2 * np.pi * u / 8).reshape(-1, 1) + np.random.default_rng(1).normal(0, 0.05, smooth.shape)
+    white, total, _ = origin_scatter(wavy, scan)
+    assert total > 2 * white
+    with pytest.raises(ValueError, match="finite"):
+        origin_scatter(noisy[:-1], scan)
+    with pytest.raises(ValueError, match="finite"):
+        origin_scatter(np.where(np.arange(len(noisy))[:, None] == 3, np.nan, noisy), scan)
+
+
+def test_rings_behind_a_stop_are_calibrated_from_their_intensity_and_the_descan():
+    dc, truth = _rings_behind_stop((6, 6))
+    out = prenet.preprocess(dc, ellipse=False, progress=False, mask=truth.transmission > 0.5)
+    md = out.metadata["prenet"]
+    err = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - truth.origin, axis=-1)
+    assert np.all(md["origin_source"] == 8) and np.all(np.isnan(md["origin_symmetry"]))
+    assert err.mean() < 0.3 and err.max() < 1.0
+    assert md["origin_descan_smoothed"] == (md["origin_scatter"] > NOISY_ORIGIN_PX)
+
+
+def test_well_measured_origins_are_not_smoothed():
+    dc, truth = simulate_datacube((6, 6), (128, 128), "crystal", 1e5, (1.02, 0.6), seed=33_000_211)
+    out = prenet.preprocess(dc, ellipse=False, progress=False)
+    md = out.metadata["prenet"]
+    assert not md["origin_descan_smoothed"] and md["origin_scatter"] < NOISY_ORIGIN_PX
+    assert np.allclose(np.stack(out.calibration.get_origin(), -1), md["origin_measured"])
