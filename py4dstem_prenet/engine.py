@@ -322,6 +322,15 @@ def _stop_region(valid: torch.Tensor, radius: float) -> torch.Tensor | None:
     return F.max_pool2d(core, 2 * d + 1, stride=1, padding=d)[:, 0] > 0
 
 
+def _inside(region: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: whether each origin (N, 2) falls on its pattern's region (1 or N, H, W)."""
+    h, w = region.shape[1:]
+    r = origin[:, 0].round().long().clamp(0, h - 1)
+    c = origin[:, 1].round().long().clamp(0, w - 1)
+    rows = torch.arange(len(origin)) if region.shape[0] > 1 else torch.zeros(len(origin), dtype=torch.long)
+    return region[rows, r, c]
+
+
 def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor, score: torch.Tensor,
                       radius: float, select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Origins outside a given beam stop replaced by the most symmetric point under it.
@@ -339,11 +348,8 @@ def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor
     if region is None:
         return moved, origin, score
     region = region.cpu()
-    h, w = region.shape[1:]
-    r = origin[:, 0].round().long().clamp(0, h - 1)
-    c = origin[:, 1].round().long().clamp(0, w - 1)
     rows = torch.arange(len(origin)) if region.shape[0] > 1 else torch.zeros(len(origin), dtype=torch.long)
-    outside = ~region[rows, r, c] & select & region.flatten(1).any(dim=1)[rows]
+    outside = ~_inside(region, origin) & select & region.flatten(1).any(dim=1)[rows]
     if not outside.any():
         return moved, origin, score
     idx = torch.nonzero(outside)[:, 0]
@@ -420,12 +426,7 @@ def _diffuse_behind_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Ten
     region = _stop_region(valid, 0.0)
     if region is None or not select.any():
         return moved, origin
-    region = region.cpu()
-    h, w = region.shape[1:]
-    r = origin[:, 0].round().long().clamp(0, h - 1)
-    c = origin[:, 1].round().long().clamp(0, w - 1)
-    rows = torch.arange(len(origin)) if region.shape[0] > 1 else torch.zeros(len(origin), dtype=torch.long)
-    under = region[rows, r, c] & select
+    under = _inside(region.cpu(), origin) & select
     if not under.any():
         return moved, origin
     idx = torch.nonzero(under)[:, 0]
