@@ -82,8 +82,8 @@ UNSURE_MARGIN = 0.1
 #: (rings, disks at 1e5-1e6 counts) it never exceeded the current origin's score.
 STOP_MARGIN = 0.2
 
-#: Masked pixels (a given mask) that survive an erosion by this many pixels form a beam
-#: stop's core (rods, lines, dead columns and annotation strokes do not survive it).
+#: Masked pixels (a given mask) deeper than this many pixels inside it form a beam
+#: stop's core (rods, lines, dead columns and annotation strokes are thinner).
 STOP_CORE_ERODE = 3
 
 #: Where a given mask has a stop core at least as large as a disk of half the bright-field
@@ -307,19 +307,34 @@ def _behind_beam_stops(x: torch.Tensor, origin: torch.Tensor, select: torch.Tens
 def _stop_region(valid: torch.Tensor, radius: float) -> torch.Tensor | None:
     """Where a given beam stop may hide the direct beam: (1 or N, H, W) bool, or None.
 
-    The core of the masked region (masked pixels that survive an erosion by
-    STOP_CORE_ERODE px), where it covers at least a disk of half the bright-field
-    radius, dilated back by STOP_CORE_ERODE + 2 px.
+    A stop is masked pixels deeper than STOP_CORE_ERODE px inside the mask (rods,
+    lines, dead columns and annotation strokes are thinner), covering at least a disk
+    of half the bright-field radius (and 20 px). A bright-field disk that the stop
+    hides whole has its centre where the mask is at least ``radius`` deep; the region
+    is where the depth reaches that, or half the stop's largest depth if less (the
+    network's radius is a guess once the disk is hidden; the direct beam is under the
+    stop's thick part, not under the rod that holds it), widened by 2 px. The mask
+    continues beyond the detector's border (a rod that leaves the detector is not
+    thinned there). A dev crystal scan with a stop of 17 px radius over a disk of 12:
+    the lattice point 20 px away on the rod, as symmetric as the origin, fell inside
+    the old region (the 3 px eroded mask widened by 5 px) and every origin went there.
     """
-    inv = (~valid if valid.dim() == 3 else ~valid[None]).float()[:, None]
-    k = 2 * STOP_CORE_ERODE + 1
-    core = -F.max_pool2d(-F.pad(inv, (STOP_CORE_ERODE,) * 4, value=1.0), k, stride=1)
-    big = core.sum(dim=(1, 2, 3)) >= max(20.0, math.pi * (0.5 * radius) ** 2)
-    if not big.any():
+    from scipy import ndimage
+
+    inv = (~valid if valid.dim() == 3 else ~valid[None]).cpu().numpy()
+    pad = 2 * STOP_CORE_ERODE
+    out = np.zeros(inv.shape, bool)
+    for i, m in enumerate(inv):
+        if not m.any():
+            continue
+        depth = ndimage.distance_transform_edt(np.pad(m, pad, constant_values=True))[pad:-pad, pad:-pad]
+        if (depth > STOP_CORE_ERODE).sum() < max(20.0, math.pi * (0.5 * radius) ** 2):
+            continue
+        t = max(STOP_CORE_ERODE + 1.0, min(0.5 * float(depth.max()), radius))
+        out[i] = ndimage.distance_transform_edt(depth < t) <= 2
+    if not out.any():
         return None
-    core = core * big[:, None, None, None]
-    d = STOP_CORE_ERODE + 2
-    return F.max_pool2d(core, 2 * d + 1, stride=1, padding=d)[:, 0] > 0
+    return torch.from_numpy(out).to(valid.device)
 
 
 def _inside(region: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:

@@ -108,3 +108,21 @@ def test_well_measured_origins_are_not_smoothed():
     md = out.metadata["prenet"]
     assert not md["origin_descan_smoothed"] and md["origin_scatter"] < NOISY_ORIGIN_PX
     assert np.allclose(np.stack(out.calibration.get_origin(), -1), md["origin_measured"])
+
+
+def test_stop_region_is_the_stops_thick_part_not_its_rod():
+    from py4dstem_prenet.engine import _stop_region
+
+    yy, xx = np.meshgrid(np.arange(128), np.arange(128), indexing="ij")
+    stop = (yy - 53) ** 2 + (xx - 68) ** 2 <= 17**2
+    stop |= (np.abs(xx - 68 - 0.4 * (yy - 53)) <= 3) & (yy > 53)  # a rod 7 px wide to the detector's edge
+    valid = torch.from_numpy(~stop)
+    # a bright-field disk of radius 12 hidden whole: its centre is within 5 px of the stop's
+    # centre (the region: the half-depth core, 8.5 px, widened by 2), never on the rod
+    region = _stop_region(valid, 12.0)[0].numpy()
+    assert region[53, 68] and region[53 + 10, 68] and not region[53 + 11, 68]
+    assert not region[110, 68 + 23] and not region[stop & ~region].all()
+    # a small disk (radius 5) may sit anywhere it is hidden: up to 12 px from the centre
+    assert _stop_region(valid, 5.0)[0, 53 + 13, 68] and not _stop_region(valid, 5.0)[0, 53 + 15, 68]
+    # no stop: a dead band 5 px wide alone has no core
+    assert _stop_region(torch.from_numpy(~(np.abs(xx - 60) <= 2)), 5.0) is None
