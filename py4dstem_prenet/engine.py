@@ -226,6 +226,11 @@ def _median3(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _valid_for(valid: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    """The valid map of the patterns ``idx``: the rows of a per-pattern (N, H, W) map, else the shared one."""
+    return valid[idx.to(valid.device)] if valid is not None and valid.dim() == 3 else valid
+
+
 def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None) -> torch.Tensor:
     """Per pattern: denoised at low counts, hot-pixel-filtered recording otherwise."""
     raw = _median3(x).float()
@@ -263,7 +268,7 @@ def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, origin: torch.T
     o_glob, s_glob = origin.clone(), score.clone()
     if need.any():
         idx = torch.nonzero(need)[:, 0]
-        v = valid[idx.to(valid.device)] if valid is not None and valid.dim() == 3 else valid
+        v = _valid_for(valid, idx)
         og, sg = (t.cpu() for t in symmetry_centre(x[idx.to(x.device)], search=2.0, valid=v))
         o_glob[idx], s_glob[idx] = og, sg
         lost = score[idx] < GLOBAL_SWITCH * sg
@@ -368,7 +373,7 @@ def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor
     if not outside.any():
         return moved, origin, score
     idx = torch.nonzero(outside)[:, 0]
-    v = valid[idx.to(valid.device)] if valid.dim() == 3 else valid
+    v = _valid_for(valid, idx)
     allowed = (region[idx] if region.shape[0] > 1 else region[0]).to(x.device)
     og, sg = (t.cpu() for t in symmetry_centre(x[idx.to(x.device)], search=2.0, valid=v, allowed=allowed))
     take = sg >= STOP_PRIOR_FRACTION * score[idx]
@@ -438,20 +443,20 @@ def _diffuse_behind_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Ten
         (N,) bool and (N, 2) pixels (the input's where not moved).
     """
     moved = torch.zeros(len(origin), dtype=torch.bool)
-    region = _stop_region(valid, 0.0)
-    if region is None or not select.any():
+    region = _stop_region(valid, 0.0) if select.any() else None
+    if region is None:
         return moved, origin
     under = _inside(region.cpu(), origin) & select
     if not under.any():
         return moved, origin
     idx = torch.nonzero(under)[:, 0]
-    v = valid[idx.to(valid.device)] if valid.dim() == 3 else valid
+    v = _valid_for(valid, idx)
     xi, oi = x[idx.to(x.device)], origin[idx].to(x.device).to(x.dtype)
     rings = (_angular_fraction(xi, oi, v) <= 1 - ISOTROPY_MIN).cpu()
     if not rings.any():
         return moved, origin
     k = torch.nonzero(rings)[:, 0]
-    vk = v[k.to(v.device)] if v.dim() == 3 else v
+    vk = _valid_for(v, k)
     found = intensity_symmetry_centre(xi[k.to(x.device)], oi[k.to(x.device)], SEARCH_PX, vk).cpu()
     moved[idx[k]] = True
     origin = origin.clone()
@@ -620,7 +625,7 @@ class PreNet:
                     edge = (source == 1) | (source == 2) | (source == 7)
                     if edge.any():
                         i = torch.nonzero(edge)[:, 0]
-                        v = valid[i.to(valid.device)] if valid is not None and valid.dim() == 3 else valid
+                        v = _valid_for(valid, i)
                         bias[i] = edge_blur_bias(xr[i.to(dev)], o[i].to(dev).to(xr.dtype), v).cpu().to(o.dtype)
                     out["origin_blur_bias"] = bias.numpy().astype(np.float64)
                 out["origin"] = o.numpy().astype(np.float64)
