@@ -25,7 +25,7 @@ from .pretrained import load_model, model_card
 from .refine import (edge_blur_bias, gaussian_blur, intensity_symmetry_centre, log_polar_view, refine_ellipse,
                      refine_origin, symmetry_centre)
 from .training import E12_SCALE
-from .views import VIEW_SIZE, full_view, polar_rmax, polar_view, view_to_detector
+from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
 
 __all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "LOW_DOSE_COUNTS"]
 
@@ -634,7 +634,7 @@ class PreNet:
                 if o_e is None:
                     raise ValueError("the ellipse stage needs origins: run the centre stage or pass origin")
                 t = torch.from_numpy(np.asarray(o_e, np.float32)).to(dev)
-                e = self._apply("ellipse", polar_view(x, t, polar_rmax((h, w)))).float().cpu()
+                e = self._apply("ellipse", ellipse_view(x, t, polar_rmax((h, w)))).float().cpu()
                 out["e12"] = e.numpy().astype(np.float64) * E12_SCALE
         return out
 

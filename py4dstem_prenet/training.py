@@ -23,7 +23,7 @@ from .conventions import ellipse_to_e12
 from .models import CBAMUNet, ResNetHeatmap, ResNetRegressor
 from .simulation import simulate_patterns
 from .simulation.crystals import STRUCTURES, ZONE_AXES
-from .views import detector_to_view, full_view, polar_rmax, polar_view, view_to_detector
+from .views import ELLIPSE_CHANNELS, detector_to_view, ellipse_view, full_view, polar_rmax, view_to_detector
 
 __all__ = ["TrainConfig", "train_all", "build_model", "file_sha256", "E12_SCALE", "CENTRE_OUTPUTS"]
 
@@ -70,7 +70,7 @@ class TrainConfig:
     detector_shape: tuple = (128, 128)
     denoise_steps: int = 2500
     centre_steps: int = 4000
-    ellipse_steps: int = 1500
+    ellipse_steps: int = 3000
     batch: int = 32
     denoise_batch: int = 16
     crop: int = 64
@@ -95,7 +95,7 @@ def build_model(name: str, base: int = 16) -> torch.nn.Module:
     if name == "centre":
         return ResNetHeatmap(extra=1)
     if name == "ellipse":
-        return ResNetRegressor(2)
+        return ResNetRegressor(2, channels=ELLIPSE_CHANNELS)
     raise ValueError(f"unknown model {name!r}; choose 'denoiser', 'centre' or 'ellipse'")
 
 
@@ -160,7 +160,7 @@ def _train_regressor(name, data, cfg, gen, log) -> torch.nn.Module:
             # train on origins perturbed like an imperfect centre estimate (0.1 px)
             jitter = 0.1 * torch.randn(origin.shape, generator=gen)
             target = torch.from_numpy(ellipse_to_e12(data["ratio"][idx], data["theta"][idx])).float() / E12_SCALE
-            loss = F.mse_loss(model(polar_view(x, origin + jitter, polar_rmax(shape))), target)
+            loss = F.mse_loss(model(ellipse_view(x, origin + jitter, polar_rmax(shape))), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -188,9 +188,13 @@ def _validate(models: dict, val: dict) -> dict:
     metrics["centre_net_fraction_over_1px"] = float(np.mean(err > 1))
     ell = models["ellipse"].eval()
     o = torch.from_numpy(val["origin"]).float()
-    e = torch.cat([ell(polar_view(x[i:i + 64], o[i:i + 64], polar_rmax(shape))) for i in range(0, len(x), 64)]).numpy()
+    e = torch.cat([ell(ellipse_view(x[i:i + 64], o[i:i + 64], polar_rmax(shape))) for i in range(0, len(x), 64)]).numpy()
     true = ellipse_to_e12(val["ratio"], val["theta"])
     metrics["ellipse_net_rms_e12_per_pattern"] = float(np.sqrt(np.mean((e * E12_SCALE - true) ** 2)))
+    high = val["dose"] >= 1e4
+    metrics["ellipse_net_rms_e12_per_pattern_1e4_up"] = float(np.sqrt(np.mean((e[high] * E12_SCALE - true[high]) ** 2)))
+    # what predicting no distortion scores: the network must do better to have learned
+    metrics["ellipse_zero_prediction_rms_e12"] = float(np.sqrt(np.mean(true ** 2)))
     return metrics
 
 

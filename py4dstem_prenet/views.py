@@ -2,7 +2,9 @@
 
 - :func:`normalise`: log-compression by the pattern's mean count (dose- and gain-free).
 - :func:`full_view`: the whole detector resized to a square grid (centre network).
-- :func:`polar_view`: radius x angle around the origin (ellipse network).
+- :func:`polar_view`: radius x angle around the origin.
+- :func:`ellipse_view`: the polar view with its angular residual and the radial
+  derivative of its angular mean (ellipse network).
 
 Coordinates: qx = rows (axis -2), pixel centres at integers, as in py4DSTEM.
 """
@@ -12,10 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["normalise", "full_view", "polar_view", "detector_to_view", "view_to_detector", "polar_rmax", "VIEW_SIZE"]
+__all__ = ["normalise", "full_view", "polar_view", "ellipse_view", "detector_to_view", "view_to_detector", "polar_rmax",
+           "VIEW_SIZE", "ELLIPSE_CHANNELS"]
 
 #: Side of the square views, pixels.
 VIEW_SIZE = 64
+#: Channels of :func:`ellipse_view`.
+ELLIPSE_CHANNELS = 3
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -86,3 +91,47 @@ def polar_view(x: torch.Tensor, origin: torch.Tensor, r_max: float, n_r: int = V
         grid = torch.stack([2 * gy / max(w - 1, 1) - 1, 2 * gx / max(h - 1, 1) - 1], dim=-1)
         views.append(F.grid_sample(x.clamp_min(0), grid, mode="bilinear", padding_mode="zeros", align_corners=True))
     return normalise(0.5 * (views[0] + views[1]))
+
+
+def ellipse_view(x: torch.Tensor, origin: torch.Tensor, r_max: float, size: int = VIEW_SIZE) -> torch.Tensor:
+    """Three-channel polar view of the ellipse network.
+
+    An elliptical distortion stretches the radius of every isotropic feature by
+    ``1 + delta(phi)``, delta proportional to cos 2(phi - theta) (see
+    :func:`~py4dstem_prenet.refine.refine_ellipse`); to first order the intensity
+    changes by ``-delta(phi) * r * dI/dr`` of its angular mean. The channels are:
+
+    0. :func:`polar_view` (radius x angle, normalised);
+    1. the angular residual: the square root of the intensity minus its mean over
+       angle at each radius (where the stretch shows, next to anisotropic content
+       such as Bragg disks);
+    2. ``r * d/dr`` of that angular mean, repeated over angle (the profile the
+       residual is proportional to under a stretch, 0.125 per pixel of radius).
+
+    Channels 1 and 2 share one scale, the RMS of the residual, so that their ratio,
+    which measures the stretch, survives.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, 1, H, W) patterns (counts; clamped at 0).
+    origin : torch.Tensor
+        (N, 2) origins (qx0, qy0), pixels.
+    r_max : float
+        Largest radius, pixels (:func:`polar_rmax`).
+    size : int
+        Radial and angular samples.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, ELLIPSE_CHANNELS, size, size).
+    """
+    p = polar_view(x, origin, r_max, size, size)
+    root = torch.sqrt(torch.expm1(p))  # sqrt of the intensity relative to the view's mean
+    mean = root.mean(dim=3, keepdim=True)
+    residual = root - mean
+    r = torch.linspace(0, r_max, size, dtype=x.dtype, device=x.device)[None, None, :, None]
+    slope = torch.gradient(mean, dim=2)[0] * (size - 1) / r_max * r / 8
+    scale = residual.pow(2).mean(dim=(2, 3), keepdim=True).sqrt() + 1e-3
+    return torch.cat([p, residual / scale, (slope / scale).expand_as(residual)], dim=1)

@@ -37,7 +37,7 @@ def _stem_and_stages(cin: int, widths: tuple[int, ...]) -> tuple[nn.Module, nn.M
 
 
 class ResNetRegressor(nn.Module):
-    """ResNet mapping a (N, 1, 64, 64) view to ``outputs`` numbers.
+    """ResNet mapping a (N, C, 64, 64) view to ``outputs`` numbers.
 
     Two coordinate channels (CoordConv) are appended to the input and the final
     8x8 feature map is flattened rather than pooled, so that positions survive.
@@ -46,27 +46,30 @@ class ResNetRegressor(nn.Module):
     ----------
     outputs : int
         Number of regressed values.
+    channels : int
+        Channels C of the input view.
     widths : tuple of int
         Channels of the four stages (strides 1, 2, 2, 2).
     size : int
         Side of the square input view, pixels.
     """
 
-    def __init__(self, outputs: int, widths: tuple[int, int, int, int] = (16, 32, 48, 64), size: int = 64) -> None:
+    def __init__(self, outputs: int, channels: int = 1, widths: tuple[int, int, int, int] = (16, 32, 48, 64),
+                 size: int = 64) -> None:
         super().__init__()
-        if outputs < 1 or size % 8:
-            raise ValueError("outputs must be >= 1 and size a multiple of 8")
-        self.size = size
-        self.stem, self.body = _stem_and_stages(3, widths)
+        if outputs < 1 or channels < 1 or size % 8:
+            raise ValueError("outputs and channels must be >= 1 and size a multiple of 8")
+        self.size, self.channels = size, channels
+        self.stem, self.body = _stem_and_stages(channels + 2, widths)
         cin = widths[-1]
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * (size // 8) ** 2, 128), nn.ReLU(), nn.Linear(128, outputs))
         g = torch.linspace(-1, 1, size)
         self.register_buffer("coords", torch.stack(torch.meshgrid(g, g, indexing="ij"))[None], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Regress from a batch (N, 1, size, size) of already normalised views."""
-        if x.shape[-2:] != (self.size, self.size):
-            raise ValueError(f"expected views of {self.size}x{self.size}, got {tuple(x.shape[-2:])}")
+        """Regress from a batch (N, C, size, size) of already normalised views."""
+        if x.ndim != 4 or x.shape[1:] != (self.channels, self.size, self.size):
+            raise ValueError(f"expected views (N, {self.channels}, {self.size}, {self.size}), got {tuple(x.shape)}")
         x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
         return self.head(self.body(self.stem(x)))
 
