@@ -201,7 +201,10 @@ to the exact route's floor, sqrt(RMS^2 - floor^2). Calibration matters where the
 uncalibrated route adds more than the floor or cannot measure over 5% of the crystal.
 Target: PreNet adds at most half of what the classical route adds ("met"); where both
 are within 10% of the floor, calibration no longer limits the map and the routes tie
-("tie at the floor"); and PreNet <= 0.1% at the highest dose.
+("tie at the floor"); and PreNet <= 0.1% at the highest dose. PreNet's calibration is
+judged against the floor on its own denoised output; what denoising itself adds or
+removes is in "added by PreNet's denoising" (the exact calibration on PreNet's data
+against the same on the recording; 0 where denoising helps disk detection).
 
 """
 

@@ -27,12 +27,17 @@ from .refine import (edge_blur_bias, gaussian_blur, intensity_symmetry_centre, l
 from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
 
-__all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "LOW_DOSE_COUNTS"]
+__all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "poisson_noise_fraction",
+           "LOW_DOSE_COUNTS"]
 
 #: Below this many counts per pattern the edge refinement reads the denoised pattern;
 #: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
 #: costs more edge precision than its noise reduction brings; measured, see BENCHMARKS.md).
 LOW_DOSE_COUNTS = 5e3
+#: ... provided its pixel-to-pixel noise is at least this fraction of the Poisson noise
+#: of its counts: an image in arbitrary units (normalised, noise-free or averaged) can sum
+#: to a few "counts" while being far less noisy than that, and it is refined as recorded.
+POISSON_MIN_FRACTION = 0.1
 
 #: Patterns with more counts are returned as recorded by the denoising stage: the
 #: denoiser's own error then exceeds the Poisson noise (its MSE / the recording's MSE,
@@ -47,9 +52,11 @@ MAX_COUNTS = 1e12
 #: inversion-symmetry score near the network's estimate is below this fraction of the
 #: best score on the detector. On simulated scans the ratio is >= 0.83 wherever the
 #: network is right; on real ring patterns with a beam stop it falls to ~0.15 where
-#: the network is wrong, and on scikit-ued's beam-blocked crystal at (160, 85) a local
-#: maximum 2.4 px off scores 0.50 against 0.97 at the right centre.
-GLOBAL_SWITCH = 0.6
+#: the network is wrong, and on scikit-ued's beam-blocked crystals local maxima 1-2.4 px
+#: off score 0.50-0.75 of the right centre (0.6 let the last through once the
+#: retrained network was 5-6 px off there; 0.8 changed no origin on 30 dev scans of
+#: crystals, bright disks, hot pixels and beam stops at 1e3-1e5 counts).
+GLOBAL_SWITCH = 0.8
 
 #: Patterns with fewer counts never switch to the detector-wide symmetry centre (at 1e2
 #: counts its map is noise: on simulated scans it was wrong more often than the network).
@@ -231,12 +238,37 @@ def _valid_for(valid: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | 
     return valid[idx.to(valid.device)] if valid is not None and valid.dim() == 3 else valid
 
 
+def poisson_noise_fraction(x: torch.Tensor) -> torch.Tensor:
+    """Variance of each pattern's pixel-to-pixel noise over the Poisson variance of its counts.
+
+    The noise is the residual against the mean of the four nearest neighbours (whose
+    variance is 1.25 sigma^2 for white noise); for Poisson counts sigma^2 is the
+    mean count, so counting data score about 1 and an integrating detector its gain,
+    while a smooth image in arbitrary units scores near 0. Edges and hot pixels add to
+    the residual, so the fraction is an upper bound.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, 1, H, W) patterns, H and W >= 3.
+
+    Returns
+    -------
+    torch.Tensor
+        (N,) fractions.
+    """
+    inner = x[..., 1:-1, 1:-1]
+    near = 0.25 * (x[..., :-2, 1:-1] + x[..., 2:, 1:-1] + x[..., 1:-1, :-2] + x[..., 1:-1, 2:])
+    var = (inner - near).pow(2).sum(dim=(1, 2, 3)) / 1.25
+    return var / inner.clamp_min(0).sum(dim=(1, 2, 3)).clamp_min(1e-12)
+
+
 def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None) -> torch.Tensor:
-    """Per pattern: denoised at low counts, hot-pixel-filtered recording otherwise."""
+    """Per pattern: denoised at low counts of Poisson-like noise, hot-pixel-filtered recording otherwise."""
     raw = _median3(x).float()
     if denoised is None:
         return raw
-    low = x.sum(dim=(1, 2, 3)) < LOW_DOSE_COUNTS
+    low = (x.sum(dim=(1, 2, 3)) < LOW_DOSE_COUNTS) & (poisson_noise_fraction(x) >= POISSON_MIN_FRACTION)
     return torch.where(low[:, None, None, None], denoised.float(), raw)
 
 

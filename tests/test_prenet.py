@@ -328,6 +328,33 @@ def test_shipped_ellipse_network_has_learned():
     assert 1.015 < a / b < 1.045 and np.degrees(angle_difference(theta, 1.2)) < 5
 
 
+def test_poisson_noise_fraction_tells_counts_from_smooth_images():
+    from py4dstem_prenet.engine import poisson_noise_fraction
+
+    rng = np.random.default_rng(8)
+    rows, cols = np.indices((96, 96))
+    blob = np.exp(-((rows - 47.3) ** 2 + (cols - 50.1) ** 2) / (2 * 15.0**2))
+    counts = rng.poisson(blob * 3.0)  # ~4000 counts
+    x = torch.from_numpy(np.stack([counts, 4.0 * rng.poisson(blob * 3.0), blob / blob.sum()])[:, None]).float()
+    f = poisson_noise_fraction(x).numpy()
+    assert abs(f[0] - 1) < 0.15 and abs(f[1] - 4) < 0.6 and f[2] < 1e-6
+
+
+def test_smooth_image_in_arbitrary_units_is_refined_as_recorded(tiny_weights):
+    # a noise-free blob normalised to sum 1 is not 1 electron: the refinement must not read
+    # the denoiser's output of it (which sees a pattern unlike its counting training data)
+    import py4DSTEM
+
+    from py4dstem_prenet.engine import PreNet
+
+    rows, cols = np.indices((64, 64))
+    disk = 1.0 / (1.0 + np.exp((np.hypot(rows - 30.4, cols - 33.7) - 9.0) / 0.5))
+    block = (disk / disk.sum())[None]
+    a = PreNet(weights_dir=tiny_weights, ellipse=False).run(block)
+    b = PreNet(weights_dir=tiny_weights, ellipse=False, denoise=False).run(block)
+    assert np.allclose(a["origin"], b["origin"]) and np.allclose(a["origin"], [30.4, 33.7], atol=0.05)
+
+
 def test_low_dose_origins_are_measured_on_pooled_neighbourhoods():
     from py4dstem_prenet.engine import PreNet
     from py4dstem_prenet.preprocess import POOL_BELOW_COUNTS

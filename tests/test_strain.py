@@ -121,6 +121,11 @@ def test_strain_verdicts_judge_against_the_exact_floor():
     assert abs(v["own floor"]["added"]["prenet"] - np.sqrt(0.0021**2 - 0.002**2)) < 1e-12
     table = verdicts_markdown(list(v.values()))
     assert "not measured" in table and "tie at the floor" in table
+    # the denoising's own share: sqrt(0.002^2 - 0.001^2) on the "own floor" case, 0 elsewhere
+    own = next(line for line in table.splitlines() if line.startswith("| own floor"))
+    assert own.split(" | ")[9] == f"{100 * np.sqrt(0.002**2 - 0.001**2):.3f}"
+    met = next(line for line in table.splitlines() if line.startswith("| met"))
+    assert met.split(" | ")[9] == "0.000"
 
 
 def test_strain_verdicts_need_the_exact_route():
