@@ -54,7 +54,7 @@ MAX_COUNTS = 1e12
 #: network is right; on real ring patterns with a beam stop it falls to ~0.15 where
 #: the network is wrong, and on scikit-ued's beam-blocked crystals local maxima 1-2.4 px
 #: off score 0.50-0.75 of the right centre (0.6 let the last through once the
-#: retrained network was 5-6 px off there; 0.8 changed no origin on 30 dev scans of
+#: retrained network was 6.5-7.3 px off there; 0.8 changed no origin on 30 dev scans of
 #: crystals, bright disks, hot pixels and beam stops at 1e3-1e5 counts).
 GLOBAL_SWITCH = 0.8
 
