@@ -105,8 +105,9 @@ def ellipse_view(x: torch.Tensor, origin: torch.Tensor, r_max: float, size: int 
     1. the angular residual: the square root of the intensity minus its mean over
        angle at each radius (where the stretch shows, next to anisotropic content
        such as Bragg disks);
-    2. ``r * d/dr`` of that angular mean, repeated over angle (the profile the
-       residual is proportional to under a stretch, 0.125 per pixel of radius).
+    2. ``r * d/dr`` of that angular mean divided by 8, repeated over angle (the
+       profile the residual is proportional to under a stretch: residual = -8 delta
+       times this channel).
 
     Channels 1 and 2 share one scale, the RMS of the residual, so that their ratio,
     which measures the stretch, survives.
