@@ -278,10 +278,11 @@ def _masked_edges(x: torch.Tensor, valid: torch.Tensor | None, sigma: float = ED
     return _masked(edge_map(x, sigma)[:, 0], valid)
 
 
-def _peak_spectra(g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, size: tuple[int, int]):
+def _peak_spectra(g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, mf: torch.Tensor, size: tuple[int, int]):
     """(numerator, denominator) half spectra of the map whose peak is the centre of symmetry.
 
-    The map is the inversion-symmetry score of :func:`symmetry_centre`, normalised
+    g, m: maps and detector weights (see :func:`_masked`), gf and mf their rfft2 over
+    ``size``. The map is the inversion-symmetry score of :func:`symmetry_centre`, normalised
     over the pixels that the inversion keeps on the detector and valid. A plain
     self-convolution of the edge maps g (spectra gf over ``size``) is pulled towards
     the point about which the detector and mask are most symmetric (inverting
@@ -289,19 +290,21 @@ def _peak_spectra(g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, size: tupl
     scans of rings reaching the detector's border, normalising took the mean error at
     1e4 counts from 0.088 to 0.055 px (polycrystalline) and 0.073 to 0.055 (amorphous).
     """
-    num, den, _ = _symmetry_spectra(g, m, gf, size)
-    return num, den
+    mu = (g * m).sum(dim=(1, 2), keepdim=True) / m.sum(dim=(1, 2), keepdim=True).clamp_min(1)
+    g0f = gf - mu * mf
+    den = torch.fft.rfft2(((g - mu) * m) ** 2, s=size) * mf
+    return g0f * g0f, den
 
 
-def _located(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, s0: torch.Tensor,
-             search: float) -> torch.Tensor:
+def _located(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, mf: torch.Tensor,
+             s0: torch.Tensor, search: float) -> torch.Tensor:
     """Centres of symmetry (N, 2) px near s0 / 2 (see :func:`_symmetric_peak`). g, m: the
-    :func:`_masked_edges` of x, gf the rfft2 of g over (2H, 2W); the contrast-normalised map
-    is g times :func:`_contrast_weight` (the mask and the weight commute)."""
+    :func:`_masked_edges` of x, gf and mf their rfft2 over (2H, 2W); the contrast-normalised
+    map is g times :func:`_contrast_weight` (the mask and the weight commute)."""
     size = (2 * x.shape[2], 2 * x.shape[3])
     gw = g * _contrast_weight(x.clamp_min(0), EDGE_FLOOR_COUNTS)[:, 0]
-    fine = _peak_spectra(gw, m, torch.fft.rfft2(gw, s=size), size)
-    return _symmetric_peak(_peak_spectra(g, m, gf, size), fine, size, s0, search)
+    fine = _peak_spectra(gw, m, torch.fft.rfft2(gw, s=size), mf, size)
+    return _symmetric_peak(_peak_spectra(g, m, gf, mf, size), fine, size, s0, search)
 
 
 def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, valid: torch.Tensor | None = None,
@@ -337,8 +340,9 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, v
     """
     _check_patterns(x, valid, origin0)
     g, m = _masked_edges(x, valid)
-    gf = torch.fft.rfft2(g, s=(2 * x.shape[2], 2 * x.shape[3]))
-    origin = _located(x, g, m, gf, torch.round(2 * origin0).long(), search)
+    size = (2 * x.shape[2], 2 * x.shape[3])
+    origin = _located(x, g, m, torch.fft.rfft2(g, s=size), torch.fft.rfft2(m, s=size), torch.round(2 * origin0).long(),
+                      search)
     if not with_score:
         return origin
     return origin, _symmetry_at(g, m, torch.round(2 * origin).long())
@@ -395,22 +399,14 @@ def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | 
     size = (2 * x.shape[2], 2 * x.shape[3])
     s0 = torch.round(2 * origin).to(x.dtype)
     weight = _contrast_weight(x.clamp_min(0), EDGE_FLOOR_COUNTS)[:, 0]
-    centres = []
+    centres, mf = [], None
     for sg in (base, sigma):
         g, m = _masked_edges(x, valid, sg)
+        mf = torch.fft.rfft2(m, s=size) if mf is None else mf  # m depends on valid only
         gw = g * weight
-        num, den = _peak_spectra(gw, m, torch.fft.rfft2(gw, s=size), size)
+        num, den = _peak_spectra(gw, m, torch.fft.rfft2(gw, s=size), mf, size)
         centres.append(_upsampled_peak(num, s0, size, den=den) / 2)
     return ((centres[1] - centres[0]) * (base**2 / (sigma**2 - base**2))).to(x.dtype)
-
-
-def _symmetry_spectra(g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, size: tuple[int, int]):
-    """Half spectra of the numerator, denominator and overlap of the inversion-symmetry score."""
-    mf = torch.fft.rfft2(m, s=size)
-    mu = (g * m).sum(dim=(1, 2), keepdim=True) / m.sum(dim=(1, 2), keepdim=True).clamp_min(1)
-    g0f = gf - mu * mf
-    den = torch.fft.rfft2(((g - mu) * m) ** 2, s=size) * mf
-    return g0f * g0f, den, mf * mf
 
 
 def _score(num: torch.Tensor, den: torch.Tensor, overlap: torch.Tensor, hw: int, min_overlap: float) -> torch.Tensor:
@@ -480,8 +476,8 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
                          f"{tuple(allowed.shape)}")
     g, m = _masked_edges(x, valid)
     size = (2 * h, 2 * w)
-    gf = torch.fft.rfft2(g, s=size)
-    num, den, ovl = (torch.fft.irfft2(f, s=size) for f in _symmetry_spectra(g, m, gf, size))
+    gf, mf = torch.fft.rfft2(g, s=size), torch.fft.rfft2(m, s=size)
+    num, den, ovl = (torch.fft.irfft2(f, s=size) for f in (*_peak_spectra(g, m, gf, mf, size), mf * mf))
     score = _score(num, den, ovl.expand_as(num), h * w, min_overlap)
     if allowed is not None:
         a = allowed if allowed.dim() == 3 else allowed[None]
@@ -489,7 +485,7 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
         score = torch.where(on_grid, score, torch.full_like(score, -1.0))
     best = score.reshape(n, -1).argmax(dim=1)
     s_best = torch.stack([best // (2 * w), best % (2 * w)], dim=1)
-    return _located(x, g, m, gf, s_best, search), score.reshape(n, -1).max(dim=1).values
+    return _located(x, g, m, gf, mf, s_best, search), score.reshape(n, -1).max(dim=1).values
 
 
 #: Gaussian smoothing (pixels) of the square-root counts whose inversion symmetry
@@ -538,7 +534,7 @@ def intensity_symmetry_centre(x: torch.Tensor, origin0: torch.Tensor, search: fl
     _check_patterns(x, valid, origin0)
     g, m = _masked(gaussian_blur(torch.sqrt(x.clamp_min(0)), INTENSITY_SIGMA)[:, 0], valid)
     size = (2 * x.shape[2], 2 * x.shape[3])
-    spec = _peak_spectra(g, m, torch.fft.rfft2(g, s=size), size)
+    spec = _peak_spectra(g, m, torch.fft.rfft2(g, s=size), torch.fft.rfft2(m, s=size), size)
     return _symmetric_peak(spec, spec, size, torch.round(2 * origin0).long(), search)
 
 
