@@ -268,7 +268,10 @@ def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None) -> torch.T
     raw = _median3(x).float()
     if denoised is None:
         return raw
-    low = (x.sum(dim=(1, 2, 3)) < LOW_DOSE_COUNTS) & (poisson_noise_fraction(x) >= POISSON_MIN_FRACTION)
+    low = x.sum(dim=(1, 2, 3)) < LOW_DOSE_COUNTS
+    if not low.any():  # the common case: no noise estimate needed
+        return raw
+    low &= poisson_noise_fraction(x) >= POISSON_MIN_FRACTION
     return torch.where(low[:, None, None, None], denoised.float(), raw)
 
 
