@@ -174,6 +174,31 @@ def _cmd_benchmark_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark_throughput(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluation.throughput import (ThroughputConfig, run_throughput_benchmark, throughput_datacube,
+                                        throughput_markdown)
+    from .storage import open_datacube
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = ThroughputConfig.quick(device) if args.quick else ThroughputConfig(
+        device=device, batch_sizes=tuple(args.batch_sizes))
+    dc = open_datacube(args.data, dataset=args.dataset) if args.data else throughput_datacube(cfg)
+    res = run_throughput_benchmark(dc, cfg, log=lambda m: print(f"[benchmark-throughput] {m}", file=sys.stderr))
+    table = throughput_markdown(res)
+    print(table)
+    if args.out:
+        command = (f"prenet benchmark-throughput --device {device}" + (" --quick" if args.quick else "")
+                   + (f" --data {args.data}" if args.data else "")
+                   + ("" if args.quick else " --batch-sizes " + " ".join(map(str, cfg.batch_sizes)))
+                   + f" --out {args.out}")
+        kind = device.split(":")[0]
+        _write_section(args.out, f"throughput-{kind}", f"## Throughput on {'a GPU' if kind == 'cuda' else kind}\n\n"
+                       "Regenerate with:\n\n```\n" + command + "\n```\n\n" + table)
+    return 0
+
+
 def _cmd_benchmark_strain(args: argparse.Namespace) -> int:
     from .evaluation.strain import (StrainConfig, run_strain_benchmark, strain_markdown, strain_verdicts,
                                     verdicts_markdown, write_pictures)
@@ -388,6 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--quick", action="store_true", help="small configuration (a minute)")
     st.add_argument("--out", default=None, help="write the table (section 'strain') and pictures next to this file")
     st.set_defaults(func=_cmd_benchmark_strain)
+
+    tp = sub.add_parser("benchmark-throughput",
+                        help="patterns/s and peak memory of preprocess on the CPU and a device, next to get_origin")
+    tp.add_argument("--device", default=None,
+                    help="device of the PreNet runs besides the CPU (default: cuda when available)")
+    tp.add_argument("--data", default=None, help="time this recording instead of the simulated 32x32 crystal scan")
+    tp.add_argument("--dataset", default=None, help="path of the 4D dataset inside a plain HDF5 --data file")
+    tp.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[64, 256], help="patterns per block")
+    tp.add_argument("--quick", action="store_true", help="small configuration (seconds)")
+    tp.add_argument("--out", default=None,
+                    help="write the table into this markdown file (section 'throughput-<device type>')")
+    tp.set_defaults(func=_cmd_benchmark_throughput)
 
     t = sub.add_parser("train", help="retrain the denoiser, centre and ellipse networks from a seed")
     t.add_argument("out_dir", help="folder for <model>.pt and <model>.json")

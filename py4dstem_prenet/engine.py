@@ -122,6 +122,10 @@ OVERLAY_MIN_PIXELS = 10
 #: Smallest connected group of maximum-valued pixels taken for an annotation stroke.
 OVERLAY_MIN_STROKE = 5
 
+#: A group of maximum-valued pixels that holds a square of this side is a saturated
+#: blob (direct beam, Bragg disk), not an annotation stroke.
+_BLOB_SQUARE = 5
+
 #: Patterns per network call on a CPU: small chunks keep the activations in cache
 #: (channels-last, 2 cores, 128 x 128: the denoiser runs 107 patterns/s in chunks of
 #: 8 and 64 in chunks of 64; the ResNets are fastest at 32). A GPU takes the block.
@@ -140,12 +144,22 @@ def _clean_block(block: np.ndarray) -> torch.Tensor:
     reference): it is shifted so that its minimum is 0. Otherwise negative pixels
     (read noise around a dark-subtracted zero) are clipped at 0.
     """
-    x = np.asarray(block, dtype=np.float64)
-    x = np.where(np.isfinite(x), np.clip(x, -MAX_COUNTS, MAX_COUNTS), 0.0).astype(np.float32)
-    offset = np.median(x.reshape(len(x), -1), axis=1) < 0
-    if offset.any():
+    block = np.asarray(block)
+    if block.dtype == np.bool_ or np.issubdtype(block.dtype, np.unsignedinteger) and block.dtype.itemsize <= 2:
+        return torch.from_numpy(block.astype(np.float32))[:, None]  # exact, finite and >= 0
+    # float32 holds MAX_COUNTS, so inputs no wider than float32 are cleaned in float32
+    narrow = block.dtype.itemsize <= 4 or block.dtype == np.float16
+    x = block.astype(np.float32 if narrow else np.float64)
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        x = np.where(np.isfinite(x), x, 0.0)
+    x = np.clip(x, -MAX_COUNTS, MAX_COUNTS).astype(np.float32, copy=False)
+    flat = x.reshape(len(x), -1)
+    negative = np.flatnonzero(flat.min(axis=1) < 0) if x.size else np.zeros(0, int)
+    if len(negative):
+        offset = negative[np.median(flat[negative], axis=1) < 0]
         x[offset] -= x[offset].min(axis=(1, 2), keepdims=True)
-    return torch.from_numpy(np.clip(x, 0, None))[:, None]
+        np.clip(x, 0, None, out=x)
+    return torch.from_numpy(x)[:, None]
 
 
 def overlay_mask(x: torch.Tensor) -> torch.Tensor | None:
@@ -153,7 +167,7 @@ def overlay_mask(x: torch.Tensor) -> torch.Tensor | None:
 
     Annotations are drawn in one colour, the image's maximum: pixels at exactly the
     maximum that form thin strokes (connected components of at least
-    OVERLAY_MIN_STROKE pixels with no 5 x 5 square of them) are annotation,
+    OVERLAY_MIN_STROKE pixels with no _BLOB_SQUARE-wide square of them) are annotation,
     dilated by 1 px for antialiasing. A saturated direct beam or Bragg disk at the
     maximum is a compact blob and is kept, a few brightest pixels (a peak, a hot
     pixel) are left to the hot-pixel filter, and patterns with fewer than
@@ -173,18 +187,34 @@ def overlay_mask(x: torch.Tensor) -> torch.Tensor | None:
 
     top = x == x.amax(dim=(2, 3), keepdim=True)
     top &= x > 0
-    candidates = torch.nonzero(top.sum(dim=(1, 2, 3)) >= OVERLAY_MIN_PIXELS)[:, 0].tolist()
-    if not candidates:
+    candidates = torch.nonzero(top.sum(dim=(1, 2, 3)) >= OVERLAY_MIN_PIXELS)[:, 0]
+    if not len(candidates):
         return None
+    m = top[candidates.to(top.device), 0].cpu().numpy()
+    # 8-connected components within each pattern (none across patterns); the maxima are
+    # few, so the components are measured at their pixels rather than over the images
+    within = np.zeros((3, 3, 3), bool)
+    within[1] = True
+    labels, n = ndimage.label(m, structure=within)
+    k, i, j = np.nonzero(m)
+    lab = labels[k, i, j]
+    size = np.bincount(lab, minlength=n + 1)
+    stroke = size >= OVERLAY_MIN_STROKE
+    stroke[0] = False
+    # a component holding a _BLOB_SQUARE-wide square of maxima is a blob, not a stroke
+    big = np.unique(k[size[lab] >= _BLOB_SQUARE ** 2])
+    if len(big):
+        inside = ndimage.binary_erosion(m[big], np.ones((1, _BLOB_SQUARE, _BLOB_SQUARE)))
+        stroke[labels[big][inside]] = False
+    on = stroke[lab]
+    if not on.any():
+        return None
+    drawn = np.unique(k[on])
+    strokes = np.zeros((len(drawn),) + m.shape[1:], bool)
+    strokes[np.searchsorted(drawn, k[on]), i[on], j[on]] = True
     out = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.bool)
-    for i in candidates:
-        m = top[i, 0].cpu().numpy()
-        labels, n = ndimage.label(m, structure=np.ones((3, 3)))
-        thick = np.unique(labels[ndimage.binary_erosion(m, np.ones((5, 5)))])
-        small = np.nonzero(np.bincount(labels.ravel(), minlength=n + 1) < OVERLAY_MIN_STROKE)[0]
-        strokes = m & ~np.isin(labels, np.concatenate([thick, small, [0]]))
-        out[i] = torch.from_numpy(ndimage.binary_dilation(strokes, np.ones((3, 3))))
-    return out if out.any() else None
+    out[candidates.cpu()[drawn]] = torch.from_numpy(ndimage.binary_dilation(strokes, np.ones((1, 3, 3))))
+    return out
 
 
 def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
@@ -196,12 +226,11 @@ def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
     for every pattern, (N, H, W) when annotations make it differ, None when all
     pixels are valid.
     """
-    x = _clean_block(block)
+    x = _clean_block(block).to(dev)
     valid = None if mask is None else torch.from_numpy(np.asarray(mask, bool))
     overlay = overlay_mask(x)
     if overlay is not None:
         valid = ~overlay if valid is None else valid[None] & ~overlay
-    x = x.to(dev)
     if valid is None:
         return x, None
     valid = valid.to(dev)

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from py4dstem_prenet.cli import main
 from py4dstem_prenet.evaluation.benchmark import (CLASSICAL_GET_ORIGIN, PRENET_CALIBRATION, PRENET_CENTRE,
@@ -88,3 +89,35 @@ def test_cli_bad_arguments():
     with pytest.raises(SystemExit):
         main(["demo", "--scan", "abc"])
     assert main(["simulate", "/tmp/x.h5", "--overwrite", "--kind", "vacuum", "--detector", "8x8"]) == 2
+
+
+def test_cli_benchmark_throughput_writes_its_section(tmp_path, capsys):
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\n<!-- begin scale -->\nkept\n<!-- end scale -->\n")
+    assert main(["benchmark-throughput", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "kept" in text and "<!-- begin throughput-cpu -->" in text
+    assert "prenet benchmark-throughput --device cpu --quick" in text
+    rows = [line for line in text.splitlines() if line.startswith("| PreNet") or line.startswith("| py4DSTEM")]
+    assert len(rows) == 3  # get_origin, calibration, denoising at one batch size
+    assert all(float(r.split("|")[4]) > 0 for r in rows)  # patterns/s
+
+
+def test_throughput_compares_a_device_with_the_cpu_and_rejects_bad_settings():
+    from py4dstem_prenet.evaluation.throughput import ThroughputConfig, run_throughput_benchmark, throughput_datacube
+
+    cfg = ThroughputConfig.quick()
+    dc = throughput_datacube(cfg)
+    before = dc.data.copy()
+    res = run_throughput_benchmark(dc, ThroughputConfig(device="cpu", batch_sizes=(4, 12)))
+    np.testing.assert_array_equal(dc.data, before)
+    same = [r for r in res["rows"] if r["method"].startswith("PreNet") and not np.isnan(r["origin_diff_px"])]
+    assert len(same) == 2  # the second batch size of each stage set is compared with the first
+    assert all(r["origin_diff_px"] < 1e-4 and r["ratio_diff"] < 1e-6 for r in same)  # batching changes nothing
+    with pytest.raises(ValueError, match="batch sizes"):
+        run_throughput_benchmark(dc, ThroughputConfig(batch_sizes=(0,)))
+    with pytest.raises(ValueError, match="unknown device"):
+        run_throughput_benchmark(dc, ThroughputConfig(device="abacus"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            run_throughput_benchmark(dc, ThroughputConfig(device="cuda"))

@@ -234,6 +234,49 @@ def test_overlay_mask_flags_strokes_at_the_maximum_only():
     assert overlay_mask(torch.rand(3, 1, 32, 32)) is None  # a recorded pattern has no run of equal maxima
 
 
+def test_overlay_mask_judges_each_pattern_of_a_block_alone():
+    x = torch.zeros(4, 1, 48, 48)
+    x[0, 0, 0, :] = 9.0  # a stroke along the border
+    x[1, 0, 10:20, 10:20] = 9.0  # a blob with a stroke attached: one component, kept whole
+    x[1, 0, 15, 20:40] = 9.0
+    x[2, 0, 30, 5:25] = 9.0  # a stroke ...
+    x[2, 0, 5:8, 5:9] = 9.0  # ... and a 3 x 4 patch, too thin to be a blob
+    x[3, 0, 10:20, 10:20] = 9.0  # the same blob as pattern 1 with no stroke, and a lone stroke elsewhere
+    x[3, 0, 40, 30:45] = 9.0
+    x[:, 0, 47, 47] = 20.0  # a brighter pixel: the strokes are no longer at the maximum
+    assert overlay_mask(x) is None
+    x[:, 0, 47, 47] = 0.0
+    m = overlay_mask(x)
+    assert m[0, 0].all() and m[0, 1].all() and m[0].sum() == 2 * 48
+    assert not m[1].any()
+    assert m[2, 30, 5:25].all() and m[2, 5:8, 5:9].all()
+    assert m[3, 40, 30:45].all() and not m[3, 10:20, 10:20].any()
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.int64,
+                                   np.float16, np.float32, np.float64])
+def test_clean_block_matches_its_float64_definition(dtype):
+    from py4dstem_prenet.engine import MAX_COUNTS, _clean_block
+
+    rng = np.random.default_rng(1)
+    raw = rng.normal(3, 20, (5, 9, 11))
+    raw[0] -= 50  # a pattern with a signed offset (negative median)
+    if dtype is bool:
+        raw = raw > 3
+    elif np.issubdtype(dtype, np.unsignedinteger):
+        raw = np.abs(raw)
+    block = raw.astype(dtype)
+    if np.issubdtype(block.dtype, np.floating):
+        block[1, 2, 3], block[2, 3, 4] = np.nan, np.inf
+    ref = np.asarray(block, np.float64)
+    ref = np.where(np.isfinite(ref), np.clip(ref, -MAX_COUNTS, MAX_COUNTS), 0.0).astype(np.float32)
+    shift = np.median(ref.reshape(5, -1), axis=1) < 0
+    ref[shift] -= ref[shift].min(axis=(1, 2), keepdims=True)
+    out = _clean_block(block)
+    assert out.dtype == torch.float32 and out.shape == (5, 1, 9, 11)
+    np.testing.assert_array_equal(out[:, 0].numpy(), np.clip(ref, 0, None))
+
+
 def test_weights_errors(tiny_weights, tmp_path):
     d = str(tmp_path / "w")
     shutil.copytree(tiny_weights, d)
