@@ -174,6 +174,9 @@ def _cmd_benchmark_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEVICE_TITLES = {"cuda": "a GPU", "cpu": "the CPU"}
+
+
 def _cmd_benchmark_throughput(args: argparse.Namespace) -> int:
     import torch
 
@@ -194,7 +197,7 @@ def _cmd_benchmark_throughput(args: argparse.Namespace) -> int:
                    + ("" if args.quick else " --batch-sizes " + " ".join(map(str, cfg.batch_sizes)))
                    + f" --out {args.out}")
         kind = device.split(":")[0]
-        _write_section(args.out, f"throughput-{kind}", f"## Throughput on {'a GPU' if kind == 'cuda' else kind}\n\n"
+        _write_section(args.out, f"throughput-{kind}", f"## Throughput on {_DEVICE_TITLES.get(kind, kind)}\n\n"
                        "Regenerate with:\n\n```\n" + command + "\n```\n\n" + table)
     return 0
 
