@@ -345,7 +345,7 @@ def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, v
                       search)
     if not with_score:
         return origin
-    return origin, _symmetry_at(g, m, torch.round(2 * origin).long())
+    return origin, _symmetry_at(g, m, torch.round(2 * origin).long(), LOCAL_MIN_OVERLAP)
 
 
 def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | None = None,
@@ -407,6 +407,15 @@ def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | 
         num, den = _peak_spectra(gw, m, torch.fft.rfft2(gw, s=size), mf, size)
         centres.append(_upsampled_peak(num, s0, size, den=den) / 2)
     return ((centres[1] - centres[0]) * (base**2 / (sigma**2 - base**2))).to(x.dtype)
+
+
+#: Fraction of the detector that the inversion about a refined origin must keep for its
+#: symmetry score to count (:func:`refine_origin`). The detector-wide search
+#: (:func:`symmetry_centre`) asks for 0.4: it takes the best of thousands of points,
+#: and small overlaps there give spurious maxima. A single point proposed by the network
+#: needs less; with 0.4, a direct beam 38 px off the centre of a 128 px detector (its
+#: inversion keeps a third of it) scored -1 and lost to a lattice point 70 px away.
+LOCAL_MIN_OVERLAP = 0.15
 
 
 def _score(num: torch.Tensor, den: torch.Tensor, overlap: torch.Tensor, hw: int, min_overlap: float) -> torch.Tensor:
