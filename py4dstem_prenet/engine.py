@@ -304,6 +304,28 @@ def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None) -> torch.T
     return torch.where(low[:, None, None, None], denoised.float(), raw)
 
 
+def _within_radius(x: torch.Tensor, valid: torch.Tensor | None, origin: torch.Tensor, refined: torch.Tensor,
+                   score: torch.Tensor, ok: torch.Tensor, radius: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Refine again, within the disk the network allows, where the square search left it.
+
+    The square window of :func:`~py4dstem_prenet.refine.refine_origin` reaches 1.41
+    SEARCH_PX along its diagonals. Under a beam stop over the bright-field disk it found
+    a half-lattice point (about which a lattice of equal disks is as symmetric as about
+    the origin) 4.4 px from the network's estimate, beyond ``radius``, so the network's
+    estimate, 2.9 px off, was kept; the disk search finds the origin. Patterns (N,) not
+    ``ok`` are searched again in the disk of radius SEARCH_PX; the (refined, score, ok)
+    of those it brings within ``radius`` (N,) of ``origin`` are replaced.
+    """
+    idx = torch.nonzero(~ok)[:, 0]
+    r2, s2 = (t.cpu() for t in refine_origin(x[idx.to(x.device)], origin[idx].to(x.device), search=SEARCH_PX,
+                                              valid=_valid_for(valid, idx), with_score=True, disk=True))
+    good = torch.linalg.norm(r2 - origin[idx], dim=1) <= radius[idx]
+    refined, score, ok = refined.clone(), score.clone(), ok.clone()
+    refined[idx[good]], score[idx[good]], ok[idx[good]] = r2[good].to(refined.dtype), s2[good].to(score.dtype), True
+    return refined, score, ok
+
+
 def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, origin: torch.Tensor, sigma_px: torch.Tensor,
                     score: torch.Tensor, unsure: torch.Tensor, eligible: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -656,7 +678,10 @@ class PreNet:
                     xr = _refinement_input(x, y if self.denoise else None)
                     r, score = (t.cpu() for t in refine_origin(xr, o.to(dev), search=SEARCH_PX, valid=valid, with_score=True))
                     # keep the refinement only where it agrees with the network's estimate
-                    ok = torch.linalg.norm(r - o, dim=1) <= torch.clamp(3 * s_px, min=SEARCH_PX)
+                    radius = torch.clamp(3 * s_px, min=SEARCH_PX)
+                    ok = torch.linalg.norm(r - o, dim=1) <= radius
+                    if not ok.all():
+                        r, score, ok = _within_radius(xr, valid, o, r, score, ok, radius)
                     o = torch.where(ok[:, None], r, o)
                     unsure = torch.exp(pred[:, 2]) > UNSURE_SIGMA_VIEW
                     eligible = counts >= GLOBAL_MIN_COUNTS

@@ -68,11 +68,20 @@ def _robust_fit(design: np.ndarray, origin: np.ndarray, iterations: int = 30) ->
     return coef
 
 
+#: Fewest scan positions per coefficient of the parabolic descan fit (six per axis);
+#: smaller scans (or ones with fewer than three positions along a side) get a plane. On
+#: a 3 x 3 scan the parabola leaves three residuals: nine repeats of one frame
+#: (scikit-ued's test_multi.mib) with two origins 130 px off were fitted nearly exactly,
+#: so the consistency check could not see them.
+PARABOLA_POSITIONS_PER_COEFFICIENT = 3
+
+
 def robust_descan_fit(origin: np.ndarray, scan: tuple[int, int], iterations: int = 30) -> np.ndarray:
     """Parabolic descan fit that a large minority of wrong origins does not pull.
 
     Least absolute deviations (iteratively reweighted least squares) of
-    ``origin ~ 1 + u + v + u^2 + uv + v^2`` over the scan coordinates (u, v). It
+    ``origin ~ 1 + u + v + u^2 + uv + v^2`` over the scan coordinates (u, v) (a plane
+    on scans too small for it, see PARABOLA_POSITIONS_PER_COEFFICIENT). It
     ignores gross outliers in up to a quarter of the scan, in one region or
     scattered (to 0.13 px on a 10 x 12 scan; it breaks down near 30%);
     py4DSTEM's ``fit_origin`` starts from a least-squares fit, which 25% of origins
@@ -94,7 +103,8 @@ def robust_descan_fit(origin: np.ndarray, scan: tuple[int, int], iterations: int
     """
     nrx, nry = scan
     u, v = np.meshgrid(np.linspace(-1, 1, nrx), np.linspace(-1, 1, nry), indexing="ij")
-    a = _poly_design(u.ravel(), v.ravel(), 2)
+    parabola = min(nrx, nry) >= 3 and nrx * nry >= 6 * PARABOLA_POSITIONS_PER_COEFFICIENT
+    a = _poly_design(u.ravel(), v.ravel(), 2 if parabola else 1)
     return a @ _robust_fit(a, origin, iterations)
 
 

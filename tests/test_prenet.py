@@ -546,6 +546,55 @@ def test_robust_descan_fit_ignores_a_quarter_of_wrong_origins():
     assert np.abs(robust_descan_fit(scattered, (10, 12)) - truth).max() < 0.25
 
 
+def test_robust_descan_fit_is_a_plane_on_small_scans():
+    from py4dstem_prenet.preprocess import robust_descan_fit
+
+    u, v = np.meshgrid(np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), indexing="ij")
+    truth = np.stack([95 + 0.3 * u, 50 - 0.2 * v], -1).reshape(-1, 2)
+    wrong = truth.copy()
+    wrong[[0, 7]] = [88.0, 182.0]  # two of nine frames on a point 130 px away
+    fitted = robust_descan_fit(wrong, (3, 3))
+    assert np.abs(fitted - truth).max() < 0.5  # the outliers stand out of the fit, so they are re-measured
+
+
+def test_local_refinement_can_search_a_disk():
+    """Inversion about a half-lattice point, 4.4 px away diagonally, used to beat the origin 2.9 px away."""
+    from py4dstem_prenet.refine import LOCAL_MIN_OVERLAP, _peak_near
+
+    cc = torch.zeros(1, 40, 40)
+    cc[0, 20 + 3, 20 + 3] = 2.0  # in the square window's corner, 4.2 samples away
+    cc[0, 20 - 1, 20 + 2] = 1.0  # inside the disk of radius 4
+    assert torch.allclose(_peak_near(cc, torch.tensor([[20, 20]]), 4, disk=True), torch.tensor([[19.0, 22.0]]),
+                          atol=0.5)
+    assert torch.allclose(_peak_near(cc, torch.tensor([[20, 20]]), 4), torch.tensor([[23.0, 23.0]]), atol=0.5)
+    assert LOCAL_MIN_OVERLAP < 0.4  # below the detector-wide search's requirement
+
+
+def test_direct_beam_far_off_the_detector_centre():
+    """A beam 38 px off the centre of a 128 px detector (its inversion keeps a third of it): with the
+    detector-wide search's overlap rule for the refined origin too, every pattern was 10.3 px off."""
+    import py4DSTEM
+
+    dc, t = simulate_datacube((6, 6), (256, 256), "crystal", 2e4, None, descan_amplitude=2.0, disk_radius=8.0,
+                              seed=39_820_060)
+    c = t.origin.reshape(-1, 2).mean(0).round().astype(int)
+    r0, c0 = c[0] - 64 + 25, c[1] - 64 + 29  # the beam at (-25, -29) px from the crop's centre
+    crop = py4DSTEM.DataCube(data=np.ascontiguousarray(dc.data[:, :, r0:r0 + 128, c0:c0 + 128]))
+    out = prenet.preprocess(crop, progress=False, denoise=False, ellipse=False)
+    err = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - (t.origin - [r0, c0]), axis=-1)
+    assert err.max() < 0.5, err.max()
+
+
+def test_crystal_behind_a_stop_keeps_the_origin_not_a_half_lattice_point():
+    """A quarter of this scan was 2-3 px off: the network's estimate, kept when the refinement went to a
+    half-lattice point 4.4 px from it (outside its 4 px radius, inside the old square window's corner)."""
+    dc, t = simulate_datacube((12, 12), (128, 128), "crystal", 1e5, None, detector=Detector(), beam_stop=True,
+                              seed=39_905_031)
+    out = prenet.preprocess(dc, progress=False, mask=t.transmission > 0.5, ellipse=False)
+    err = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - t.origin, axis=-1)
+    assert err.max() < 0.2, err.max()
+
+
 def test_denoiser_leaves_high_dose_patterns_as_recorded(tiny_weights):
     import py4DSTEM
 

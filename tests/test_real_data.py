@@ -144,4 +144,14 @@ def test_cli_preprocesses_real_files_into_emd_py4dstem_reopens(name, extra, tmp_
     assert np.all((qx0 >= 0) & (qx0 <= 255) & (qy0 >= 0) & (qy0 <= 255))
     if name == "test_multi.mib":  # nine frames of the same illumination: one origin
         assert np.ptp(qx0) < 1 and np.ptp(qy0) < 1
+        # each frame is a flat field (value 32) with one dark disk (value 1) about 45 px
+        # across, its only feature: the origin is its centre (the dark region's centroid,
+        # which a faint tail on one side pulls by 1 px, within 2 px); it used to be the
+        # symmetry centre of the featureless field, 130 px away
+        from scipy import ndimage
+
+        dark = ndimage.binary_opening(np.asarray(back.data[0, 0]) < 16, np.ones((3, 3)))  # the copied recording
+        labels, _ = ndimage.label(dark)
+        disk = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+        assert np.hypot(*(np.subtract(ndimage.center_of_mass(disk), (qx0[0, 0], qy0[0, 0])))) < 2
     assert main(["preprocess", src, out, "--quiet", *extra]) == 2  # refuses to overwrite
