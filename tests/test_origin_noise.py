@@ -6,7 +6,7 @@ import torch
 
 import py4dstem_prenet as prenet
 from py4dstem_prenet.engine import _angular_fraction
-from py4dstem_prenet.preprocess import NOISY_ORIGIN_PX, origin_scatter
+from py4dstem_prenet.preprocess import NOISY_ORIGIN_PX, origin_scatter, origins_are_noise
 from py4dstem_prenet.refine import (_masked_edges, _upsampled_peak, intensity_symmetry_centre, refine_origin)
 from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
 
@@ -126,3 +126,11 @@ def test_stop_region_is_the_stops_thick_part_not_its_rod():
     assert _stop_region(valid, 5.0)[0, 53 + 13, 68] and not _stop_region(valid, 5.0)[0, 53 + 15, 68]
     # no stop: a dead band 5 px wide alone has no core
     assert _stop_region(torch.from_numpy(~(np.abs(xx - 60) <= 2)), 5.0) is None
+
+
+def test_only_sub_pixel_scatter_counts_as_noise_about_the_descan():
+    assert not origins_are_noise(0.1, 0.1)  # the pattern pins the origin down: keep it
+    assert origins_are_noise(0.5, 0.6)  # speckle-limited rings: the descan fit is better
+    assert not origins_are_noise(0.5, 2.0)  # structure the parabola misses
+    # wrong disks and lattice points, not noise: a fit through them put every origin 0.4-88 px off
+    assert not origins_are_noise(22.0, 16.8)
