@@ -115,6 +115,12 @@ MIXED_MAX_FRACTION = 0.8
 #: Fit quality each ellipse band needs to be used (see :func:`fit_ellipse_bands`).
 _MIN_QUALITY = {ISOTROPIC: 0.9, "full": 0.97, "bright-field edge": 0.97}
 
+#: Below this quality no band holds an isotropic feature (Poisson noise alone scored 0.74
+#: and gave a/b = 1.54; the bands chosen on 20 dev scans of rings, crystals and strain
+#: scans scored 0.95-1.0): :func:`fit_ellipse_bands` then returns None and ``preprocess``
+#: keeps the network's ellipse.
+ELLIPSE_QUALITY_FLOOR = 0.8
+
 #: A pattern is examined for burned-in annotations (see :func:`overlay_mask`) when at
 #: least this many of its pixels share its maximum value.
 OVERLAY_MIN_PIXELS = 10
@@ -865,7 +871,7 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
     -------
     tuple or None
         (a/b, theta in radians from the qx axis, quality, band name), or None when
-        there is no band.
+        there is no band or the best fit's quality is below ELLIPSE_QUALITY_FLOOR.
     """
     # the isotropic sum is a band of its own only in a scan of mixed content: where (nearly)
     # every pattern is isotropic, the full band holds the same rings with all the counts
@@ -880,4 +886,6 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
     order = [k for k in ("full", ISOTROPIC, "bright-field edge") if k in q]
     band = next((k for k in order if q[k] >= _MIN_QUALITY[k]), max(order, key=lambda k: q[k]))
     ratio, theta, quality = results[band]
+    if quality < ELLIPSE_QUALITY_FLOOR:
+        return None
     return ratio, theta, quality, band

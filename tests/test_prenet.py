@@ -595,6 +595,17 @@ def test_crystal_behind_a_stop_keeps_the_origin_not_a_half_lattice_point():
     assert err.max() < 0.2, err.max()
 
 
+def test_noise_alone_gets_the_network_ellipse_not_a_fit_of_noise():
+    import py4DSTEM
+
+    noise = np.random.default_rng(0).poisson(3, (3, 3, 32, 32)).astype(np.float32)
+    out = prenet.preprocess(py4DSTEM.DataCube(data=noise), progress=False)
+    md = out.metadata["prenet"]
+    assert md["ellipse_method"] == "network (median over scan)"  # the best band fit scored 0.74 (a/b 1.54)
+    a, b, _ = out.calibration.get_ellipse()
+    np.testing.assert_allclose(a / b, md["ellipse_network"][0])
+
+
 def test_denoiser_leaves_high_dose_patterns_as_recorded(tiny_weights):
     import py4DSTEM
 
