@@ -151,12 +151,11 @@ def _clean_block(block: np.ndarray) -> torch.Tensor:
     (read noise around a dark-subtracted zero) are clipped at 0.
     """
     block = np.asarray(block)
-    if block.dtype == np.bool_ or np.issubdtype(block.dtype, np.unsignedinteger) and block.dtype.itemsize <= 2:
+    if block.dtype == np.bool_ or (np.issubdtype(block.dtype, np.unsignedinteger) and block.dtype.itemsize <= 2):
         return torch.from_numpy(block.astype(np.float32))[:, None]  # exact, finite and >= 0
     # float32 holds MAX_COUNTS, so inputs no wider than float32 are cleaned in float32
-    narrow = block.dtype.itemsize <= 4 or block.dtype == np.float16
-    x = block.astype(np.float32 if narrow else np.float64)
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+    x = block.astype(np.float32 if block.dtype.itemsize <= 4 else np.float64)
+    if not np.isfinite(x).all():
         x = np.where(np.isfinite(x), x, 0.0)
     x = np.clip(x, -MAX_COUNTS, MAX_COUNTS).astype(np.float32, copy=False)
     flat = x.reshape(len(x), -1)
