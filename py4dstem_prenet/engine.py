@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
-from .refine import (edge_blur_bias, gaussian_blur, intensity_symmetry_centre, log_polar_view, refine_ellipse,
-                     refine_origin, symmetry_centre)
+from .refine import (LOCAL_MIN_OVERLAP, edge_blur_bias, gaussian_blur, intensity_symmetry_centre, log_polar_view,
+                     refine_ellipse, refine_origin, symmetry_centre, symmetry_centres)
 from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
 
@@ -331,41 +331,52 @@ def _within_radius(x: torch.Tensor, valid: torch.Tensor | None, origin: torch.Te
     return refined, score, ok
 
 
-def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, origin: torch.Tensor, sigma_px: torch.Tensor,
-                    score: torch.Tensor, unsure: torch.Tensor, eligible: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where the network's neighbourhood must give way to the detector-wide symmetry centre.
+def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, network: torch.Tensor, radius: torch.Tensor,
+                    origin: torch.Tensor, sigma_px: torch.Tensor, score: torch.Tensor, unsure: torch.Tensor,
+                    eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where a wider search near the network, or the detector-wide symmetry centre, must replace the origin.
 
-    Where the network's neighbourhood is far less inversion-symmetric than the best
-    point of the detector (rings or spots around a beam stop, patterns unlike the
-    training data), the network is wrong: the symmetry centre replaces it. Where the
-    network knows it is outside what it learnt (its sigma above UNSURE_SIGMA_VIEW),
-    the symmetry centre wins if it scores UNSURE_MARGIN more and lies within 3 sigma.
-    Below GLOBAL_MIN_COUNTS the symmetry map is noise and nothing switches. The
-    detector-wide search runs only for the patterns where a switch is possible
-    (a score >= GLOBAL_SWITCH cannot lose against a best score <= 1).
+    The refinement's window (SEARCH_PX) misses the origin where the network is further
+    off; within ``radius`` (N,) px of the network's estimate ``network`` (N, 2) the most
+    symmetric point replaces the refined one (``origin`` (N, 2), of symmetry ``score``
+    (N,)) when the refined one scores below GLOBAL_SWITCH times it. Where the network's
+    neighbourhood is still far less inversion-symmetric than the best point of the
+    detector (rings or spots around a beam stop, patterns unlike the training data),
+    the network is wrong: the symmetry centre replaces it. Where the network knows it
+    is outside what it learnt (its sigma above UNSURE_SIGMA_VIEW), the symmetry centre
+    wins if it scores UNSURE_MARGIN more and lies within 3 sigma. Below
+    GLOBAL_MIN_COUNTS the symmetry map is noise and nothing switches. The searches run
+    only for the patterns where a switch is possible (a score >= GLOBAL_SWITCH cannot
+    lose against a best score <= 1).
 
     ``unsure`` (N,) marks a network sigma above UNSURE_SIGMA_VIEW, ``eligible`` (N,)
     patterns with at least GLOBAL_MIN_COUNTS counts.
 
     Returns
     -------
-    switch, origin_global, score_global : torch.Tensor
-        (N,) bool, (N, 2) pixels and (N,) scores (on CPU; the inputs' values where
-        the search did not run).
+    near, origin, switch, score : torch.Tensor
+        (N,) bool where the near search replaced the refined origin, the (N, 2) origins
+        after it, (N,) bool where the detector-wide centre then replaced them, and the
+        (N,) scores of the returned origins (all on CPU) once switched.
     """
     need = ((score < GLOBAL_SWITCH) | unsure) & eligible
-    switch = torch.zeros_like(need)
-    o_glob, s_glob = origin.clone(), score.clone()
+    near, switch = torch.zeros_like(need), torch.zeros_like(need)
+    origin, score = origin.clone(), score.clone()
     if need.any():
         idx = torch.nonzero(need)[:, 0]
         v = _valid_for(valid, idx)
-        og, sg = (t.cpu() for t in symmetry_centre(x[idx.to(x.device)], search=2.0, valid=v))
-        o_glob[idx], s_glob[idx] = og, sg
+        dev = x.device
+        og, sg, on, sn = (t.cpu() for t in symmetry_centres(x[idx.to(dev)], network[idx].to(dev).to(x.dtype),
+                                                            radius[idx].to(dev), valid=v))
+        near[idx] = (score[idx] < GLOBAL_SWITCH * sn) | (unsure[idx] & (score[idx] < sn))
+        k = idx[near[idx]]
+        origin[k], score[k] = on[near[idx]].to(origin.dtype), sn[near[idx]].to(score.dtype)
         lost = score[idx] < GLOBAL_SWITCH * sg
-        near = torch.linalg.norm(og - origin[idx], dim=1) <= 3 * sigma_px[idx]
-        switch[idx] = lost | (unsure[idx] & (score[idx] + UNSURE_MARGIN < sg) & near)
-    return switch, o_glob, s_glob
+        close = torch.linalg.norm(og - origin[idx], dim=1) <= 3 * sigma_px[idx]
+        switch[idx] = lost | (unsure[idx] & (score[idx] + UNSURE_MARGIN < sg) & close)
+        origin[idx] = torch.where(switch[idx, None], og.to(origin.dtype), origin[idx])
+        score[idx] = torch.where(switch[idx], sg.to(score.dtype), score[idx])
+    return near, origin, switch, score
 
 
 def _behind_beam_stops(x: torch.Tensor, origin: torch.Tensor, select: torch.Tensor
@@ -466,7 +477,10 @@ def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor
     idx = torch.nonzero(outside)[:, 0]
     v = _valid_for(valid, idx)
     allowed = (region[idx] if region.shape[0] > 1 else region[0]).to(x.device)
-    og, sg = (t.cpu() for t in symmetry_centre(x[idx.to(x.device)], search=2.0, valid=v, allowed=allowed))
+    # the stop's region is a small set of candidates, like the refinement's window: the
+    # inversion about a beam far off centre keeps little of the detector (LOCAL_MIN_OVERLAP)
+    og, sg = (t.cpu() for t in symmetry_centre(x[idx.to(x.device)], search=2.0, valid=v,
+                                               min_overlap=LOCAL_MIN_OVERLAP, allowed=allowed))
     take = sg >= STOP_PRIOR_FRACTION * score[idx]
     moved[idx[take]] = True
     origin, score = origin.clone(), score.clone()
@@ -643,7 +657,9 @@ class PreNet:
             'origin_symmetry' (N,), the
             inversion-symmetry score (normalised cross-correlation of the edge map
             with its inversion, 1 = perfect) at the origin, and 'origin_source' (N,)
-            int8: 0 network, 1 refined near it, 2 symmetry centre of the detector
+            int8: 0 network, 1 refined near it (within SEARCH_PX, or the most symmetric
+            point within 3 sigma where that window held none; see :func:`_check_globally`),
+            2 symmetry centre of the detector
             (the network's estimate was rejected), 4 behind a beam stop (from the
             diffuse background's fall-off; 'origin_sigma' is then its uncertainty and
             'origin_symmetry' nan), 7 the most symmetric point under a beam stop given in
@@ -687,13 +703,12 @@ class PreNet:
                     ok = torch.linalg.norm(r - o, dim=1) <= radius
                     if not ok.all():
                         r, score, ok = _within_radius(xr, valid, o, r, score, ok, radius)
-                    o = torch.where(ok[:, None], r, o)
+                    o_net, o = o, torch.where(ok[:, None], r, o)
                     unsure = torch.exp(pred[:, 2]) > UNSURE_SIGMA_VIEW
                     eligible = counts >= GLOBAL_MIN_COUNTS
-                    switch, o_glob, s_glob = _check_globally(xr, valid, o, s_px, score, unsure, eligible)
-                    o = torch.where(switch[:, None], o_glob, o)
-                    out["origin_symmetry"] = torch.where(switch, s_glob, score).numpy().astype(np.float64)
-                    source = (ok.long() + 2 * switch.long()).clamp(max=2)
+                    near, o, switch, score = _check_globally(xr, valid, o_net, radius, o, s_px, score, unsure, eligible)
+                    out["origin_symmetry"] = score.numpy().astype(np.float64)
+                    source = ((ok | near).long() + 2 * switch.long()).clamp(max=2)
                     # an unsure network, and no symmetric centre under a beam stop: the direct
                     # beam may be hidden behind the stop (only the diffuse fall-off shows it)
                     moved, o, s_stop = _behind_beam_stops(x, o, unsure & eligible)

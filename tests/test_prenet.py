@@ -17,6 +17,7 @@ from py4dstem_prenet.refine import (_dft_grid, _masked_edges, _symmetry_at, _ups
                                     gaussian_blur, refine_origin, symmetry_centre)
 from py4dstem_prenet.preprocess import blur_correction
 from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
+from py4dstem_prenet.simulation.detector import beam_stop_mask
 
 
 def test_models_shapes_and_non_negative_output():
@@ -105,6 +106,71 @@ def test_symmetry_centre_finds_the_centre_anywhere_on_the_detector():
     # the symmetry score is a normalised correlation: a pattern with no symmetric content scores lower
     _, score_noise = symmetry_centre(torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(0)))
     assert score_noise.item() < score.item()
+
+
+def _selected_area_pattern(seed: int, n: int = 256, offset=(-0.2, 0.25), radius: float = 2.0,
+                           stop: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A selected-area-like pattern: a small direct beam far off centre, Friedel-symmetric spots filling the detector.
+
+    With ``stop`` a rod-shaped beam stop (tip radius 2 ``radius``) hides the direct beam.
+    Returns the counts, the origin and the valid-pixel mask.
+    """
+    rng = np.random.default_rng(seed)
+    ij = np.array([(i, j) for i in range(-25, 26) for j in range(-25, 26) if (i, j) != (0, 0)])
+    ij = ij[np.hypot(*(ij @ [[15.0, 6.0], [-7.0, 19.0]]).T) < 1.5 * n]
+    g = ij @ [[15.0, 6.0], [-7.0, 19.0]]
+    friedel: dict = {}  # I(g) = I(-g)
+    inten = np.array([friedel.setdefault(max((i, j), (-i, -j)), rng.uniform(0.2, 1.0)) for i, j in ij])
+    inten *= 0.02 * np.exp(-np.hypot(*g.T) / (0.4 * n))
+    scene = Scene(disk_radius=radius, spots=np.vstack([[0, 0], g]), spot_intensity=np.concatenate([[1.0], inten]),
+                  diffuse=(0.002, 0.15 * n))
+    origin = (n - 1) / 2 + np.asarray(offset) * n
+    img = render(scene, (n, n), origin)
+    valid = np.ones((n, n), bool)
+    if stop:
+        valid = beam_stop_mask((n, n), origin + [0.6, -0.8], 2 * radius, 0.9, 1.6 * radius) > 0.5
+    return rng.poisson(img / img.sum() * 3e6 * valid).astype(np.float32), origin, valid
+
+
+def test_symmetry_centres_finds_a_far_off_centre_origin_near_the_estimate():
+    # the inversion about a beam 20% and 25% of the detector off centre keeps 30% of it:
+    # the detector-wide search (overlap >= 0.4) cannot reach it, the near search can
+    from py4dstem_prenet.refine import symmetry_centres
+    img, true, _ = _selected_area_pattern(0)
+    x = torch.from_numpy(img)[None, None]
+    start = torch.tensor([true + [5.0, -4.0]], dtype=torch.float32)
+    og, sg, on, sn = symmetry_centres(x, start, torch.tensor([8.0]))
+    assert np.linalg.norm(on[0].numpy() - true) < 0.05 and sn.item() > sg.item()
+    assert np.linalg.norm(og[0].numpy() - true) > 20  # what the detector-wide search alone returns
+    far, _, _, _ = symmetry_centres(x, start, torch.tensor([2.0]))
+    assert torch.equal(far, og)
+    with pytest.raises(ValueError, match="radius"):
+        symmetry_centres(x, start, torch.tensor(8.0))
+
+
+@pytest.mark.parametrize("offset", [(-0.2, 0.25), (0.22, -0.18)])
+def test_preprocess_finds_a_far_off_centre_direct_beam_in_a_selected_area_pattern(offset):
+    # a small direct beam far off centre, spots filling a 256 px detector: the network,
+    # trained on disks of 3-10% of the detector within 15% of its centre, is 5-6 px off;
+    # the detector-wide symmetry centre was a lattice point over 100 px away
+    import py4DSTEM
+
+    img, true, _ = _selected_area_pattern(1, offset=offset)
+    out = prenet.preprocess(py4DSTEM.DataCube(data=img[None, None]), denoise=False, ellipse=False, progress=False)
+    found = np.array(out.calibration.get_origin()).ravel()
+    assert np.linalg.norm(found - true) < 0.05
+
+
+def test_preprocess_finds_a_far_off_centre_direct_beam_under_a_given_stop():
+    # the most symmetric point under the stop is searched like the near window (overlap
+    # >= LOCAL_MIN_OVERLAP): with the detector-wide 40%, no point under this stop counted
+    import py4DSTEM
+
+    img, true, valid = _selected_area_pattern(2, radius=5.0, stop=True)
+    out = prenet.preprocess(py4DSTEM.DataCube(data=img[None, None]), denoise=False, ellipse=False, progress=False,
+                            mask=valid)
+    found = np.array(out.calibration.get_origin()).ravel()
+    assert np.linalg.norm(found - true) < 0.05 and out.metadata["prenet"]["origin_source"].ravel()[0] == 7
 
 
 def test_contrast_normalised_edges_weigh_both_sides_of_a_ramped_disk_alike():
