@@ -243,18 +243,22 @@ def _upsampled_peak(spec: torch.Tensor, s: torch.Tensor, size: tuple[int, int], 
     return torch.stack([rows[ar, i] + di * step, cols[ar, j] + dj * step], dim=1)
 
 
-def _symmetric_peak(spec: tuple, spec_fine: tuple, size: tuple[int, int], s0: torch.Tensor,
+def _ratio_map(spec: tuple, size: tuple[int, int]) -> torch.Tensor:
+    """The map (N, A, B) numerator / denominator of (numerator, denominator) half spectra (see :func:`_peak_spectra`)."""
+    num, den = spec
+    return torch.fft.irfft2(num, s=size) / torch.fft.irfft2(den, s=size).clamp_min(1e-12)
+
+
+def _symmetric_peak(cc: torch.Tensor, spec_fine: tuple, size: tuple[int, int], s0: torch.Tensor,
                     search: float, disk: bool = False) -> torch.Tensor:
     """Centre of symmetry (N, 2) px: the normalised self-convolution's peak (at s = 2 * origin).
 
-    ``spec`` and ``spec_fine`` are (numerator, denominator) half spectra (see
-    :func:`_peak_spectra`). The peak of the map ``spec`` is found within +-``search`` px of the samples
-    ``s0`` (N, 2); the sub-pixel position is that of the peak of the map
-    ``spec_fine`` (of the contrast-normalised edge maps) within +-1 sample of it,
-    by Fourier interpolation.
+    ``cc`` is the normalised self-convolution (:func:`_ratio_map`) and ``spec_fine``
+    (numerator, denominator) half spectra (see :func:`_peak_spectra`). The peak of
+    ``cc`` is found within +-``search`` px of the samples ``s0`` (N, 2); the sub-pixel
+    position is that of the peak of the map ``spec_fine`` (of the contrast-normalised
+    edge maps) within +-1 sample of it, by Fourier interpolation.
     """
-    num, den = spec
-    cc = torch.fft.irfft2(num, s=size) / torch.fft.irfft2(den, s=size).clamp_min(1e-12)
     coarse = _peak_near(cc, s0, int(math.ceil(2 * search)), disk)
     return _upsampled_peak(spec_fine[0], coarse, size, den=spec_fine[1]) / 2
 
@@ -307,15 +311,20 @@ def _peak_spectra(g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, mf: torch.
     return g0f * g0f, den
 
 
+def _fine_spectra(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, mf: torch.Tensor, size: tuple[int, int]) -> tuple:
+    """(numerator, denominator) half spectra of the contrast-normalised map: g times
+    :func:`_contrast_weight` (the mask and the weight commute)."""
+    gw = g * _contrast_weight(x.clamp_min(0), EDGE_FLOOR_COUNTS)[:, 0]
+    return _peak_spectra(gw, m, torch.fft.rfft2(gw, s=size), mf, size)
+
+
 def _located(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, gf: torch.Tensor, mf: torch.Tensor,
              s0: torch.Tensor, search: float, disk: bool = False) -> torch.Tensor:
     """Centres of symmetry (N, 2) px near s0 / 2 (see :func:`_symmetric_peak`). g, m: the
-    :func:`_masked_edges` of x, gf and mf their rfft2 over (2H, 2W); the contrast-normalised
-    map is g times :func:`_contrast_weight` (the mask and the weight commute)."""
+    :func:`_masked_edges` of x, gf and mf their rfft2 over (2H, 2W)."""
     size = (2 * x.shape[2], 2 * x.shape[3])
-    gw = g * _contrast_weight(x.clamp_min(0), EDGE_FLOOR_COUNTS)[:, 0]
-    fine = _peak_spectra(gw, m, torch.fft.rfft2(gw, s=size), mf, size)
-    return _symmetric_peak(_peak_spectra(g, m, gf, mf, size), fine, size, s0, search, disk)
+    cc = _ratio_map(_peak_spectra(g, m, gf, mf, size), size)
+    return _symmetric_peak(cc, _fine_spectra(x, g, m, mf, size), size, s0, search, disk)
 
 
 def refine_origin(x: torch.Tensor, origin0: torch.Tensor, search: float = 2.0, valid: torch.Tensor | None = None,
@@ -559,26 +568,28 @@ def symmetry_centres(x: torch.Tensor, origin0: torch.Tensor, radius: torch.Tenso
 
 
 def _score_maps(x: torch.Tensor, valid: torch.Tensor | None) -> tuple:
-    """Edge maps, their spectra and the (numerator, denominator, overlap) maps of the symmetry score."""
+    """The (numerator, denominator, overlap) maps of the symmetry score and the fine spectra
+    (:func:`_fine_spectra`) of the sub-pixel search, over (2H, 2W)."""
     h, w = x.shape[2:]
     g, m = _masked_edges(x, valid)
     size = (2 * h, 2 * w)
     gf, mf = torch.fft.rfft2(g, s=size), torch.fft.rfft2(m, s=size)
     num, den, ovl = (torch.fft.irfft2(f, s=size) for f in (*_peak_spectra(g, m, gf, mf, size), mf * mf))
-    return g, m, gf, mf, num, den, ovl
+    return num, den, ovl, _fine_spectra(x, g, m, mf, size)
 
 
 def _best_on_map(x: torch.Tensor, maps: tuple, min_overlap: float, on_grid: torch.Tensor | None,
                  search: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Sub-pixel best point (N, 2) and its score (N,) of the :func:`_score_maps`, on ``on_grid`` samples only."""
     n, _, h, w = x.shape
-    g, m, gf, mf, num, den, ovl = maps
+    num, den, ovl, fine = maps
     score = _score(num, den, ovl.expand_as(num), h * w, min_overlap)
     if on_grid is not None:
         score = torch.where(on_grid, score, torch.full_like(score, -1.0))
     best = score.reshape(n, -1).argmax(dim=1)
     s_best = torch.stack([best // (2 * w), best % (2 * w)], dim=1)
-    return _located(x, g, m, gf, mf, s_best, search), score.reshape(n, -1).max(dim=1).values
+    origin = _symmetric_peak(num / den.clamp_min(1e-12), fine, (2 * h, 2 * w), s_best, search)
+    return origin, score.reshape(n, -1).max(dim=1).values
 
 
 #: Gaussian smoothing (pixels) of the square-root counts whose inversion symmetry
@@ -628,7 +639,7 @@ def intensity_symmetry_centre(x: torch.Tensor, origin0: torch.Tensor, search: fl
     g, m = _masked(gaussian_blur(torch.sqrt(x.clamp_min(0)), INTENSITY_SIGMA)[:, 0], valid)
     size = (2 * x.shape[2], 2 * x.shape[3])
     spec = _peak_spectra(g, m, torch.fft.rfft2(g, s=size), torch.fft.rfft2(m, s=size), size)
-    return _symmetric_peak(spec, spec, size, torch.round(2 * origin0).long(), search)
+    return _symmetric_peak(_ratio_map(spec, size), spec, size, torch.round(2 * origin0).long(), search)
 
 
 def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float, r_max: float, n_rho: int = 256,

@@ -132,6 +132,25 @@ def test_simulate_patterns_labels_and_speed():
         simulate_patterns(0)
 
 
+def test_simulate_patterns_wide_geometry():
+    from py4dstem_prenet.simulation.datacube import WIDE_OFFSET, WIDE_RADIUS
+
+    base = simulate_patterns(60, (96, 96), np.random.default_rng(3))
+    r = base["disk_radius"] / 96
+    assert r.min() >= 0.03 and r.max() <= 0.1
+    assert np.abs(base["origin"] - 47.5).max() <= 0.15 * 96
+    wide = simulate_patterns(60, (96, 96), np.random.default_rng(3), wide_fraction=1.0)
+    r = wide["disk_radius"] / 96
+    assert WIDE_RADIUS[0] <= r.min() < 0.03 and 0.1 < r.max() <= WIDE_RADIUS[1]
+    assert 0.15 * 96 < np.abs(wide["origin"] - 47.5).max() <= WIDE_OFFSET * 96
+    assert np.isfinite(wide["noisy"]).all() and (wide["clean"] >= 0).all()
+    # the default stream is unchanged by the option
+    again = simulate_patterns(60, (96, 96), np.random.default_rng(3), wide_fraction=0.0)
+    assert all(np.array_equal(base[k], again[k]) for k in base)
+    with pytest.raises(ValueError, match="wide_fraction"):
+        simulate_patterns(2, (64, 64), wide_fraction=1.5)
+
+
 @pytest.mark.slow
 def test_ten_thousand_patterns_under_a_minute():
     t0 = time.perf_counter()

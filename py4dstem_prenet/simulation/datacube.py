@@ -11,6 +11,13 @@ from .descan import descan_origin
 from .detector import Detector, beam_stop_mask, scale_to_dose
 from .patterns import KINDS, Scene, random_scene, render, speckle
 
+#: Bright-field disk radii of :func:`simulate_patterns`' wide geometry, fractions of the
+#: detector's smaller size (log-uniform): a selected-area direct beam of a few pixels on a
+#: 1k detector to a convergent-beam disk of a third of the detector.
+WIDE_RADIUS = (0.015, 0.3)
+#: Largest origin offset from the detector centre of the wide geometry, fraction of each size.
+WIDE_OFFSET = 0.3
+
 __all__ = [
     "SimulationTruth",
     "simulate_datacube",
@@ -257,6 +264,7 @@ def simulate_patterns(
     bank: dict | list | None = None,
     bank_fraction: float = 0.0,
     bright_fraction: float = 0.0,
+    wide_fraction: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Draw independent random training patterns with exact labels.
 
@@ -288,6 +296,13 @@ def simulate_patterns(
         Fraction of crystal patterns whose brightest Bragg disk is rescaled to 1-3x
         the bright-field disk (thick or strongly diffracting crystals, where
         argmax-based centring fails).
+    wide_fraction : float
+        Fraction of patterns drawn from a wider geometry: the bright-field disk radius
+        log-uniform in WIDE_RADIUS (fractions of ``min(detector_shape)``; the others:
+        0.03-0.1) and the origin up to WIDE_OFFSET of each size off centre (the others:
+        ``max_origin_offset``). It covers the small direct beam of selected-area
+        patterns on large detectors, the large disks of wide convergence angles, and
+        beams far off centre.
 
     Returns
     -------
@@ -317,28 +332,33 @@ def simulate_patterns(
     if bank is not None and not (0 <= bank_fraction <= 1):
         raise ValueError(f"bank_fraction must be in [0, 1], got {bank_fraction}")
     banks = [bank] if isinstance(bank, dict) else list(bank or [])
+    if not (0 <= wide_fraction <= 1):
+        raise ValueError(f"wide_fraction must be in [0, 1], got {wide_fraction}")
     for i in range(n):
-        origin = centre + rng.uniform(-max_origin_offset, max_origin_offset, 2) * np.asarray(shape)
+        wide = wide_fraction > 0 and rng.random() < wide_fraction
+        offset = WIDE_OFFSET if wide else max_origin_offset
+        origin = centre + rng.uniform(-offset, offset, 2) * np.asarray(shape)
         ratio, theta = random_ellipse(rng)
         dose = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         det = random_detector(rng)
+        wide_radius = min(shape) * float(np.exp(rng.uniform(*np.log(WIDE_RADIUS)))) if wide else None
         if banks and rng.random() < bank_fraction:
             from .multislice import bank_to_detector
 
             b = banks[rng.integers(len(banks))]
-            radius = rng.uniform(0.03, 0.1) * min(shape)
+            radius = wide_radius if wide else rng.uniform(0.03, 0.1) * min(shape)
             pattern = b["patterns"][rng.integers(len(b["patterns"]))]
             img = bank_to_detector(pattern, shape, origin, radius / b["disk_radius"], ratio, theta)
         else:
             kind = str(rng.choice(kinds)) if kinds else None
-            scene = random_scene(rng, shape, kind)
+            scene = random_scene(rng, shape, kind, wide_radius)
             if len(scene.spots) > 1 and rng.random() < bright_fraction:
                 inten = scene.spot_intensity.copy()
                 inten[1:] *= rng.uniform(1.0, 3.0) / max(inten[1:].max(), 1e-12)
                 scene.spot_intensity = inten
-            radius = scene.disk_radius
             field_ = speckle(rng, shape, scene.speckle_length) if scene.speckle > 0 else None
             img = render(scene, shape, origin, ratio, theta, field_)
+            radius = scene.disk_radius
         electrons = scale_to_dose(img, dose)
         if rng.random() < beam_stop_probability:
             electrons = electrons * beam_stop_mask(

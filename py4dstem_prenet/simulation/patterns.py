@@ -266,7 +266,8 @@ def random_scene(
             spots = np.vstack([spots, g])
             inten = np.concatenate([inten, gi])
     if kind in ("amorphous", "mixed"):
-        radius = rng.uniform(1.5 * r + 3, 0.42 * n)
+        lo = 1.5 * r + 3  # outside the bright-field disk; a large disk can push it off the detector
+        radius = rng.uniform(lo, max(lo, 0.42 * n))
         rings = np.array([[radius, rng.uniform(0.04, 0.15) * radius, rng.uniform(0.02, 0.3)]])
         spk, spk_len = rng.uniform(0.0, 1.0), rng.uniform(1.0, 3.0)
     if kind == "polycrystalline":
@@ -274,7 +275,7 @@ def random_scene(
         g, gi = kinematic_spots(name, (0, 0, 1), k_max=2.5)
         gl = np.hypot(g[:, 0], g[:, 1])
         radii = np.unique(np.round(gl[gl > 1e-9], 3))[:6]
-        scale = rng.uniform(1.5 * r + 3, 0.3 * n) / radii[0]
+        scale = rng.uniform(1.5 * r + 3, max(1.5 * r + 3, 0.3 * n)) / radii[0]
         amps = rng.uniform(0.05, 0.5, len(radii))
         widths = rng.uniform(0.6, 2.0, len(radii))
         rings = np.stack([radii * scale, widths, amps], axis=1)
