@@ -62,6 +62,13 @@ class TrainConfig:
         Fraction of patterns drawn from the banks.
     bright_fraction : float
         Fraction of crystal patterns with Bragg disks brighter than the bright-field disk.
+    wide_fraction : float
+        Fraction of patterns with the wide geometry of
+        :func:`~py4dstem_prenet.simulation.simulate_patterns` (disk radius 1.5-30% of the
+        detector, origin up to 30% off centre). The shipped weights use none: a run with
+        0.3 (and 6000 centre steps, 41 min) put the network closer on large and far
+        off-centre disks but made it less sure (larger sigma) on bright Bragg disks
+        with hot pixels, where the wider search near it then found lattice points.
     """
 
     seed: int = 1
@@ -80,6 +87,7 @@ class TrainConfig:
     val_bank_structures: tuple = ("Au", "MgO")
     bank_fraction: float = 0.15
     bright_fraction: float = 0.3
+    wide_fraction: float = 0.0
 
     @classmethod
     def tiny(cls) -> "TrainConfig":
@@ -236,7 +244,10 @@ def _data_recipe(cfg: TrainConfig, with_bank: bool) -> str:
             f"{len(STRUCTURES)} structures x {len(ZONE_AXES)} zone axes, random 2D lattices), amorphous, "
             f"polycrystalline, vacuum and mixed patterns; {cfg.bright_fraction:.0%} of crystal patterns with Bragg "
             f"disks 1-3x brighter than the bright-field disk; {bank}; dose log-uniform 1e2-1e6 e-/pattern; counting "
-            "and integrating detectors with hot/dead pixels; 10% beam stops; a/b - 1 up to 0.06")
+            "and integrating detectors with hot/dead pixels; 10% beam stops; a/b - 1 up to 0.06; bright-field disk "
+            "radius 3-10% of the detector and origin within 15% of its centre"
+            + (f", except {cfg.wide_fraction:.0%} of the patterns with radius 1.5-30% (log-uniform) and origin "
+               "within 30%" if cfg.wide_fraction > 0 else ""))
 
 
 def train_all(out_dir: str, config: TrainConfig | None = None, log=print) -> dict:
@@ -268,9 +279,10 @@ def train_all(out_dir: str, config: TrainConfig | None = None, log=print) -> dic
     bank, val_bank = _banks(cfg, log)
     log(f"simulating {cfg.n_train} training and {cfg.n_val} held-out patterns")
     data = simulate_patterns(cfg.n_train, shape, np.random.default_rng(cfg.seed), bank=bank,
-                             bank_fraction=cfg.bank_fraction if bank else 0.0, bright_fraction=cfg.bright_fraction)
+                             bank_fraction=cfg.bank_fraction if bank else 0.0, bright_fraction=cfg.bright_fraction,
+                             wide_fraction=cfg.wide_fraction)
     val = simulate_patterns(cfg.n_val, shape, np.random.default_rng(cfg.seed + 7_000_000), bank=val_bank,
-                            bank_fraction=cfg.bank_fraction if val_bank else 0.0)
+                            bank_fraction=cfg.bank_fraction if val_bank else 0.0, wide_fraction=cfg.wide_fraction)
     t_data = time.perf_counter() - t0
     models = {}
     models["denoiser"] = _train_denoiser(data, cfg, gen, log)
