@@ -339,7 +339,9 @@ def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, network: torch.
     The refinement's window (SEARCH_PX) misses the origin where the network is further
     off; within ``radius`` (N,) px of the network's estimate ``network`` (N, 2) the most
     symmetric point replaces the refined one (``origin`` (N, 2), of symmetry ``score``
-    (N,)) when the refined one scores below GLOBAL_SWITCH times it. Where the network's
+    (N,)) when the refined one scores below GLOBAL_SWITCH times it, or, where the network
+    is unsure, below it at all (its window is then no more credible than the rest of
+    the 3 sigma disk). Where the network's
     neighbourhood is still far less inversion-symmetric than the best point of the
     detector (rings or spots around a beam stop, patterns unlike the training data),
     the network is wrong: the symmetry centre replaces it. Where the network knows it
@@ -355,9 +357,9 @@ def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, network: torch.
     Returns
     -------
     near, origin, switch, score : torch.Tensor
-        (N,) bool where the near search replaced the refined origin, the (N, 2) origins
-        after it, (N,) bool where the detector-wide centre then replaced them, and the
-        (N,) scores of the returned origins (all on CPU) once switched.
+        (N,) bool where the near search replaced the refined origin; the (N, 2) origins
+        in pixels after both replacements; (N,) bool where the detector-wide centre
+        replaced the origin; the (N,) symmetry scores of the returned origins. All on CPU.
     """
     need = ((score < GLOBAL_SWITCH) | unsure) & eligible
     near, switch = torch.zeros_like(need), torch.zeros_like(need)
