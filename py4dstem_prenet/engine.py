@@ -74,13 +74,6 @@ UNSURE_SIGMA_VIEW = 1.25
 #: more than 1 px off, +-4 px left 1, with no loss at other doses.
 SEARCH_PX = 4.0
 
-#: Radius (px) of the search around the centroid of a pattern's bright region (see
-#: :func:`_bright_centroid`), the second first estimate of :func:`_check_globally`
-#: next to the network's: where the network is lost on a pattern unlike its training data
-#: (a disk far larger or further off centre), the bright-field disk is often still the
-#: brightest thing on the detector.
-BRIGHT_SEARCH_PX = 8.0
-
 #: Where the network is unsure, the detector-wide symmetry centre must be at least
 #: this much more symmetric (score difference) to replace the local centre: on dev
 #: scans with hot pixels, equal-looking lattice-translated centres 16 px away won
@@ -338,22 +331,6 @@ def _within_radius(x: torch.Tensor, valid: torch.Tensor | None, origin: torch.Te
     return refined, score, ok
 
 
-def _bright_centroid(x: torch.Tensor) -> torch.Tensor:
-    """(N, 2) centroid of each pattern's bright region, pixels.
-
-    The patterns (N, 1, H, W) are smoothed by 2 px; the weights are what exceeds half
-    of the smoothed maximum. On a bright-field disk brighter than the rest it is the
-    disk's centre to within its intensity slopes; on Bragg disks brighter than it, the
-    centroid of a centrosymmetric set of them, near the origin again.
-    """
-    s = gaussian_blur(x.clamp_min(0), 2.0)[:, 0]
-    wt = (s - 0.5 * s.amax(dim=(1, 2), keepdim=True)).clamp_min(0)
-    total = wt.sum(dim=(1, 2)).clamp_min(1e-30)
-    rows = torch.arange(x.shape[2], dtype=wt.dtype, device=wt.device)
-    cols = torch.arange(x.shape[3], dtype=wt.dtype, device=wt.device)
-    return torch.stack([(wt.sum(dim=2) * rows).sum(dim=1) / total, (wt.sum(dim=1) * cols).sum(dim=1) / total], dim=1)
-
-
 def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, network: torch.Tensor, radius: torch.Tensor,
                     origin: torch.Tensor, sigma_px: torch.Tensor, score: torch.Tensor, unsure: torch.Tensor,
                     eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -391,10 +368,8 @@ def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, network: torch.
         idx = torch.nonzero(need)[:, 0]
         v = _valid_for(valid, idx)
         dev = x.device
-        xi = x[idx.to(dev)]
-        first = torch.stack([network[idx].to(dev).to(x.dtype), _bright_centroid(xi)], dim=1)
-        radii = torch.stack([radius[idx].to(dev).to(x.dtype), torch.full_like(radius[idx], BRIGHT_SEARCH_PX).to(dev)], dim=1)
-        og, sg, on, sn = (t.cpu() for t in symmetry_centres(xi, first, radii, valid=v))
+        og, sg, on, sn = (t.cpu() for t in symmetry_centres(x[idx.to(dev)], network[idx].to(dev).to(x.dtype),
+                                                            radius[idx].to(dev), valid=v))
         near[idx] = (score[idx] < GLOBAL_SWITCH * sn) | (unsure[idx] & (score[idx] < sn))
         k = idx[near[idx]]
         origin[k], score[k] = on[near[idx]].to(origin.dtype), sn[near[idx]].to(score.dtype)

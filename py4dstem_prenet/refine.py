@@ -516,7 +516,7 @@ def symmetry_centre(x: torch.Tensor, search: float = 2.0, valid: torch.Tensor | 
 def symmetry_centres(x: torch.Tensor, origin0: torch.Tensor, radius: torch.Tensor, valid: torch.Tensor | None = None,
                      min_overlap: float = 0.4, search: float = 2.0
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The detector's most symmetric point and the most symmetric point near first estimates.
+    """The detector's most symmetric point and the most symmetric point near a first estimate.
 
     Both come from one inversion-symmetry map (see :func:`symmetry_centre`). The
     detector-wide maximum considers only points whose inversion keeps ``min_overlap``
@@ -533,10 +533,9 @@ def symmetry_centres(x: torch.Tensor, origin0: torch.Tensor, radius: torch.Tenso
     x : torch.Tensor
         (N, 1, H, W) patterns.
     origin0 : torch.Tensor
-        (N, 2) first estimates (qx0, qy0), pixels, or (N, K, 2): K per pattern, searched
-        together (the union of their disks).
+        (N, 2) first estimates (qx0, qy0), pixels.
     radius : torch.Tensor
-        (N,) or (N, K) radius of the near search around each estimate, pixels.
+        (N,) radius of the near search, pixels.
     valid : torch.Tensor, optional
         As in :func:`refine_origin`.
     min_overlap : float
@@ -554,21 +553,15 @@ def symmetry_centres(x: torch.Tensor, origin0: torch.Tensor, radius: torch.Tenso
     ValueError
         If the patterns, origins, radii or valid map have the wrong type or shape.
     """
-    _check_patterns(x, valid)
+    _check_patterns(x, valid, origin0)
     n, _, h, w = x.shape
-    o = origin0[:, None] if isinstance(origin0, torch.Tensor) and origin0.dim() == 2 else origin0
-    if not isinstance(o, torch.Tensor) or o.dim() != 3 or o.shape[0] != n or o.shape[2] != 2:
-        raise ValueError(f"origins must be a tensor ({n}, 2) or ({n}, K, 2), got {tuple(getattr(origin0, 'shape', ()))}")
-    r = radius[:, None] if isinstance(radius, torch.Tensor) and radius.dim() == 1 else radius
-    if not isinstance(r, torch.Tensor) or r.shape != o.shape[:2]:
-        raise ValueError(f"radius must be a tensor {tuple(o.shape[:2])}, or ({n},) with one estimate per pattern, "
-                         f"got {tuple(getattr(radius, 'shape', ()))}")
+    if not isinstance(radius, torch.Tensor) or tuple(radius.shape) != (n,):
+        raise ValueError(f"radius must be a tensor ({n},), got {tuple(getattr(radius, 'shape', ()))}")
     maps = _score_maps(x, valid)
     half = torch.arange(2 * h, device=x.device, dtype=x.dtype) / 2, torch.arange(2 * w, device=x.device, dtype=x.dtype) / 2
-    o = o.to(x.dtype)
-    d2 = ((half[0][None, None, :, None] - o[:, :, 0, None, None]) ** 2
-          + (half[1][None, None, None, :] - o[:, :, 1, None, None]) ** 2)
-    near = (d2 <= r.to(x.dtype)[:, :, None, None] ** 2).any(dim=1)
+    d2 = ((half[0][None, :, None] - origin0[:, 0, None, None].to(x.dtype)) ** 2
+          + (half[1][None, None, :] - origin0[:, 1, None, None].to(x.dtype)) ** 2)
+    near = d2 <= radius.to(x.dtype)[:, None, None] ** 2
     origin, score = _best_on_map(x, maps, min_overlap, None, search)
     origin_near, score_near = _best_on_map(x, maps, LOCAL_MIN_OVERLAP, near, search)
     return origin, score, origin_near, score_near
