@@ -58,6 +58,20 @@ def test_targets_are_read_from_the_rows():
     assert met["with denoising >= 20 patterns/s"] is True
 
 
+def test_benchmark_seed_gives_a_development_set_with_the_same_conditions(quick_result):
+    from dataclasses import replace
+
+    dev = run_benchmark(replace(quick_result.config, seed=30_000_000))
+    key = lambda r: (r["method"], r["data"], r["dose"])  # noqa: E731
+    assert sorted(map(key, dev.origin)) == sorted(map(key, quick_result.origin))
+    means = {key(r): r["mean"] for r in quick_result.origin}
+    assert any(r["mean"] != means[key(r)] for r in dev.origin)  # other scans
+    for bad in (1, -5, 2.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            run_benchmark(replace(quick_result.config, seed=bad))
+    assert main(["benchmark", "--quick", "--seed", "1"]) == 2
+
+
 def test_benchmark_rejects_unknown_table():
     with pytest.raises(ValueError, match="unknown table"):
         run_benchmark(BenchmarkConfig.quick(), extra_methods={"strain": {}})
