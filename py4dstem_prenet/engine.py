@@ -370,9 +370,9 @@ def _check_globally(x: torch.Tensor, valid: torch.Tensor | None, network: torch.
         dev = x.device
         og, sg, on, sn = (t.cpu() for t in symmetry_centres(x[idx.to(dev)], network[idx].to(dev).to(x.dtype),
                                                             radius[idx].to(dev), valid=v))
-        near[idx] = (score[idx] < GLOBAL_SWITCH * sn) | (unsure[idx] & (score[idx] < sn))
-        k = idx[near[idx]]
-        origin[k], score[k] = on[near[idx]].to(origin.dtype), sn[near[idx]].to(score.dtype)
+        take = (score[idx] < GLOBAL_SWITCH * sn) | (unsure[idx] & (score[idx] < sn))
+        near[idx] = take
+        origin[idx[take]], score[idx[take]] = on[take].to(origin.dtype), sn[take].to(score.dtype)
         lost = score[idx] < GLOBAL_SWITCH * sg
         close = torch.linalg.norm(og - origin[idx], dim=1) <= 3 * sigma_px[idx]
         switch[idx] = lost | (unsure[idx] & (score[idx] + UNSURE_MARGIN < sg) & close)

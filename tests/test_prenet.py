@@ -117,8 +117,9 @@ def _selected_area_pattern(seed: int, n: int = 256, offset=(-0.2, 0.25), radius:
     """
     rng = np.random.default_rng(seed)
     ij = np.array([(i, j) for i in range(-25, 26) for j in range(-25, 26) if (i, j) != (0, 0)])
-    ij = ij[np.hypot(*(ij @ [[15.0, 6.0], [-7.0, 19.0]]).T) < 1.5 * n]
     g = ij @ [[15.0, 6.0], [-7.0, 19.0]]
+    keep = np.hypot(*g.T) < 1.5 * n
+    ij, g = ij[keep], g[keep]
     friedel: dict = {}  # I(g) = I(-g)
     inten = np.array([friedel.setdefault(max((i, j), (-i, -j)), rng.uniform(0.2, 1.0)) for i, j in ij])
     inten *= 0.02 * np.exp(-np.hypot(*g.T) / (0.4 * n))

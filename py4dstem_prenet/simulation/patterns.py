@@ -265,9 +265,9 @@ def random_scene(
             gi *= rng.uniform(0.6, 1.4, len(gi))
             spots = np.vstack([spots, g])
             inten = np.concatenate([inten, gi])
+    ring_min = 1.5 * r + 3  # rings lie outside the bright-field disk; a large disk can push them off the detector
     if kind in ("amorphous", "mixed"):
-        lo = 1.5 * r + 3  # outside the bright-field disk; a large disk can push it off the detector
-        radius = rng.uniform(lo, max(lo, 0.42 * n))
+        radius = rng.uniform(ring_min, max(ring_min, 0.42 * n))
         rings = np.array([[radius, rng.uniform(0.04, 0.15) * radius, rng.uniform(0.02, 0.3)]])
         spk, spk_len = rng.uniform(0.0, 1.0), rng.uniform(1.0, 3.0)
     if kind == "polycrystalline":
@@ -275,7 +275,7 @@ def random_scene(
         g, gi = kinematic_spots(name, (0, 0, 1), k_max=2.5)
         gl = np.hypot(g[:, 0], g[:, 1])
         radii = np.unique(np.round(gl[gl > 1e-9], 3))[:6]
-        scale = rng.uniform(1.5 * r + 3, max(1.5 * r + 3, 0.3 * n)) / radii[0]
+        scale = rng.uniform(ring_min, max(ring_min, 0.3 * n)) / radii[0]
         amps = rng.uniform(0.05, 0.5, len(radii))
         widths = rng.uniform(0.6, 2.0, len(radii))
         rings = np.stack([radii * scale, widths, amps], axis=1)
