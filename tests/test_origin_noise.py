@@ -134,3 +134,47 @@ def test_only_sub_pixel_scatter_counts_as_noise_about_the_descan():
     assert not origins_are_noise(0.5, 2.0)  # structure the parabola misses
     # wrong disks and lattice points, not noise: a fit through them put every origin 0.4-88 px off
     assert not origins_are_noise(22.0, 16.8)
+
+
+def test_descan_shrinkage_is_a_wiener_weight():
+    from py4dstem_prenet.preprocess import descan_shrinkage
+
+    assert descan_shrinkage(0.1, 0.05) == pytest.approx(0.75)
+    assert descan_shrinkage(0.1, 0.2) == 0.0  # all of the scatter is noise
+    assert descan_shrinkage(0.0, 0.05) == 1.0 and descan_shrinkage(0.1, 0.0) == 1.0
+
+
+def test_origin_noise_by_binomial_thinning_scales_with_dose():
+    from py4dstem_prenet.engine import PreNet
+    from py4dstem_prenet.preprocess import origin_noise
+
+    engine = PreNet(ellipse=False)
+    found = {}
+    for dose in (1e4, 1e6):
+        dc, truth = simulate_datacube((5, 5), (96, 96), "crystal", dose, (1.02, 0.6), seed=33_000_031)
+        before = dc.data.copy()
+        res = engine.run(dc.data.reshape(25, 96, 96))
+        found[dose] = origin_noise(engine, dc.data, res["origin"], res["origin_source"], res["counts"])
+        assert np.array_equal(dc.data, before)
+        err = np.linalg.norm(res["origin"] - truth.origin.reshape(-1, 2), axis=1)
+        if dose == 1e4:  # the measured origins scatter about the truth by about the noise
+            assert 0.3 * np.sqrt(np.mean(err**2)) < found[dose] < 3 * np.sqrt(np.mean(err**2))
+    assert found[1e4] > 4 * found[1e6]  # sqrt(100) = 10 if the estimator were efficient at both
+    # not counts (a gain-scaled recording), or too few patterns: no estimate
+    res = engine.run(dc.data.reshape(25, 96, 96))
+    assert origin_noise(engine, 1.37 * dc.data, res["origin"], res["origin_source"], res["counts"]) is None
+    assert origin_noise(engine, dc.data[:2], res["origin"][:10], res["origin_source"][:10], res["counts"][:10]) is None
+
+
+def test_preprocess_shrinks_origins_towards_the_descan_by_their_noise():
+    # a development scan at 1e4 counts (the benchmark's crystal condition, seed disjoint from
+    # it): the per-pattern noise (0.063 px) is most of the origins' scatter about the descan
+    from py4dstem_prenet.evaluation.benchmark import BenchmarkConfig
+
+    dc, truth = simulate_datacube((12, 12), (128, 128), "crystal", 1e4, BenchmarkConfig().ellipse, seed=30_002_001)
+    out = prenet.preprocess(dc, denoise=False, ellipse=False, progress=False)
+    md = out.metadata["prenet"]
+    final = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - truth.origin, axis=-1).mean()
+    measured = np.linalg.norm(md["origin_measured"] - truth.origin, axis=-1).mean()
+    assert 0.3 < md["origin_shrinkage"] < 0.9 and 0.03 < md["origin_noise"] < 0.1
+    assert final < 0.92 * measured
