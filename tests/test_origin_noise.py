@@ -107,7 +107,10 @@ def test_well_measured_origins_are_not_smoothed():
     out = prenet.preprocess(dc, ellipse=False, progress=False)
     md = out.metadata["prenet"]
     assert not md["origin_descan_smoothed"] and md["origin_scatter"] < NOISY_ORIGIN_PX
-    assert np.allclose(np.stack(out.calibration.get_origin(), -1), md["origin_measured"])
+    # at 1e5 counts the measurement noise is a small part of the scatter: the origins stay
+    # within a small fraction of it of the measured ones
+    assert md["origin_shrinkage"] > 0.9
+    assert np.allclose(np.stack(out.calibration.get_origin(), -1), md["origin_measured"], atol=0.01)
 
 
 def test_stop_region_is_the_stops_thick_part_not_its_rod():
