@@ -416,8 +416,8 @@ def descan_shrinkage(white: float, noise: float) -> float:
     fraction w = 1 - noise^2 / white^2 of each departure minimises the mean squared
     error when the two are independent. On 8 development scans at 1e4 counts (crystal,
     bright disks, hot pixels, beam stop; seeds disjoint from the benchmark's) w was
-    0.44-0.87 and the mean error fell by 10-29% (e.g. 0.064 -> 0.056 px, 0.069 ->
-    0.049); at 1e5 w is ~0.97.
+    0.26-0.87 and the mean error fell by 10-25% (e.g. 0.064 -> 0.056 px, 0.069 ->
+    0.052); at 1e5 w is ~0.97.
 
     Parameters
     ----------

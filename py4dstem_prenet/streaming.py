@@ -8,8 +8,9 @@ acquisition. Memory is bounded: frames are not kept after they are yielded; the
 descan fit keeps normal equations and the ellipse keeps two summed log-polar views.
 
 The origins are those of :func:`~py4dstem_prenet.preprocess` before its scan-level
-steps: no pooling of low-count neighbourhoods and no edge-blur correction (both need
-the neighbouring rows of the scan, which have not arrived yet).
+steps: no pooling of low-count neighbourhoods, no edge-blur correction (both need
+the neighbouring rows of the scan, which have not arrived yet) and no shrinkage
+towards the descan fit (it needs the whole scan's scatter).
 
 Latency is the time from the arrival of the oldest frame of a block (when the
 iterator handed it over) to the yield of its results: filling the block plus
