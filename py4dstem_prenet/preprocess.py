@@ -389,7 +389,19 @@ def origin_noise(engine: PreNet, data, origin: np.ndarray, source: np.ndarray, c
         fewer than NOISE_MIN_SAMPLE patterns qualify or the sampled patterns are not
         counts (negative values, or whole numbers in fewer than NOISE_COUNTS_FRACTION
         of the pixels: binomial thinning needs counts).
+
+    Raises
+    ------
+    ValueError
+        If ``data`` is not 4D or ``origin``, ``source``, ``counts`` do not have one
+        entry per pattern.
     """
+    shape = tuple(np.shape(data))
+    n = int(np.prod(shape[:2])) if len(shape) == 4 else -1
+    if n < 0 or np.shape(origin) != (n, 2) or np.shape(source) != (n,) or np.shape(counts) != (n,):
+        raise ValueError(f"data must be 4D (R_Nx, R_Ny, Q_Nx, Q_Ny) with origin (N, 2), source and counts (N,) "
+                         f"for its N patterns, got {shape}, {np.shape(origin)}, {np.shape(source)}, "
+                         f"{np.shape(counts)}")
     eligible = np.flatnonzero(np.isin(source, (1, 2, 3, 7)) & (np.asarray(counts) >= NOISE_MIN_COUNTS))
     if len(eligible) < NOISE_MIN_SAMPLE:
         return None
@@ -428,8 +440,15 @@ def descan_shrinkage(white: float, noise: float) -> float:
     -------
     float
         w in [0, 1]; 1 where ``white`` is 0.
+
+    Raises
+    ------
+    ValueError
+        If either is negative or not finite.
     """
-    if white <= 0:
+    if not (np.isfinite(white) and np.isfinite(noise) and white >= 0 and noise >= 0):
+        raise ValueError(f"white and noise must be finite and >= 0 px, got {white!r} and {noise!r}")
+    if white == 0:
         return 1.0
     return float(np.clip(1.0 - (noise / white) ** 2, 0.0, 1.0))
 

@@ -145,6 +145,9 @@ def test_descan_shrinkage_is_a_wiener_weight():
     assert descan_shrinkage(0.1, 0.05) == pytest.approx(0.75)
     assert descan_shrinkage(0.1, 0.2) == 0.0  # all of the scatter is noise
     assert descan_shrinkage(0.0, 0.05) == 1.0 and descan_shrinkage(0.1, 0.0) == 1.0
+    for bad in ((-0.1, 0.05), (0.1, float("nan")), (float("inf"), 0.05)):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            descan_shrinkage(*bad)
 
 
 def test_origin_noise_by_binomial_thinning_scales_with_dose():
@@ -167,6 +170,10 @@ def test_origin_noise_by_binomial_thinning_scales_with_dose():
     res = engine.run(dc.data.reshape(25, 96, 96))
     assert origin_noise(engine, 1.37 * dc.data, res["origin"], res["origin_source"], res["counts"]) is None
     assert origin_noise(engine, dc.data[:2], res["origin"][:10], res["origin_source"][:10], res["counts"][:10]) is None
+    with pytest.raises(ValueError, match="one entry per pattern|for its N patterns"):
+        origin_noise(engine, dc.data, res["origin"][:10], res["origin_source"], res["counts"])
+    with pytest.raises(ValueError, match="4D"):
+        origin_noise(engine, dc.data.reshape(25, 96, 96), res["origin"], res["origin_source"], res["counts"])
 
 
 def test_preprocess_shrinks_origins_towards_the_descan_by_their_noise():
