@@ -69,6 +69,12 @@ def _robust_fit(design: np.ndarray, origin: np.ndarray, iterations: int = 30) ->
     return coef
 
 
+def _robust_rms(a: np.ndarray) -> float:
+    """Robust RMS over the axes of (K, 2) values: sqrt of the summed squares of 1.4826 x MAD per axis."""
+    mad = 1.4826 * np.median(np.abs(a - np.median(a, axis=0)), axis=0)
+    return float(np.sqrt(np.sum(mad**2)))
+
+
 #: Fewest scan positions per coefficient of the parabolic descan fit (six per axis);
 #: smaller scans (or ones with fewer than three positions along a side) get a plane. On
 #: a 3 x 3 scan the parabola leaves three residuals: nine repeats of one frame
@@ -414,9 +420,7 @@ def origin_noise(engine: PreNet, data, origin: np.ndarray, source: np.ndarray, c
     run = dataclasses.replace(engine, denoise=False, ellipse=False)
     o1 = run.refine_at(half.astype(np.float32), origin[pick], mask=mask)["origin"]
     o2 = run.refine_at((x - half).astype(np.float32), origin[pick], mask=mask)["origin"]
-    d = o1 - o2
-    mad = 1.4826 * np.median(np.abs(d - np.median(d, axis=0)), axis=0)
-    return float(np.sqrt(np.sum(mad**2) / 4))
+    return _robust_rms(o1 - o2) / 2
 
 
 def descan_shrinkage(white: float, noise: float) -> float:
@@ -509,12 +513,7 @@ def origin_scatter(origin: np.ndarray, scan: tuple[int, int]) -> tuple[float, fl
     fitted = robust_descan_fit(origin, (nrx, nry))
     r = (origin - fitted).reshape(nrx, nry, 2)
     diff = np.concatenate([(r[1:] - r[:-1]).reshape(-1, 2), (r[:, 1:] - r[:, :-1]).reshape(-1, 2)])
-
-    def spread(a: np.ndarray) -> float:
-        mad = 1.4826 * np.median(np.abs(a - np.median(a, axis=0)), axis=0)
-        return float(np.sqrt(np.sum(mad**2)))
-
-    return spread(diff) / math.sqrt(2), spread(r.reshape(-1, 2)), fitted
+    return _robust_rms(diff) / math.sqrt(2), _robust_rms(r.reshape(-1, 2)), fitted
 
 
 #: A pattern with fewer counts than this has its origin measured on the sum of its 3 x 3
