@@ -331,7 +331,9 @@ disk 1.5x brighter per pixel than the bright-field disk; "beam stop" scans (a cr
 an amorphous film whose rings are all that is left) have a disk and rod over the
 bright-field disk (the dose is counted before the stop), whose mask is
 given to the methods that take one (py4DSTEM get_origin_friedel, PreNet's `mask=`), as a
-user who knows the stop would. The origin label is the geometric
+user who knows the stop would; "integrating detector" scans are crystals recorded at 10
+counts per electron with Gaussian read noise of 10 counts (one electron) in every pixel,
+dark-subtracted (half of the empty pixels read negative). The origin label is the geometric
 centre of the bright-field disk. py4DSTEM's classical methods are run with their
 defaults and, where a radius is needed, with the true radius (the hand-tuning a user
 does); their failures are results, not crashes. PreNet runs with the shipped weights

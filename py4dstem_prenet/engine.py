@@ -28,7 +28,7 @@ from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
 
 __all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "poisson_noise_fraction",
-           "LOW_DOSE_COUNTS"]
+           "read_noise_sigma", "measurement_block", "equivalent_counts", "LOW_DOSE_COUNTS"]
 
 #: Below this many counts per pattern the edge refinement reads the denoised pattern;
 #: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
@@ -141,6 +141,142 @@ _CPU_CHUNK = {"denoiser": 8, "centre": 32, "ellipse": 32}
 _N_RHO, _N_PHI = 256, 180
 
 
+#: A pattern shows a read-noise floor (a dark-subtracted integrating detector: pixels
+#: without electrons read as Gaussian noise about 0) where at least this fraction of its
+#: pixels is negative; fewer negative pixels (a few dead or over-subtracted ones) are
+#: clipped at 0 and nothing else.
+READ_NOISE_MIN_FRACTION = 0.01
+
+#: The origin is measured on the counts above this many read-noise standard deviations
+#: (:func:`read_noise_sigma`). Clipped at 0, the noise of the empty detector is a
+#: rectified floor of 0.4 sigma per pixel: over a 128 x 128 detector with sigma of one
+#: electron it adds ~6500 counts that carry no edge. On simulated crystal scans (8 x 8,
+#: dev seeds) with a read noise of 1 electron per pixel (gain 1, sigma 1 count; gain 20,
+#: sigma 20) at 1e3-1e4 electrons per pattern, the refinement took the detector's
+#: symmetry centre for the origin (mean error 3-16 px, 78-100% of the patterns more than
+#: 1 px off); see BENCHMARKS.md for the figures after subtracting the floor.
+READ_NOISE_SIGMAS = 2.0
+
+
+def read_noise_sigma(block: np.ndarray) -> np.ndarray:
+    """Standard deviation of each pattern's read noise about a dark-subtracted zero, counts.
+
+    A pixel that no electron reached reads the detector's read noise, Gaussian about 0
+    once the dark reference is subtracted, so half of such pixels are negative, and
+    the mean square of the negative values is the noise variance (the half-normal
+    distribution's second moment). Counting detectors, and integrating ones whose
+    dark level was not subtracted, have no negative pixels: their sigma is 0.
+
+    Parameters
+    ----------
+    block : numpy.ndarray
+        (N, H, W) patterns, any numeric dtype (NaN/Inf pixels are ignored).
+
+    Returns
+    -------
+    numpy.ndarray
+        (N,) float64 sigma in counts; 0 where fewer than READ_NOISE_MIN_FRACTION of the
+        pixels are negative, or where the pattern's median is negative (a signed
+        offset, which :func:`_clean_block` shifts away instead).
+
+    Raises
+    ------
+    ValueError
+        If ``block`` is not 3D.
+    """
+    block = np.asarray(block)
+    if block.ndim != 3:
+        raise ValueError(f"block must be (N, H, W), got shape {block.shape}")
+    sigma = np.zeros(len(block))
+    if block.dtype == np.bool_ or np.issubdtype(block.dtype, np.unsignedinteger) or block.size == 0:
+        return sigma
+    flat = block.reshape(len(block), -1)
+    negative = np.flatnonzero(np.fmin.reduce(flat, axis=1) < 0)  # fmin skips NaN
+    for i in negative:
+        v = flat[i][np.isfinite(flat[i])].astype(np.float64)
+        below = v[v < 0]
+        if len(below) >= READ_NOISE_MIN_FRACTION * flat.shape[1] and np.median(v) >= 0:
+            sigma[i] = math.sqrt(float(np.mean(below * below)))
+    return sigma
+
+
+def _above_read_noise(x: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
+    """Cleaned patterns (N, 1, H, W) less READ_NOISE_SIGMAS x their read noise ``sigma`` (N,), clipped at 0."""
+    if not np.any(sigma > 0):
+        return x
+    floor = torch.from_numpy(READ_NOISE_SIGMAS * sigma).to(x.device, x.dtype)[:, None, None, None]
+    return (x - floor).clamp_min(0)
+
+
+def equivalent_counts(block: np.ndarray, x: torch.Tensor, sigma: np.ndarray,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Counts of each pattern, in electrons where a read-noise floor shows an integrating detector.
+
+    The dose thresholds (LOW_DOSE_COUNTS, GLOBAL_MIN_COUNTS, and the pooling and
+    tiling of :func:`~py4dstem_prenet.preprocess.preprocess`) are numbers of
+    electrons, the counts of a counting detector, whose counts are returned as they are
+    (the sum of ``x``). An integrating detector records ``gain`` counts per electron
+    plus read noise ``sigma``; where ``sigma`` > 0 the sum of ``x`` (the counts above
+    the floor: what the refinement sees) is divided by the gain, found from the
+    pixel-to-pixel noise variance V of the recorded counts (as in
+    :func:`poisson_noise_fraction`), whose sum S the noise does not bias: V = gain * S
+    + pixels * sigma^2 (edges add to V, so the gain is an upper bound and the electrons
+    a lower one). Dividing S instead (all the electrons, not those above the floor)
+    left one of four development scans at 1e4 electrons and read noise of 3 (gain 1)
+    with a mean error of 0.50 px instead of 0.15. On 12 x 12 development crystal scans at 1e3 electrons
+    per pattern (10 counts per electron, read noise of one electron), 1e4 counts each,
+    one of four scans put 59% of its patterns more than 1 px off (the detector's
+    symmetry centre, which needs GLOBAL_MIN_COUNTS); read as ~1e3 electrons, those
+    patterns are pooled over 3 x 3 positions and none is.
+
+    Parameters
+    ----------
+    block : numpy.ndarray
+        (N, H, W) recorded patterns.
+    x : torch.Tensor
+        (N, 1, H, W) their counts above the read-noise floor (:func:`measurement_block`).
+    sigma : numpy.ndarray
+        (N,) read noise of the patterns, counts (:func:`read_noise_sigma`).
+    valid : torch.Tensor, optional
+        (H, W) or (N, H, W) bool, False on masked pixels (left out of S and V).
+
+    Returns
+    -------
+    torch.Tensor
+        (N,) float64 counts on the host.
+    """
+    counts = x.sum(dim=(1, 2, 3)).double().cpu()
+    integrating = np.flatnonzero(np.asarray(sigma) > 0)
+    if len(integrating) == 0:
+        return counts
+    raw = np.asarray(block)[integrating].astype(np.float64)
+    raw[~np.isfinite(raw)] = 0.0
+    keep = np.ones(raw.shape, bool)
+    if valid is not None:
+        v = valid.cpu().numpy()
+        keep &= v if v.ndim == 2 else v[integrating]
+    raw *= keep
+    inner = raw[:, 1:-1, 1:-1]
+    near = 0.25 * (raw[:, :-2, 1:-1] + raw[:, 2:, 1:-1] + raw[:, 1:-1, :-2] + raw[:, 1:-1, 2:])
+    both = keep[:, 1:-1, 1:-1]
+    var = (((inner - near) ** 2) * both).sum(axis=(1, 2)) / 1.25
+    signal = (inner * both).sum(axis=(1, 2))
+    gain = (var - both.sum(axis=(1, 2)) * np.asarray(sigma)[integrating] ** 2) / np.maximum(signal, 1e-12)
+    above = counts[torch.from_numpy(integrating)].numpy()
+    electrons = np.where((signal > 0) & (gain > 0), above / np.maximum(gain, 1e-12), 0.0)
+    counts[torch.from_numpy(integrating)] = torch.from_numpy(electrons)
+    return counts
+
+
+def measurement_block(block: np.ndarray) -> torch.Tensor:
+    """(N, H, W) patterns -> (N, 1, H, W) float32 counts on which origins are measured.
+
+    The cleaned patterns (:func:`_clean_block`) less READ_NOISE_SIGMAS times their
+    read noise (:func:`read_noise_sigma`), clipped at 0; counting data unchanged.
+    """
+    return _above_read_noise(_clean_block(block), read_noise_sigma(block))
+
+
 def _clean_block(block: np.ndarray) -> torch.Tensor:
     """(N, H, W) array of any numeric dtype -> (N, 1, H, W) float32 counts >= 0.
 
@@ -223,23 +359,29 @@ def overlay_mask(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cleaned block on ``dev`` with masked pixels set to 0, and the valid pixels.
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Cleaned block on ``dev`` with masked pixels set to 0, its measurement copy, the valid pixels, the counts.
 
     Masked are the pixels False in ``mask`` (a beam stop, dead regions) and burned-in
-    annotations (:func:`overlay_mask`). The valid map is (H, W) when it is the same
-    for every pattern, (N, H, W) when annotations make it differ, None when all
-    pixels are valid.
+    annotations (:func:`overlay_mask`). The measurement copy is the cleaned block less
+    its read-noise floor (:func:`measurement_block`; the same tensor for counting
+    data). The valid map is (H, W) when it is the same for every pattern, (N, H, W)
+    when annotations make it differ, None when all pixels are valid. The counts (N,),
+    on the host, are :func:`equivalent_counts` of the measurement copy.
     """
     x = _clean_block(block).to(dev)
+    sigma = read_noise_sigma(block)
+    xm = _above_read_noise(x, sigma)
     valid = None if mask is None else torch.from_numpy(np.asarray(mask, bool))
     overlay = overlay_mask(x)
     if overlay is not None:
         valid = ~overlay if valid is None else valid[None] & ~overlay
-    if valid is None:
-        return x, None
-    valid = valid.to(dev)
-    return x * (valid if valid.dim() == 2 else valid[:, None]), valid
+    if valid is not None:
+        valid = valid.to(dev)
+        keep = valid if valid.dim() == 2 else valid[:, None]
+        xk = x * keep
+        x, xm = xk, xk if xm is x else xm * keep
+    return x, xm, valid, equivalent_counts(block, xm, sigma, valid)
 
 
 def _median3(x: torch.Tensor) -> torch.Tensor:
@@ -297,12 +439,12 @@ def poisson_noise_fraction(x: torch.Tensor) -> torch.Tensor:
     return var / inner.clamp_min(0).sum(dim=(1, 2, 3)).clamp_min(1e-12)
 
 
-def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None) -> torch.Tensor:
-    """Per pattern: denoised at low counts of Poisson-like noise, hot-pixel-filtered recording otherwise."""
+def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
+    """Per pattern: denoised at low ``counts`` (N,) of Poisson-like noise, hot-pixel-filtered recording otherwise."""
     raw = _median3(x).float()
     if denoised is None:
         return raw
-    low = x.sum(dim=(1, 2, 3)) < LOW_DOSE_COUNTS
+    low = (counts < LOW_DOSE_COUNTS).to(x.device)
     if not low.any():  # the common case: no noise estimate needed
         return raw
     low &= poisson_noise_fraction(x) >= POISSON_MIN_FRACTION
@@ -639,7 +781,8 @@ class PreNet:
         ----------
         block : numpy.ndarray
             (N, Q_Nx, Q_Ny) patterns, any numeric dtype; NaN/Inf read as 0,
-            negative values as 0.
+            negative values as 0. Origins and counts are measured above the
+            patterns' read-noise floor (:func:`measurement_block`).
         origin : numpy.ndarray, optional
             (N, 2) origins (qx0, qy0) in pixels for the ellipse network when the
             centre stage is off.
@@ -653,7 +796,8 @@ class PreNet:
         dict of numpy.ndarray
             'data' (N, Q_Nx, Q_Ny) float32, denoised when the denoiser runs (patterns
             above DENOISE_MAX_COUNTS stay as recorded), else the cleaned input;
-            'counts' (N,) the cleaned patterns' total counts; with the centre stage
+            'counts' (N,) the cleaned patterns' total counts above their read-noise floor
+            (:func:`measurement_block`); with the centre stage
             'origin' (N, 2) (network + refinement), 'origin_network' (N, 2),
             'origin_sigma' (N,) px and 'disk_radius' (N,) px; with refinement also
             'origin_symmetry' (N,), the
@@ -680,9 +824,8 @@ class PreNet:
         h, w = int(block.shape[-2]), int(block.shape[-1])
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
-            x, valid = _masked_block(block, mask, dev)
-            counts = x.sum(dim=(1, 2, 3)).cpu()
-            out["counts"] = counts.numpy().astype(np.float64)
+            x, xm, valid, counts = _masked_block(block, mask, dev)
+            out["counts"] = counts.numpy()
             y = self._apply("denoiser", x) if self.denoise else x
             if self.denoise:
                 # where the recording is already better than the denoiser's own error, keep it
@@ -698,7 +841,7 @@ class PreNet:
                 out["origin_sigma"] = s_px.numpy().astype(np.float64)
                 out["disk_radius"] = (torch.exp(pred[:, 3]) * min(h, w)).numpy().astype(np.float64)
                 if self.refine:
-                    xr = _refinement_input(x, y if self.denoise else None)
+                    xr = _refinement_input(xm, y if self.denoise else None, counts)
                     r, score = (t.cpu() for t in refine_origin(xr, o.to(dev), search=SEARCH_PX, valid=valid, with_score=True))
                     # keep the refinement only where it agrees with the network's estimate
                     radius = torch.clamp(3 * s_px, min=SEARCH_PX)
@@ -713,7 +856,7 @@ class PreNet:
                     source = ((ok | near).long() + 2 * switch.long()).clamp(max=2)
                     # an unsure network, and no symmetric centre under a beam stop: the direct
                     # beam may be hidden behind the stop (only the diffuse fall-off shows it)
-                    moved, o, s_stop = _behind_beam_stops(x, o, unsure & eligible)
+                    moved, o, s_stop = _behind_beam_stops(xm, o, unsure & eligible)
                     if moved.any():
                         out["origin_sigma"] = np.where(moved.numpy(), s_stop.numpy(), out["origin_sigma"])
                         out["origin_symmetry"][moved.numpy()] = np.nan
@@ -778,10 +921,10 @@ class PreNet:
         if not sel.any():
             return {"origin": out}
         with torch.inference_mode():
-            x, valid = _masked_block(np.asarray(block)[sel], mask, dev)
+            x, xm, valid, counts = _masked_block(np.asarray(block)[sel], mask, dev)
             y = self._apply("denoiser", x) if self.denoise else None
             o = torch.from_numpy(np.asarray(out[sel], np.float32)).to(dev)
-            out[sel] = refine_origin(_refinement_input(x, y), o, search=2.0, valid=valid).cpu().numpy()
+            out[sel] = refine_origin(_refinement_input(xm, y, counts), o, search=2.0, valid=valid).cpu().numpy()
         return {"origin": out}
 
     def polar_sums(self, block: np.ndarray, origin: np.ndarray, bands: dict[str, tuple[float, float]]

@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__
 from .conventions import e12_to_ellipse
 from .distributed import block_bounds, map_blocks
-from .engine import LOW_DOSE_COUNTS, PreNet, _clean_block, add_polar_sums, ellipse_bands, fit_ellipse_bands
+from .engine import LOW_DOSE_COUNTS, PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands, measurement_block
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess", "blur_correction", "descan_shrinkage", "origin_noise", "origin_scatter", "origins_are_noise",
@@ -233,7 +233,7 @@ def tile_descan_model(engine: PreNet, data, scan: tuple[int, int], counts: np.nd
     nrx, nry = scan
     sums = np.zeros((len(grid[0]), len(grid[1]), *(int(v) for v in data.shape[2:])), np.float64)
     for r in range(nrx):  # a scan row at a time: memory of one row, whatever the tile size
-        _add_rows_to_tiles(sums, _clean_block(read_block(data, r * nry, (r + 1) * nry))[:, 0].numpy()[None], r, grid)
+        _add_rows_to_tiles(sums, measurement_block(read_block(data, r * nry, (r + 1) * nry))[:, 0].numpy()[None], r, grid)
     return _model_from_tiles(engine, sums, grid, scan, mask)
 
 
@@ -586,7 +586,7 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
         if tiles is None and not low.any():
             continue
         a0, a1 = max(0, r0 - 1), min(nrx, r1 + 1)
-        x = _clean_block(read_block(data, a0 * nry, a1 * nry))[:, 0].numpy().reshape(a1 - a0, nry, h, w)
+        x = measurement_block(read_block(data, a0 * nry, a1 * nry))[:, 0].numpy().reshape(a1 - a0, nry, h, w)
         if tiles is not None:  # the tile model's sums from the same read (rows r0..r1 only, once each)
             _add_rows_to_tiles(tiles, x[r0 - a0:r1 - a0], r0, grid)
         if not low.any():

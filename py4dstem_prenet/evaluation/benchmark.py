@@ -45,6 +45,10 @@ CLASSICAL_GET_ORIGIN = "py4DSTEM get_origin (default r)"
 STOP_CONDITION = "beam stop over the bright-field disk (mask given)"
 STOP_RINGS_CONDITION = "amorphous rings, beam stop over the bright-field disk (mask given)"
 
+#: A crystal recorded on an integrating detector, dark-subtracted: 10 counts per electron
+#: and Gaussian read noise of 10 counts (one electron) in every pixel.
+READ_NOISE_CONDITION = "integrating detector, read noise 1 e- per pixel"
+
 
 @dataclass
 class BenchmarkConfig:
@@ -515,6 +519,7 @@ def run_benchmark(
         "bright Bragg disks + hot pixels": (Detector(hot_fraction=5e-4, hot_level=10.0), True, False, "crystal"),
         STOP_CONDITION: (Detector(), False, True, "crystal"),
         STOP_RINGS_CONDITION: (Detector(), False, True, "amorphous"),
+        READ_NOISE_CONDITION: (Detector(gain=10.0, read_noise=10.0), False, False, "crystal"),
     }
     for di, dose in enumerate(cfg.doses):
         for ci, (condition, (detector, bright, stop, kind)) in enumerate(conditions.items()):
