@@ -223,11 +223,11 @@ def equivalent_counts(block: np.ndarray, x: torch.Tensor, sigma: np.ndarray,
     + pixels * sigma^2 (edges add to V, so the gain is an upper bound and the electrons
     a lower one). Dividing S instead (all the electrons, not those above the floor)
     left one of four development scans at 1e4 electrons and read noise of 3 (gain 1)
-    with a mean error of 0.50 px instead of 0.15. On 12 x 12 development crystal scans at 1e3 electrons
-    per pattern (10 counts per electron, read noise of one electron), 1e4 counts each,
-    one of four scans put 59% of its patterns more than 1 px off (the detector's
-    symmetry centre, which needs GLOBAL_MIN_COUNTS); read as ~1e3 electrons, those
-    patterns are pooled over 3 x 3 positions and none is.
+    with a mean error of 0.50 px instead of 0.15. On 12 x 12 development crystal scans
+    at 1e3 electrons per pattern (10 counts per electron, read noise of one electron),
+    1e4 counts each, one of four scans put 59% of its patterns more than 1 px off (the
+    detector's symmetry centre, which needs GLOBAL_MIN_COUNTS); read as ~1e3 electrons,
+    those patterns are pooled over 3 x 3 positions and none is.
 
     Parameters
     ----------
@@ -244,7 +244,16 @@ def equivalent_counts(block: np.ndarray, x: torch.Tensor, sigma: np.ndarray,
     -------
     torch.Tensor
         (N,) float64 counts on the host.
+
+    Raises
+    ------
+    ValueError
+        If ``block`` is not (N, H, W), or ``x`` and ``sigma`` do not match it.
     """
+    shape = np.shape(block)
+    if len(shape) != 3 or tuple(x.shape) != (shape[0], 1, *shape[1:]) or np.shape(sigma) != (shape[0],):
+        raise ValueError(f"block must be (N, H, W) with x (N, 1, H, W) and sigma (N,), got {shape}, "
+                         f"{tuple(x.shape)} and {np.shape(sigma)}")
     counts = x.sum(dim=(1, 2, 3)).double().cpu()
     integrating = np.flatnonzero(np.asarray(sigma) > 0)
     if len(integrating) == 0:
@@ -273,8 +282,14 @@ def measurement_block(block: np.ndarray) -> torch.Tensor:
 
     The cleaned patterns (:func:`_clean_block`) less READ_NOISE_SIGMAS times their
     read noise (:func:`read_noise_sigma`), clipped at 0; counting data unchanged.
+
+    Raises
+    ------
+    ValueError
+        If ``block`` is not 3D.
     """
-    return _above_read_noise(_clean_block(block), read_noise_sigma(block))
+    sigma = read_noise_sigma(block)
+    return _above_read_noise(_clean_block(block), sigma)
 
 
 def _clean_block(block: np.ndarray) -> torch.Tensor:
@@ -796,8 +811,9 @@ class PreNet:
         dict of numpy.ndarray
             'data' (N, Q_Nx, Q_Ny) float32, denoised when the denoiser runs (patterns
             above DENOISE_MAX_COUNTS stay as recorded), else the cleaned input;
-            'counts' (N,) the cleaned patterns' total counts above their read-noise floor
-            (:func:`measurement_block`); with the centre stage
+            'counts' (N,) the cleaned patterns' total counts above their read-noise floor,
+            in electrons where that floor shows an integrating detector
+            (:func:`equivalent_counts`); with the centre stage
             'origin' (N, 2) (network + refinement), 'origin_network' (N, 2),
             'origin_sigma' (N,) px and 'disk_radius' (N,) px; with refinement also
             'origin_symmetry' (N,), the

@@ -28,7 +28,7 @@ from .engine import LOW_DOSE_COUNTS, PreNet, add_polar_sums, ellipse_bands, fit_
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess", "blur_correction", "descan_shrinkage", "origin_noise", "origin_scatter", "origins_are_noise",
-           "robust_descan_fit", "tile_descan_model"]
+           "robust_descan_fit", "consensus_descan_fit", "tile_descan_model"]
 
 
 def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool, mask: np.ndarray | None) -> dict:
@@ -233,7 +233,8 @@ def tile_descan_model(engine: PreNet, data, scan: tuple[int, int], counts: np.nd
     nrx, nry = scan
     sums = np.zeros((len(grid[0]), len(grid[1]), *(int(v) for v in data.shape[2:])), np.float64)
     for r in range(nrx):  # a scan row at a time: memory of one row, whatever the tile size
-        _add_rows_to_tiles(sums, measurement_block(read_block(data, r * nry, (r + 1) * nry))[:, 0].numpy()[None], r, grid)
+        rows = measurement_block(read_block(data, r * nry, (r + 1) * nry))[:, 0].numpy()
+        _add_rows_to_tiles(sums, rows[None], r, grid)
     return _model_from_tiles(engine, sums, grid, scan, mask)
 
 

@@ -45,6 +45,14 @@ def test_read_noise_sigma_is_zero_without_a_read_noise_floor(case):
 def test_read_noise_sigma_rejects_bad_input():
     with pytest.raises(ValueError, match="block must be"):
         read_noise_sigma(np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="block must be"):
+        measurement_block(np.zeros((8, 8)))
+    block = _noisy_block()
+    x = measurement_block(block)
+    with pytest.raises(ValueError, match="block must be"):
+        equivalent_counts(block, x[:2], read_noise_sigma(block))
+    with pytest.raises(ValueError, match="block must be"):
+        equivalent_counts(block, x, np.zeros(3))
 
 
 def test_measurement_block_removes_the_floor_and_leaves_counting_data_alone():
