@@ -632,6 +632,9 @@ def test_consensus_descan_fit_withstands_45_percent_on_half_lattice_points():
     # more than a third of the origins off the L1 fit: beyond what it withstands, so the consistency
     # check turns to the consensus fit
     assert (np.linalg.norm(wrong - robust_descan_fit(wrong, (8, 8)), axis=1) > 1.0).mean() > 1 / 3
+    # origins with no smooth majority (failures everywhere): no consensus that would take over
+    scattered = truth + np.random.default_rng(4).uniform(-10, 10, truth.shape)
+    assert consensus_descan_fit(scattered, (8, 8))[1].mean() < 0.5
     with pytest.raises(ValueError, match="origin must be"):
         consensus_descan_fit(wrong[:10], (8, 8))
     with pytest.raises(ValueError, match="tol must be"):
