@@ -28,7 +28,7 @@ from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
 
 __all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "poisson_noise_fraction",
-           "read_noise_sigma", "measurement_block", "equivalent_counts", "LOW_DOSE_COUNTS"]
+           "read_noise_sigma", "dark_level", "measurement_block", "equivalent_counts", "LOW_DOSE_COUNTS"]
 
 #: Below this many counts per pattern the edge refinement reads the denoised pattern;
 #: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
@@ -200,6 +200,75 @@ def read_noise_sigma(block: np.ndarray) -> np.ndarray:
     return sigma
 
 
+#: A pattern carries an unsubtracted dark level (a pedestal) where its median pixel sits
+#: more than this many times the width of the lower half of its pixel values
+#: (median - 16th percentile) above 0 ...
+PEDESTAL_MIN_SIGMAS = 3.0
+
+#: ... and that width squared is below this fraction of the median: far less spread than
+#: counts of that level would have (Poisson: variance = level x gain, gain >= ~0.5), so it
+#: is read noise about a constant, not a diffuse background of electrons.
+PEDESTAL_MAX_VARIANCE_FRACTION = 0.25
+
+
+def dark_level(block: np.ndarray) -> np.ndarray:
+    """Unsubtracted dark level (pedestal) of each pattern, counts; 0 where there is none.
+
+    Most pixels of a diffraction pattern see few or no electrons, so on an integrating
+    detector whose dark reference was not subtracted the median pixel is the dark level
+    plus read noise, and the lower half of the pixel values is read noise about it (its
+    width, median - 16th percentile, is sigma). Where the median is more than
+    PEDESTAL_MIN_SIGMAS sigma above 0 and sigma^2 below PEDESTAL_MAX_VARIANCE_FRACTION of
+    it (counts of that level would scatter by their Poisson noise), the median is the
+    pedestal. Counting data (median 0, or a diffuse background with Poisson scatter) and
+    dark-subtracted data (pixels at or below 0) have none. On 8 x 8 development crystal scans with a pedestal of
+    100 counts under read noise of 3 (gain 1), 3 of 4 scans were 13-14 px off before the
+    pedestal was measured (see :func:`read_noise_sigma`, which then measures the noise).
+
+    Parameters
+    ----------
+    block : numpy.ndarray
+        (N, H, W) patterns, any numeric dtype (NaN/Inf pixels are ignored).
+
+    Returns
+    -------
+    numpy.ndarray
+        (N,) float64 dark level, counts.
+
+    Raises
+    ------
+    ValueError
+        If ``block`` is not 3D.
+    """
+    block = np.asarray(block)
+    if block.ndim != 3:
+        raise ValueError(f"block must be (N, H, W), got shape {block.shape}")
+    level = np.zeros(len(block))
+    if block.dtype == np.bool_ or block.size == 0:
+        return level
+    flat = block.reshape(len(block), -1)
+    # a pedestal lifts every pixel: patterns with a pixel at or below 0 (counting data) have none
+    for i in np.flatnonzero(np.fmin.reduce(flat, axis=1) > 0):
+        v = flat[i]
+        if not np.issubdtype(v.dtype, np.integer):
+            v = v[np.isfinite(v)]
+        if len(v) == 0:
+            continue
+        p16, p50 = np.percentile(v, (16, 50))
+        width = p50 - p16
+        if p50 > 0 and width > 0 and p50 > PEDESTAL_MIN_SIGMAS * width and width**2 < PEDESTAL_MAX_VARIANCE_FRACTION * p50:
+            level[i] = float(p50)
+    return level
+
+
+def _dark_subtracted(block: np.ndarray) -> np.ndarray:
+    """``block`` less its :func:`dark_level` (float), or ``block`` itself where no pattern has one."""
+    level = dark_level(block)
+    if not np.any(level > 0):
+        return block
+    return np.asarray(block, np.float64) - level[:, None, None]
+
+
 def _above_read_noise(x: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
     """Cleaned patterns (N, 1, H, W) less READ_NOISE_SIGMAS x their read noise ``sigma`` (N,), clipped at 0."""
     if not np.any(sigma > 0):
@@ -288,6 +357,7 @@ def measurement_block(block: np.ndarray) -> torch.Tensor:
     ValueError
         If ``block`` is not 3D.
     """
+    block = _dark_subtracted(block)
     sigma = read_noise_sigma(block)
     return _above_read_noise(_clean_block(block), sigma)
 
@@ -385,8 +455,9 @@ def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
     on the host, are :func:`equivalent_counts` of the measurement copy.
     """
     x = _clean_block(block).to(dev)
-    sigma = read_noise_sigma(block)
-    xm = _above_read_noise(x, sigma)
+    dark = _dark_subtracted(block)
+    sigma = read_noise_sigma(dark)
+    xm = _above_read_noise(x if dark is block else _clean_block(dark).to(dev), sigma)
     valid = None if mask is None else torch.from_numpy(np.asarray(mask, bool))
     overlay = overlay_mask(x)
     if overlay is not None:
@@ -396,7 +467,7 @@ def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
         keep = valid if valid.dim() == 2 else valid[:, None]
         xk = x * keep
         x, xm = xk, xk if xm is x else xm * keep
-    return x, xm, valid, equivalent_counts(block, xm, sigma, valid)
+    return x, xm, valid, equivalent_counts(dark, xm, sigma, valid)
 
 
 def _median3(x: torch.Tensor) -> torch.Tensor:
