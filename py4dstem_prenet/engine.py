@@ -141,6 +141,14 @@ _CPU_CHUNK = {"denoiser": 8, "centre": 32, "ellipse": 32}
 _N_RHO, _N_PHI = 256, 180
 
 
+def _pattern_stack(block) -> np.ndarray:
+    """``block`` as an (N, H, W) array; ValueError otherwise."""
+    block = np.asarray(block)
+    if block.ndim != 3:
+        raise ValueError(f"block must be (N, H, W), got shape {block.shape}")
+    return block
+
+
 #: A pattern shows a read-noise floor (a dark-subtracted integrating detector: pixels
 #: without electrons read as Gaussian noise about 0) where at least this fraction of its
 #: pixels is negative; fewer negative pixels (a few dead or over-subtracted ones) are
@@ -184,9 +192,7 @@ def read_noise_sigma(block: np.ndarray) -> np.ndarray:
     ValueError
         If ``block`` is not 3D.
     """
-    block = np.asarray(block)
-    if block.ndim != 3:
-        raise ValueError(f"block must be (N, H, W), got shape {block.shape}")
+    block = _pattern_stack(block)
     sigma = np.zeros(len(block))
     if block.dtype == np.bool_ or np.issubdtype(block.dtype, np.unsignedinteger) or block.size == 0:
         return sigma
@@ -240,9 +246,7 @@ def dark_level(block: np.ndarray) -> np.ndarray:
     ValueError
         If ``block`` is not 3D.
     """
-    block = np.asarray(block)
-    if block.ndim != 3:
-        raise ValueError(f"block must be (N, H, W), got shape {block.shape}")
+    block = _pattern_stack(block)
     level = np.zeros(len(block))
     if block.dtype == np.bool_ or block.size == 0:
         return level
