@@ -265,9 +265,8 @@ def dark_level(block: np.ndarray) -> np.ndarray:
     return level
 
 
-def _dark_subtracted(block: np.ndarray) -> np.ndarray:
-    """``block`` less its :func:`dark_level` (float), or ``block`` itself where no pattern has one."""
-    level = dark_level(block)
+def _dark_subtracted(block: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """``block`` less its dark ``level`` (N,) (float), or ``block`` itself where no pattern has one."""
     if not np.any(level > 0):
         return block
     return np.asarray(block, np.float64) - level[:, None, None]
@@ -361,7 +360,7 @@ def measurement_block(block: np.ndarray) -> torch.Tensor:
     ValueError
         If ``block`` is not 3D.
     """
-    block = _dark_subtracted(block)
+    block = _dark_subtracted(block, dark_level(block))
     sigma = read_noise_sigma(block)
     return _above_read_noise(_clean_block(block), sigma)
 
@@ -448,18 +447,21 @@ def overlay_mask(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Cleaned block on ``dev`` with masked pixels set to 0, its measurement copy, the valid pixels, the counts.
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, np.ndarray]:
+    """Cleaned block on ``dev`` with masked pixels set to 0, its measurement copy, the valid pixels, the counts,
+    and the detector floor.
 
     Masked are the pixels False in ``mask`` (a beam stop, dead regions) and burned-in
     annotations (:func:`overlay_mask`). The measurement copy is the cleaned block less
     its read-noise floor (:func:`measurement_block`; the same tensor for counting
     data). The valid map is (H, W) when it is the same for every pattern, (N, H, W)
     when annotations make it differ, None when all pixels are valid. The counts (N,),
-    on the host, are :func:`equivalent_counts` of the measurement copy.
+    on the host, are :func:`equivalent_counts` of the measurement copy; the floor (N, 2)
+    the :func:`dark_level` and :func:`read_noise_sigma` of the patterns, counts.
     """
     x = _clean_block(block).to(dev)
-    dark = _dark_subtracted(block)
+    level = dark_level(block)
+    dark = _dark_subtracted(block, level)
     sigma = read_noise_sigma(dark)
     xm = _above_read_noise(x if dark is block else _clean_block(dark).to(dev), sigma)
     valid = None if mask is None else torch.from_numpy(np.asarray(mask, bool))
@@ -471,7 +473,7 @@ def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
         keep = valid if valid.dim() == 2 else valid[:, None]
         xk = x * keep
         x, xm = xk, xk if xm is x else xm * keep
-    return x, xm, valid, equivalent_counts(dark, xm, sigma, valid)
+    return x, xm, valid, equivalent_counts(dark, xm, sigma, valid), np.stack([level, sigma], axis=1)
 
 
 def _median3(x: torch.Tensor) -> torch.Tensor:
@@ -888,7 +890,9 @@ class PreNet:
             above DENOISE_MAX_COUNTS stay as recorded), else the cleaned input;
             'counts' (N,) the cleaned patterns' total counts above their read-noise floor,
             in electrons where that floor shows an integrating detector
-            (:func:`equivalent_counts`); with the centre stage
+            (:func:`equivalent_counts`); 'detector_floor' (N, 2) their dark level
+            (:func:`dark_level`) and read noise (:func:`read_noise_sigma`), counts (0 for
+            counting data); with the centre stage
             'origin' (N, 2) (network + refinement), 'origin_network' (N, 2),
             'origin_sigma' (N,) px and 'disk_radius' (N,) px; with refinement also
             'origin_symmetry' (N,), the
@@ -915,8 +919,9 @@ class PreNet:
         h, w = int(block.shape[-2]), int(block.shape[-1])
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
-            x, xm, valid, counts = _masked_block(block, mask, dev)
+            x, xm, valid, counts, floor = _masked_block(block, mask, dev)
             out["counts"] = counts.numpy()
+            out["detector_floor"] = floor
             y = self._apply("denoiser", x) if self.denoise else x
             if self.denoise:
                 # where the recording is already better than the denoiser's own error, keep it
@@ -1012,7 +1017,7 @@ class PreNet:
         if not sel.any():
             return {"origin": out}
         with torch.inference_mode():
-            x, xm, valid, counts = _masked_block(np.asarray(block)[sel], mask, dev)
+            x, xm, valid, counts, _ = _masked_block(np.asarray(block)[sel], mask, dev)
             y = self._apply("denoiser", x) if self.denoise else None
             o = torch.from_numpy(np.asarray(out[sel], np.float32)).to(dev)
             out[sel] = refine_origin(_refinement_input(xm, y, counts), o, search=2.0, valid=valid).cpu().numpy()

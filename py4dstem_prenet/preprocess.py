@@ -935,6 +935,11 @@ def preprocess(
         md["model_sha256"] = engine.model_hashes()
         md["refine"] = bool(refine)
         md["fit_descan"] = bool(fit_descan)
+        # an integrating detector's unsubtracted dark level and read noise (counts; 0 for counting
+        # data): origins are measured above them
+        if "detector_floor" in results:  # (absent from outputs resumed from an earlier version)
+            md["detector_dark_level"] = float(np.median(results["detector_floor"][:, 0]))
+            md["detector_read_noise"] = float(np.median(results["detector_floor"][:, 1]))
         origin_cal = ellipse_cal = None
         if center:
             qx0 = origin[:, 0].reshape(nrx, nry)

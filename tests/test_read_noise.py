@@ -67,6 +67,10 @@ def test_measurement_block_removes_the_floor_and_leaves_counting_data_alone():
     np.testing.assert_allclose(x[:, 30, 33], block[:, 30, 33] - READ_NOISE_SIGMAS * read_noise_sigma(block), rtol=1e-5)
     counts = np.random.default_rng(2).poisson(3.0, (2, 16, 16)).astype(np.float32)
     assert torch.equal(measurement_block(counts), _clean_block(counts))
+    import py4DSTEM
+
+    out = prenet.preprocess(py4DSTEM.DataCube(data=counts[None]), progress=False, ellipse=False, denoise=False)
+    assert out.metadata["prenet"]["detector_read_noise"] == 0 and out.metadata["prenet"]["detector_dark_level"] == 0
 
 
 def test_equivalent_counts_are_electrons_of_an_integrating_detector():
@@ -100,6 +104,8 @@ def test_origins_of_a_noisy_integrating_detector_are_found():
     out = prenet.preprocess(dc, progress=False, ellipse=False)
     error = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - truth.origin, axis=-1)
     assert error.max() < 1.0 and error.mean() < 0.3, (error.mean(), error.max())
+    md = out.metadata["prenet"]
+    assert md["detector_dark_level"] == 0 and abs(md["detector_read_noise"] - 3.0) < 0.3
 
 
 def test_dark_level_finds_a_pedestal_and_nothing_in_counts():
@@ -130,3 +136,5 @@ def test_origins_under_an_unsubtracted_dark_level_are_found():
     out = prenet.preprocess(dc, progress=False, ellipse=False)
     error = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - truth.origin, axis=-1)
     assert error.max() < 1.0 and error.mean() < 0.8, (error.mean(), error.max())
+    md = out.metadata["prenet"]
+    assert abs(md["detector_dark_level"] - 100.0) < 1.0 and abs(md["detector_read_noise"] - 3.0) < 0.3
