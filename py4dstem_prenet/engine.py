@@ -227,9 +227,10 @@ def dark_level(block: np.ndarray) -> np.ndarray:
     PEDESTAL_MIN_SIGMAS sigma above 0 and sigma^2 below PEDESTAL_MAX_VARIANCE_FRACTION of
     it (counts of that level would scatter by their Poisson noise), the median is the
     pedestal. Counting data (median 0, or a diffuse background with Poisson scatter) and
-    dark-subtracted data (pixels at or below 0) have none. On 8 x 8 development crystal scans with a pedestal of
-    100 counts under read noise of 3 (gain 1), 3 of 4 scans were 13-14 px off before the
-    pedestal was measured (see :func:`read_noise_sigma`, which then measures the noise).
+    dark-subtracted data (pixels at or below 0) have none. On 8 x 8 development crystal
+    scans with a pedestal of 100 counts under read noise of 3 (gain 1), 3 of 4 scans were
+    13-14 px off before the pedestal was measured (see :func:`read_noise_sigma`, which
+    then measures the noise).
 
     Parameters
     ----------
@@ -260,16 +261,17 @@ def dark_level(block: np.ndarray) -> np.ndarray:
             continue
         p16, p50 = np.percentile(v, (16, 50))
         width = p50 - p16
-        if p50 > 0 and width > 0 and p50 > PEDESTAL_MIN_SIGMAS * width and width**2 < PEDESTAL_MAX_VARIANCE_FRACTION * p50:
+        if 0 < width < p50 / PEDESTAL_MIN_SIGMAS and width**2 < PEDESTAL_MAX_VARIANCE_FRACTION * p50:
             level[i] = float(p50)
     return level
 
 
-def _dark_subtracted(block: np.ndarray, level: np.ndarray) -> np.ndarray:
-    """``block`` less its dark ``level`` (N,) (float), or ``block`` itself where no pattern has one."""
-    if not np.any(level > 0):
-        return block
-    return np.asarray(block, np.float64) - level[:, None, None]
+def _detector_floor(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The :func:`dark_level` (N,) of ``block``, ``block`` less it (float; ``block`` itself
+    where no pattern has one), and the :func:`read_noise_sigma` (N,) of that."""
+    level = dark_level(block)
+    dark = block if not np.any(level > 0) else np.asarray(block, np.float64) - level[:, None, None]
+    return level, dark, read_noise_sigma(dark)
 
 
 def _above_read_noise(x: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
@@ -337,11 +339,9 @@ def equivalent_counts(block: np.ndarray, x: torch.Tensor, sigma: np.ndarray,
         v = valid.cpu().numpy()
         keep &= v if v.ndim == 2 else v[integrating]
     raw *= keep
-    inner = raw[:, 1:-1, 1:-1]
-    near = 0.25 * (raw[:, :-2, 1:-1] + raw[:, 2:, 1:-1] + raw[:, 1:-1, :-2] + raw[:, 1:-1, 2:])
     both = keep[:, 1:-1, 1:-1]
-    var = (((inner - near) ** 2) * both).sum(axis=(1, 2)) / 1.25
-    signal = (inner * both).sum(axis=(1, 2))
+    var = _neighbour_noise_variance(torch.from_numpy(raw)[:, None], torch.from_numpy(both)[:, None]).numpy()
+    signal = (raw[:, 1:-1, 1:-1] * both).sum(axis=(1, 2))
     gain = (var - both.sum(axis=(1, 2)) * np.asarray(sigma)[integrating] ** 2) / np.maximum(signal, 1e-12)
     above = counts[torch.from_numpy(integrating)].numpy()
     electrons = np.where((signal > 0) & (gain > 0), above / np.maximum(gain, 1e-12), 0.0)
@@ -360,9 +360,8 @@ def measurement_block(block: np.ndarray) -> torch.Tensor:
     ValueError
         If ``block`` is not 3D.
     """
-    block = _dark_subtracted(block, dark_level(block))
-    sigma = read_noise_sigma(block)
-    return _above_read_noise(_clean_block(block), sigma)
+    _, dark, sigma = _detector_floor(block)
+    return _above_read_noise(_clean_block(dark), sigma)
 
 
 def _clean_block(block: np.ndarray) -> torch.Tensor:
@@ -460,9 +459,7 @@ def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
     the :func:`dark_level` and :func:`read_noise_sigma` of the patterns, counts.
     """
     x = _clean_block(block).to(dev)
-    level = dark_level(block)
-    dark = _dark_subtracted(block, level)
-    sigma = read_noise_sigma(dark)
+    level, dark, sigma = _detector_floor(block)
     xm = _above_read_noise(x if dark is block else _clean_block(dark).to(dev), sigma)
     valid = None if mask is None else torch.from_numpy(np.asarray(mask, bool))
     overlay = overlay_mask(x)
@@ -506,6 +503,16 @@ def _valid_for(valid: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | 
     return valid[idx.to(valid.device)] if valid is not None and valid.dim() == 3 else valid
 
 
+def _neighbour_noise_variance(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) summed pixel noise variance of patterns (N, 1, H, W): the squared residuals of the
+    inner pixels against the mean of their four nearest neighbours, / 1.25 (a white noise's
+    residual variance is 1.25 sigma^2), each times ``weight`` (N, 1, H - 2, W - 2) if given."""
+    inner = x[..., 1:-1, 1:-1]
+    near = 0.25 * (x[..., :-2, 1:-1] + x[..., 2:, 1:-1] + x[..., 1:-1, :-2] + x[..., 1:-1, 2:])
+    sq = (inner - near).pow(2)
+    return (sq if weight is None else sq * weight).sum(dim=(1, 2, 3)) / 1.25
+
+
 def poisson_noise_fraction(x: torch.Tensor) -> torch.Tensor:
     """Variance of each pattern's pixel-to-pixel noise over the Poisson variance of its counts.
 
@@ -525,10 +532,7 @@ def poisson_noise_fraction(x: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         (N,) fractions.
     """
-    inner = x[..., 1:-1, 1:-1]
-    near = 0.25 * (x[..., :-2, 1:-1] + x[..., 2:, 1:-1] + x[..., 1:-1, :-2] + x[..., 1:-1, 2:])
-    var = (inner - near).pow(2).sum(dim=(1, 2, 3)) / 1.25
-    return var / inner.clamp_min(0).sum(dim=(1, 2, 3)).clamp_min(1e-12)
+    return _neighbour_noise_variance(x) / x[..., 1:-1, 1:-1].clamp_min(0).sum(dim=(1, 2, 3)).clamp_min(1e-12)
 
 
 def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,15 @@ def _robust_rms(a: np.ndarray) -> float:
 PARABOLA_POSITIONS_PER_COEFFICIENT = 3
 
 
+def _descan_design(scan: tuple[int, int]) -> np.ndarray:
+    """(R_Nx * R_Ny, 3 or 6) design of the smooth descan over the scan coordinates in [-1, 1]:
+    the parabola, or a plane on scans too small for it (PARABOLA_POSITIONS_PER_COEFFICIENT)."""
+    nrx, nry = (int(v) for v in scan)
+    u, v = np.meshgrid(np.linspace(-1, 1, nrx), np.linspace(-1, 1, nry), indexing="ij")
+    parabola = min(nrx, nry) >= 3 and nrx * nry >= 6 * PARABOLA_POSITIONS_PER_COEFFICIENT
+    return _poly_design(u.ravel(), v.ravel(), 2 if parabola else 1)
+
+
 def robust_descan_fit(origin: np.ndarray, scan: tuple[int, int], iterations: int = 30) -> np.ndarray:
     """Parabolic descan fit that a large minority of wrong origins does not pull.
 
@@ -108,10 +117,7 @@ def robust_descan_fit(origin: np.ndarray, scan: tuple[int, int], iterations: int
     numpy.ndarray
         (R_Nx * R_Ny, 2) fitted origins, pixels.
     """
-    nrx, nry = scan
-    u, v = np.meshgrid(np.linspace(-1, 1, nrx), np.linspace(-1, 1, nry), indexing="ij")
-    parabola = min(nrx, nry) >= 3 and nrx * nry >= 6 * PARABOLA_POSITIONS_PER_COEFFICIENT
-    a = _poly_design(u.ravel(), v.ravel(), 2 if parabola else 1)
+    a = _descan_design(scan)
     return a @ _robust_fit(a, origin, iterations)
 
 
@@ -329,9 +335,7 @@ def consensus_descan_fit(origin: np.ndarray, scan: tuple[int, int], tol: float =
         raise ValueError(f"origin must be finite ({nrx * nry}, 2), got {origin.shape}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0 px, got {tol}")
-    u, v = np.meshgrid(np.linspace(-1, 1, nrx), np.linspace(-1, 1, nry), indexing="ij")
-    parabola = min(nrx, nry) >= 3 and nrx * nry >= 6 * PARABOLA_POSITIONS_PER_COEFFICIENT
-    a = _poly_design(u.ravel(), v.ravel(), 2 if parabola else 1)
+    a = _descan_design((nrx, nry))
     k = a.shape[1]
     rng = np.random.default_rng(seed)
     best = np.zeros(len(a), bool)
