@@ -333,13 +333,17 @@ bright-field disk (the dose is counted before the stop), whose mask is
 given to the methods that take one (py4DSTEM get_origin_friedel, PreNet's `mask=`), as a
 user who knows the stop would; "integrating detector" scans are crystals recorded at 10
 counts per electron with Gaussian read noise of 10 counts (one electron) in every pixel,
-dark-subtracted (half of the empty pixels read negative). The origin label is the geometric
-centre of the bright-field disk. py4DSTEM's classical methods are run with their
+dark-subtracted (half of the empty pixels read negative); "rough descan" scans are crystals
+whose descan is also rough in time (the scan is raster order, rows along R_Ny): every row
+offset by 0.3 px per axis, every row's first positions lagging by up to 1 px (flyback,
+decaying over 1.5 positions), and a 0.3 px mains oscillation with a period of 3-20
+positions. The origin label is the geometric centre of the bright-field disk. py4DSTEM's classical methods are run with their
 defaults and, where a radius is needed, with the true radius (the hand-tuning a user
 does); their failures are results, not crashes. PreNet runs with the shipped weights
 and no hand-set parameter, as `prenet.preprocess` (its refined rows): below 2000 counts
 per pattern the origin is measured on the sum of the 3x3 neighbouring patterns (descan
-is smooth; the per-position jitter of 0.05 px per axis is then not followed). The CRLB
+is smooth; the per-position jitter of 0.05 px per axis is then not followed; offsets of
+whole scan rows or columns that the patterns' own origins show are given back). The CRLB
 is that of one pattern: such pooled estimates use up to nine patterns' counts, so their
 RMS/CRLB can fall below 1.
 

@@ -93,6 +93,23 @@ def test_descan_origin_is_smooth_plus_jitter():
         descan_origin(np.random.default_rng(0), (0, 3), (64, 64))
 
 
+def test_rough_descan_adds_line_offsets_flyback_and_ripple():
+    args = (np.random.default_rng(3), (12, 16), (128, 128))
+    smooth = descan_origin(*args, jitter=0.0)
+    # the smooth scan is the same random draw with the rough parts off
+    assert np.array_equal(descan_origin(np.random.default_rng(3), (12, 16), (128, 128), jitter=0.0,
+                                        line_jitter=0.0, flyback=0.0, ripple=0.0), smooth)
+    rows = descan_origin(np.random.default_rng(3), (12, 16), (128, 128), jitter=0.0, line_jitter=0.5) - smooth
+    assert np.allclose(rows, rows[:, :1]) and 0.2 < rows.std() < 1.0  # one offset per scan row
+    lag = descan_origin(np.random.default_rng(3), (12, 16), (128, 128), jitter=0.0, flyback=1.5) - smooth
+    assert np.allclose(lag, lag[:1]) and np.linalg.norm(lag[0, 0]) == pytest.approx(1.5)
+    assert np.linalg.norm(lag[0, -1]) < 1e-3  # settled by the end of the row
+    wave = descan_origin(np.random.default_rng(3), (12, 16), (128, 128), jitter=0.0, ripple=1.0) - smooth
+    assert 0.9 < np.linalg.norm(wave, axis=-1).max() <= 1.0 + 1e-9 and abs(wave.mean()) < 0.2
+    with pytest.raises(ValueError, match="flyback"):
+        descan_origin(*args, flyback=-1.0)
+
+
 def test_simulate_datacube_shapes_truth_and_seed():
     dc, truth = simulate_datacube((3, 4), (64, 48), "mixed", 1e3, (1.03, 0.4), seed=7)
     assert dc.data.shape == (3, 4, 64, 48) and dc.data.dtype == np.float32

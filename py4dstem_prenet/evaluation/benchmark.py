@@ -49,6 +49,12 @@ STOP_RINGS_CONDITION = "amorphous rings, beam stop over the bright-field disk (m
 #: and Gaussian read noise of 10 counts (one electron) in every pixel.
 READ_NOISE_CONDITION = "integrating detector, read noise 1 e- per pixel"
 
+#: A crystal scan whose descan is rough in time as well as smooth over the scan: rows
+#: offset from each other (0.3 px per axis), each row's first positions lagging by up to
+#: 1 px (flyback), and a 0.3 px mains oscillation.
+ROUGH_DESCAN_CONDITION = "rough descan: scan-line offsets, flyback, mains ripple"
+ROUGH_DESCAN = {"line_jitter": 0.3, "flyback": 1.0, "ripple": 0.3}
+
 
 @dataclass
 class BenchmarkConfig:
@@ -512,17 +518,19 @@ def run_benchmark(
                     for name in ("Au", "MgO")]
         except ImportError:
             say("abtem not installed: no multislice condition")
-    # name -> (detector, force a Bragg disk brighter than the bright-field disk, beam stop, kind)
+    # name -> (detector, force a Bragg disk brighter than the bright-field disk, beam stop, kind,
+    # rough descan)
     conditions = {
-        "crystal (random disk brightness)": (Detector(), False, False, "crystal"),
-        "bright Bragg disks": (Detector(), True, False, "crystal"),
-        "bright Bragg disks + hot pixels": (Detector(hot_fraction=5e-4, hot_level=10.0), True, False, "crystal"),
-        STOP_CONDITION: (Detector(), False, True, "crystal"),
-        STOP_RINGS_CONDITION: (Detector(), False, True, "amorphous"),
-        READ_NOISE_CONDITION: (Detector(gain=10.0, read_noise=10.0), False, False, "crystal"),
+        "crystal (random disk brightness)": (Detector(), False, False, "crystal", {}),
+        "bright Bragg disks": (Detector(), True, False, "crystal", {}),
+        "bright Bragg disks + hot pixels": (Detector(hot_fraction=5e-4, hot_level=10.0), True, False, "crystal", {}),
+        STOP_CONDITION: (Detector(), False, True, "crystal", {}),
+        STOP_RINGS_CONDITION: (Detector(), False, True, "amorphous", {}),
+        READ_NOISE_CONDITION: (Detector(gain=10.0, read_noise=10.0), False, False, "crystal", {}),
+        ROUGH_DESCAN_CONDITION: (Detector(), False, False, "crystal", ROUGH_DESCAN),
     }
     for di, dose in enumerate(cfg.doses):
-        for ci, (condition, (detector, bright, stop, kind)) in enumerate(conditions.items()):
+        for ci, (condition, (detector, bright, stop, kind, rough)) in enumerate(conditions.items()):
             say(f"origin, {condition}, dose {dose:.0e}")
             cubes = []
             for s in range(cfg.n_scans):
@@ -531,7 +539,7 @@ def run_benchmark(
                 scene = bright_disk_scene(rng, shape) if bright else None
                 dc, truth = simulate_datacube(
                     cfg.scan_shape, shape, kind, dose, cfg.ellipse, detector=detector, beam_stop=stop,
-                    scene=scene, seed=seed, compute_crlb=True,
+                    scene=scene, seed=seed, compute_crlb=True, **rough,
                 )
                 cubes.append((dc, truth))
             res.origin.extend(_origin_rows(methods["origin"], cubes, condition, dose))

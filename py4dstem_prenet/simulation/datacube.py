@@ -133,6 +133,9 @@ def simulate_datacube(
     seed: int | None = 0,
     compute_crlb: bool = False,
     rotation: float = 0.0,
+    line_jitter: float = 0.0,
+    flyback: float = 0.0,
+    ripple: float = 0.0,
 ):
     """Simulate a 4D-STEM scan with descan drift, elliptical distortion and noise.
 
@@ -170,6 +173,10 @@ def simulate_datacube(
         Rotation of the diffraction pattern relative to the scan axes, radians
         (counter-clockwise from qx towards qy), applied to the ideal pattern before
         the elliptical distortion: ``p = origin + D R(rotation) q``.
+    line_jitter, flyback, ripple : float
+        Rough descan, pixels: scan-row offsets, the lag of each row's first positions,
+        a mains oscillation in time (see
+        :func:`~py4dstem_prenet.simulation.descan.descan_origin`). 0 by default.
 
     Returns
     -------
@@ -204,7 +211,8 @@ def simulate_datacube(
     if rotation:
         c, s_ = np.cos(rotation), np.sin(rotation)
         scene = replace(scene, spots=scene.spots @ np.array([[c, -s_], [s_, c]]).T)
-    origin = descan_origin(rng, scan_shape, shape, descan_amplitude, descan_curvature, jitter)
+    origin = descan_origin(rng, scan_shape, shape, descan_amplitude, descan_curvature, jitter,
+                           line_jitter=line_jitter, flyback=flyback, ripple=ripple)
     hot, dead = detector.defect_masks(rng, shape)
     transmission = np.ones(shape)
     if beam_stop:

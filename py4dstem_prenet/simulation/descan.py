@@ -15,8 +15,14 @@ def descan_origin(
     curvature: float = 0.5,
     jitter: float = 0.05,
     centre_offset: float = 0.1,
+    line_jitter: float = 0.0,
+    flyback: float = 0.0,
+    ripple: float = 0.0,
 ) -> np.ndarray:
-    """Smooth descan origin map (plane + curvature) plus random jitter.
+    """Descan origin map: a smooth plane + curvature, random jitter, and optionally the
+    rough parts of a real scan (scan-line offsets, flyback, mains ripple).
+
+    The scan is raster order: rows of R_Ny positions (the fast axis), one after another.
 
     Parameters
     ----------
@@ -36,6 +42,15 @@ def descan_origin(
     centre_offset : float
         The mean origin is the detector centre plus a uniform offset of up to this
         fraction of the detector size.
+    line_jitter : float
+        Standard deviation of an offset shared by every position of a scan row (line
+        sync, drift between lines), pixels per axis.
+    flyback : float
+        Lag of the first position of every row, along a random direction, decaying
+        as exp(-column / 1.5) (the scan coils settling after the flyback), pixels.
+    ripple : float
+        Amplitude of a sinusoidal oscillation in acquisition time (mains pickup),
+        along a random direction, with a period of 3-20 positions, pixels.
 
     Returns
     -------
@@ -44,8 +59,8 @@ def descan_origin(
     """
     if len(scan_shape) != 2 or min(scan_shape) < 1:
         raise ValueError(f"scan_shape must be two sizes >= 1, got {scan_shape}")
-    if min(amplitude, curvature, jitter, centre_offset) < 0:
-        raise ValueError("amplitude, curvature, jitter and centre_offset must be >= 0")
+    if min(amplitude, curvature, jitter, centre_offset, line_jitter, flyback, ripple) < 0:
+        raise ValueError("amplitude, curvature, jitter, centre_offset, line_jitter, flyback and ripple must be >= 0")
     nrx, nry = scan_shape
     u = np.linspace(-0.5, 0.5, nrx)[:, None] * np.ones((1, nry))
     v = np.linspace(-0.5, 0.5, nry)[None, :] * np.ones((nrx, 1))
@@ -60,4 +75,20 @@ def descan_origin(
         quad /= np.abs(quad).sum()
         curv = 4 * curvature * (quad[0] * u**2 + quad[1] * v**2 + quad[2] * u * v)
         origin[..., i] = centre[i] + plane + curv + rng.normal(0, jitter, (nrx, nry))
+    # the rough parts draw from the generator only when asked for, so that smooth scans
+    # stay those of earlier versions
+    if line_jitter > 0:
+        origin += rng.normal(0, line_jitter, (nrx, 1, 2))
+    if flyback > 0:
+        origin += flyback * np.exp(-np.arange(nry) / 1.5)[None, :, None] * _direction(rng)
+    if ripple > 0:
+        time = np.arange(nrx * nry).reshape(nrx, nry)
+        wave = np.sin(2 * np.pi * time / rng.uniform(3, 20) + rng.uniform(0, 2 * np.pi))
+        origin += ripple * wave[..., None] * _direction(rng)
     return origin
+
+
+def _direction(rng: np.random.Generator) -> np.ndarray:
+    """A random unit vector (qx, qy)."""
+    angle = rng.uniform(0, 2 * np.pi)
+    return np.array([np.cos(angle), np.sin(angle)])
