@@ -583,8 +583,12 @@ LINE_MIN_SCAN = 5
 
 
 def _line_profile(d: np.ndarray, axis: int) -> np.ndarray:
-    """Median of (R_Nx, R_Ny, 2) departures along ``axis`` (1: per row, 0: per column), less its median."""
-    prof = np.median(d, axis=axis, keepdims=True)
+    """Median of (R_Nx, R_Ny, 2) departures along ``axis`` (1: per row, 0: per column), less its
+    median; NaN departures are missing, and a line with fewer than half its positions gets 0."""
+    n = d.shape[axis]
+    enough = np.sum(np.isfinite(d[..., 0]), axis=axis, keepdims=True)[..., None] >= 0.5 * n
+    with np.errstate(all="ignore"):
+        prof = np.where(enough, np.nanmedian(np.where(enough, d, 0.0), axis=axis, keepdims=True), 0.0)
     return prof - np.median(prof, axis=1 - axis, keepdims=True)
 
 
@@ -612,7 +616,9 @@ def scan_line_offsets(residual: np.ndarray, scan: tuple[int, int]) -> np.ndarray
     ----------
     residual : numpy.ndarray
         (R_Nx * R_Ny, 2) origins minus their smooth descan (or minus another estimate
-        of the same origins), in scan order (rows of R_Ny positions), pixels.
+        of the same origins), in scan order (rows of R_Ny positions), pixels. NaN
+        (both axes) marks a position whose departure is not known (a failed
+        measurement); a line with fewer than half its positions known gets no offset.
     scan : tuple of int
         (R_Nx, R_Ny).
 
@@ -626,12 +632,15 @@ def scan_line_offsets(residual: np.ndarray, scan: tuple[int, int]) -> np.ndarray
     Raises
     ------
     ValueError
-        If ``residual`` is not finite with shape (R_Nx * R_Ny, 2).
+        If ``residual`` does not have the shape (R_Nx * R_Ny, 2), or holds infinities
+        or a NaN on one axis only.
     """
     nrx, nry = (int(v) for v in scan)
     d = np.asarray(residual, float)
-    if d.shape != (nrx * nry, 2) or not np.all(np.isfinite(d)):
-        raise ValueError(f"residual must be finite ({nrx * nry}, 2) for a scan of {(nrx, nry)}, got {d.shape}")
+    if (d.shape != (nrx * nry, 2) or np.any(np.isinf(d))
+            or np.any(np.isnan(d[:, 0]) != np.isnan(d[:, 1]))):
+        raise ValueError(f"residual must be ({nrx * nry}, 2) for a scan of {(nrx, nry)}, finite or NaN on "
+                         f"both axes, got {d.shape}")
     out = np.zeros((nrx, nry, 2))
     if min(nrx, nry) < LINE_MIN_SCAN:
         return out.reshape(-1, 2)
@@ -812,11 +821,16 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
         origin[k] = pooled[k] + (fit[k // nry, k % nry] - fit[wr, wc].reshape(-1, 2).mean(axis=0))
     departure = np.zeros_like(origin)
     departure[idx] = own - origin[idx]
+    # an own origin far from its pooled one is a failed measurement (a blanked pattern, a wrong
+    # disk), not a line's offset: on a dev scan at 1e3 counts with one blanked row, that row's
+    # own origins gave it a 3 px "offset"
+    spread = np.linalg.norm(departure - np.median(departure, axis=0), axis=1)
+    departure[spread > max(1.0, DESCAN_OUTLIER_SIGMAS * 1.4826 * float(np.median(spread)))] = np.nan
     lines = np.zeros_like(origin)
     # only where the patterns' own origins measure the same thing as the pooled ones (on a
     # dev scan with read noise and an unsubtracted dark level, every own origin was 14 px off
     # at the detector's centre, and their departures' trend passed for line offsets)
-    if np.median(np.linalg.norm(departure[idx], axis=1)) <= POOLED_CONSISTENT_PX:
+    if np.nanmedian(np.linalg.norm(departure[idx], axis=1)) <= POOLED_CONSISTENT_PX:
         lines[idx] = scan_line_offsets(departure, scan)[idx]
     origin += lines
     for key in ("origin_sigma", "origin_symmetry", "origin_blur_bias"):
