@@ -428,9 +428,11 @@ NOISY_MIN_SCAN = 5
 
 #: The noisy-origin rule (NOISY_ORIGIN_PX) takes the descan fit only where the measured
 #: per-pattern noise (:func:`origin_noise`), when it can be measured, is at least this
-#: fraction of the white scatter: otherwise the scatter is mostly the beam's own. A dev
+#: fraction of the white scatter: otherwise the scatter is mostly the beam's own. A probe
 #: crystal scan at 1e4 counts whose descan oscillated by 1 px along the fast axis (mains
-#: pickup; the noise was 0.05 px, the white scatter 0.5) was taken for noise: 0.05 -> 0.32 px.
+#: pickup) was taken for noise once the fit held row and column offsets (0.05 -> 0.32 px);
+#: so was one of the two scans of the benchmark's rough-descan condition at 1e4 before
+#: (0.064 -> 0.30 px).
 NOISE_SHARE_MIN = 0.5
 
 #: Patterns drawn (evenly over the scan) to measure the per-pattern origin noise by
@@ -748,7 +750,9 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     rows or columns of the patterns' own origins are offset from the pooled ones
     (:func:`scan_line_offsets` of own minus pooled: flyback, line glitches), the
     offsets are added back, provided the own origins agree with the pooled ones
-    (median distance at most POOLED_CONSISTENT_PX).
+    (median distance at most POOLED_CONSISTENT_PX); own origins further from theirs
+    than max(1 px, DESCAN_OUTLIER_SIGMAS robust standard deviations) are failures and
+    left out.
 
     Where any pattern has few counts (``results['counts']``, from the first pass), reads
     the scan once, in blocks of rows with one row either side, for the pooled patterns
