@@ -589,8 +589,7 @@ def _line_profile(d: np.ndarray, axis: int) -> np.ndarray:
     median; NaN departures are missing, and a line with fewer than half its positions gets 0."""
     n = d.shape[axis]
     enough = np.sum(np.isfinite(d[..., 0]), axis=axis, keepdims=True)[..., None] >= 0.5 * n
-    with np.errstate(all="ignore"):
-        prof = np.where(enough, np.nanmedian(np.where(enough, d, 0.0), axis=axis, keepdims=True), 0.0)
+    prof = np.where(enough, np.nanmedian(np.where(enough, d, 0.0), axis=axis, keepdims=True), 0.0)
     return prof - np.median(prof, axis=1 - axis, keepdims=True)
 
 
