@@ -42,6 +42,21 @@ def test_read_noise_sigma_is_zero_without_a_read_noise_floor(case):
     assert np.all(read_noise_sigma(block) == 0)
 
 
+def test_low_dose_read_noise_with_a_negative_median_is_not_an_offset():
+    # most pixels see no electron: the median of the read noise about 0 is negative half the time
+    rng = np.random.default_rng(4)
+    electrons = rng.poisson(np.full((6, 64, 64), 0.01))
+    block = (10.0 * electrons + rng.normal(0, 10.0, (6, 64, 64))).astype(np.float32)
+    block -= np.median(block, axis=(1, 2), keepdims=True) + 0.1  # every median 0.1 counts below 0
+    before = block.copy()
+    np.testing.assert_allclose(read_noise_sigma(block), 10.0, rtol=0.05)
+    np.testing.assert_array_equal(_clean_block(block)[:, 0].numpy(), np.clip(block, 0, None))  # not lifted
+    x = measurement_block(block)
+    counts = equivalent_counts(block, x, read_noise_sigma(block)).numpy()
+    assert np.all(counts < 200)  # ~40 electrons per pattern, not the lifted floor's ~40 x 4096
+    np.testing.assert_array_equal(block, before)
+
+
 def test_read_noise_sigma_rejects_bad_input():
     with pytest.raises(ValueError, match="block must be"):
         read_noise_sigma(np.zeros((8, 8)))
