@@ -916,8 +916,11 @@ def preprocess(
         float32 data in the input's units (expected counts), with
         ``calibration.get_origin()`` -> (qx0, qy0) maps in pixels and
         ``calibration.get_ellipse()`` -> (a/b, 1, theta), and
-        ``metadata['prenet']`` holding model versions, options, the per-pattern
-        origin uncertainty ``origin_sigma`` (px), the network-only origins, and with
+        ``metadata['prenet']`` holding model versions, options, ``origin_sigma``
+        (px: the centre network's predicted uncertainty of its own estimate, the
+        window the refinement searches; the refined origins are far more precise,
+        and their measured noise is ``origin_noise``, below), the network-only
+        origins, and with
         refinement the inversion-symmetry score ``origin_symmetry`` (0-1),
         ``origin_source`` (0 network, 1 refined, 2 symmetry centre of the detector,
         3 re-refined at the scan's smooth descan fit because the first estimate

@@ -45,7 +45,8 @@ class StreamUpdate:
         (n, 2) measured origins (qx0, qy0), pixels; a frame further than
         ``reject_px`` from the running descan fit is re-measured around the fit.
     origin_sigma : numpy.ndarray
-        (n,) predicted origin uncertainty, pixels.
+        (n,) the centre network's predicted uncertainty of its own estimate, pixels
+        (the refined origins are far more precise).
     origin_fit : numpy.ndarray
         (n, 2) origins of the running descan fit, updated with this block.
     ellipse : tuple or None
