@@ -343,7 +343,8 @@ does); their failures are results, not crashes. PreNet runs with the shipped wei
 and no hand-set parameter, as `prenet.preprocess` (its refined rows): below 2000 counts
 per pattern the origin is measured on the sum of the 3x3 neighbouring patterns (descan
 is smooth; the per-position jitter of 0.05 px per axis is then not followed; offsets of
-whole scan rows or columns that the patterns' own origins show are given back). The CRLB
+whole scan rows or columns, and a mains ripple, that the patterns' own origins show are
+given back). The CRLB
 is that of one pattern: such pooled estimates use up to nine patterns' counts, so their
 RMS/CRLB can fall below 1.
 
