@@ -594,6 +594,18 @@ def _line_profile(d: np.ndarray, axis: int) -> np.ndarray:
     return prof - np.median(prof, axis=1 - axis, keepdims=True)
 
 
+def _departures(residual: np.ndarray, scan: tuple[int, int]) -> tuple[int, int, np.ndarray]:
+    """(R_Nx, R_Ny) and ``residual`` as a float (R_Nx * R_Ny, 2) array of departures, finite or
+    NaN on both axes (a departure not known); ValueError otherwise."""
+    nrx, nry = (int(v) for v in scan)
+    d = np.asarray(residual, float)
+    if (d.shape != (nrx * nry, 2) or np.any(np.isinf(d))
+            or np.any(np.isnan(d[:, 0]) != np.isnan(d[:, 1]))):
+        raise ValueError(f"residual must be ({nrx * nry}, 2) for a scan of {(nrx, nry)}, finite or NaN on "
+                         f"both axes, got {d.shape}")
+    return nrx, nry, d
+
+
 def scan_line_offsets(residual: np.ndarray, scan: tuple[int, int]) -> np.ndarray:
     """Offsets of whole scan rows and columns in origins' departures from a smooth descan.
 
@@ -637,12 +649,7 @@ def scan_line_offsets(residual: np.ndarray, scan: tuple[int, int]) -> np.ndarray
         If ``residual`` does not have the shape (R_Nx * R_Ny, 2), or holds infinities
         or a NaN on one axis only.
     """
-    nrx, nry = (int(v) for v in scan)
-    d = np.asarray(residual, float)
-    if (d.shape != (nrx * nry, 2) or np.any(np.isinf(d))
-            or np.any(np.isnan(d[:, 0]) != np.isnan(d[:, 1]))):
-        raise ValueError(f"residual must be ({nrx * nry}, 2) for a scan of {(nrx, nry)}, finite or NaN on "
-                         f"both axes, got {d.shape}")
+    nrx, nry, d = _departures(residual, scan)
     out = np.zeros((nrx, nry, 2))
     if min(nrx, nry) < LINE_MIN_SCAN:
         return out.reshape(-1, 2)
@@ -743,12 +750,7 @@ def scan_ripple(residual: np.ndarray, scan: tuple[int, int]) -> np.ndarray:
         If ``residual`` does not have the shape (R_Nx * R_Ny, 2), or holds infinities
         or a NaN on one axis only.
     """
-    nrx, nry = (int(v) for v in scan)
-    d = np.asarray(residual, float)
-    if (d.shape != (nrx * nry, 2) or np.any(np.isinf(d))
-            or np.any(np.isnan(d[:, 0]) != np.isnan(d[:, 1]))):
-        raise ValueError(f"residual must be ({nrx * nry}, 2) for a scan of {(nrx, nry)}, finite or NaN on "
-                         f"both axes, got {d.shape}")
+    nrx, nry, d = _departures(residual, scan)
     none = np.zeros((nrx * nry, 2))
     known = np.isfinite(d[:, 0])
     if min(nrx, nry) < LINE_MIN_SCAN or known.sum() < 0.5 * len(d):
