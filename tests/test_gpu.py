@@ -23,6 +23,8 @@ def _cases():
         scene=bright_disk_scene(rng, (96, 96)), seed=41_000_004), False
     yield "integrating detector, read noise", simulate_datacube(
         (8, 8), (128, 128), "crystal", 1e3, None, detector=Detector(gain=10.0, read_noise=10.0), seed=41_000_009), False
+    yield "mains ripple, pooled", simulate_datacube((12, 12), (96, 96), "crystal", 1e3, (1.02, 0.5), ripple=0.3,
+                                                    seed=46_000_002), False
     yield "rough descan, scan-line offsets", simulate_datacube(
         (12, 12), (96, 96), "crystal", 1e4, None, line_jitter=0.3, flyback=1.0, ripple=0.3, seed=41_000_011), False
 
@@ -43,8 +45,8 @@ def test_cuda_matches_the_cpu(case):
     has_lines = ["origin_line_offsets" in out.metadata["prenet"].keys for out in (gpu, cpu)]
     assert has_lines[0] == has_lines[1]
     if has_lines[1]:
-        np.testing.assert_allclose(gpu.metadata["prenet"]["origin_line_offsets"],
-                                   cpu.metadata["prenet"]["origin_line_offsets"], atol=0.02)
+        for key in ("origin_line_offsets", "origin_ripple"):
+            np.testing.assert_allclose(gpu.metadata["prenet"][key], cpu.metadata["prenet"][key], atol=0.02)
 
 
 def test_cuda_streaming_matches_the_cpu():
