@@ -848,22 +848,11 @@ POOL_BELOW_COUNTS = 2e3
 POOL_MAX_STEP_PX = 0.75
 
 
-#: Line scans (one position wide) of at least this many positions are pooled too, over
-#: 1 x 3 windows along the line (see :func:`_pool_low_dose`). Dev line scans (1 x 24 and
-#: 24 x 1, 3 seeds each) at 100 counts per pattern: 0.37-0.77 px mean error and 4-25% of
-#: the patterns more than 1 px off pattern by pattern, 0.26-0.38 px and none pooled; at
-#: 300 counts 0.24-0.44 -> 0.13-0.25 px. Scans two positions wide are not pooled: their
-#: 2 x 3 windows mix both rows, whose descan differs, and the pooled origins' own fit
-#: cannot tell the rows apart (2 x 12 dev scans went from 0.15-0.68 to 1.5-1.9 px).
-LINE_SCAN_MIN = 6
-
-
 def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarray, results: dict,
                    mask) -> tuple[int, int, np.ndarray]:
     """Measure the origins of low-count patterns on the sums of their scan neighbourhoods.
 
-    Needs a scan of at least 3 x 3 positions, or a line scan one position wide of at
-    least LINE_SCAN_MIN (1 x 3 windows). Descan moves the origin smoothly with
+    Needs a scan of at least 3 x 3 positions. Descan moves the origin smoothly with
     the probe position, so the 3 x 3 patterns around a position (fewer at the scan's
     border) share its origin to within the drift between neighbours, and their sum
     has up to nine times the counts. The engine measures the origin of each pooled
@@ -953,8 +942,7 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
         off_model = np.linalg.norm(pooled[idx] - expected, axis=1) > DESCAN_MODEL_TOL_PX
         pooled[idx[off_model]] = expected[off_model]
     fit = robust_descan_fit(pooled, scan).reshape(nrx, nry, 2)
-    step = max((float(np.linalg.norm(np.diff(fit, axis=a), axis=-1).max()) for a in (0, 1) if fit.shape[a] > 1),
-               default=0.0)
+    step = max(float(np.linalg.norm(np.diff(fit, axis=a), axis=-1).max()) for a in (0, 1))
     if step > POOL_MAX_STEP_PX:  # neighbours do not share the origin: every pattern keeps its own
         return 0, 0, np.zeros_like(origin), np.zeros_like(origin)
     own = origin[idx].copy()  # each pattern's own measurement
@@ -1187,7 +1175,7 @@ def preprocess(
         origin = results["origin"] if center else given_origin
         n_rerefined = n_pooled = n_model = 0
         lines = ripple = None
-        if center and refine and (min(nrx, nry) >= 3 or (min(nrx, nry) == 1 and max(nrx, nry) >= LINE_SCAN_MIN)):
+        if center and refine and min(nrx, nry) >= 3:
             origin = origin.copy()
             n_pooled, n_model, lines, ripple = _pool_low_dose(engine, data, (nrx, nry), origin, results, mask)
         if center and refine and min(nrx, nry) >= 3:

@@ -212,24 +212,6 @@ def test_a_mains_ripple_is_given_back_to_pooled_low_dose_origins(monkeypatch):
     assert errors[0] < 0.75 * errors[1], errors
 
 
-def test_line_scans_are_pooled_along_the_line_at_low_dose(monkeypatch):
-    # one position wide: 1 x 3 windows along the line; two wide: not pooled (a window would
-    # mix the two rows, whose descan differs)
-    module = sys.modules["py4dstem_prenet.preprocess"]
-    for scan in ((1, 12), (12, 1)):
-        dc, truth = simulate_datacube(scan, (96, 96), "crystal", 1e2, (1.02, 0.5), seed=46_000_004)
-        errors = []
-        for line_min in (module.LINE_SCAN_MIN, 10**6):
-            monkeypatch.setattr(module, "LINE_SCAN_MIN", line_min)
-            out = prenet.preprocess(dc, progress=False, ellipse=False)
-            assert out.metadata["prenet"]["origin_pooled"] == (12 if line_min < 10**6 else 0)
-            errors.append(np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - truth.origin, axis=-1).mean())
-        monkeypatch.undo()
-        assert errors[0] < 0.3 and errors[0] < 0.7 * errors[1], (scan, errors)
-    dc, _ = simulate_datacube((2, 8), (96, 96), "crystal", 1e2, (1.02, 0.5), seed=46_000_005)
-    assert prenet.preprocess(dc, progress=False, ellipse=False).metadata["prenet"]["origin_pooled"] == 0
-
-
 def test_rough_descan_is_followed_at_low_and_high_dose():
     # 1e3 counts: origins are measured on pooled 3 x 3 windows, which mix scan rows of
     # different origins (0.48-0.73 px mean error on 16 x 16 probes before the line
