@@ -221,7 +221,7 @@ def read_noise_sigma(block: np.ndarray) -> np.ndarray:
     for i in negative:
         v = flat[i][np.isfinite(flat[i])].astype(np.float64)
         below = v[v < 0]
-        if len(below) >= READ_NOISE_MIN_FRACTION * flat.shape[1] and len(v) and not _signed_offset(v[None])[0]:
+        if len(below) >= READ_NOISE_MIN_FRACTION * flat.shape[1] and not _signed_offset(v[None])[0]:
             sigma[i] = math.sqrt(float(np.mean(below * below)))
     return sigma
 

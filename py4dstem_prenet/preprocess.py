@@ -694,18 +694,24 @@ RIPPLE_LINE_PERIODS = 1.0
 RIPPLE_OVERSAMPLE = 4
 
 
-def _ripple_peak(d: np.ndarray, valid: np.ndarray) -> tuple[float, float, float]:
-    """Largest power of the (R_Nx, R_Ny, 2) departures (0 where not ``valid``) over the wave
-    vectors that :func:`scan_ripple` searches, and that wave vector (cycles per position)."""
-    nrx, nry = d.shape[:2]
-    shape = (RIPPLE_OVERSAMPLE * nrx, RIPPLE_OVERSAMPLE * nry)
-    power = np.sum(np.abs(np.fft.fft2(d * valid[..., None], s=shape, axes=(0, 1))) ** 2, axis=-1)
-    fr, fc = np.fft.fftfreq(shape[0])[:, None], np.fft.fftfreq(shape[1])[None, :]
+def _ripple_wave_vectors(scan: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column frequencies (cycles per position) of the zero-padded transform of
+    :func:`scan_ripple`, and the bool mask of the wave vectors it searches."""
+    nrx, nry = scan
+    fr = np.fft.fftfreq(RIPPLE_OVERSAMPLE * nrx)[:, None]
+    fc = np.fft.fftfreq(RIPPLE_OVERSAMPLE * nry)[None, :]
     pr, pc = np.abs(fr) * nrx, np.abs(fc) * nry  # periods across the scan
-    power[((pr < RIPPLE_SMOOTH_PERIODS) & (pc < RIPPLE_SMOOTH_PERIODS))
-          | (pr < RIPPLE_LINE_PERIODS) | (pc < RIPPLE_LINE_PERIODS)] = 0.0
-    i, j = np.unravel_index(int(np.argmax(power)), shape)
-    return float(power[i, j]), float(fr[i, 0]), float(fc[0, j])
+    excluded = (((pr < RIPPLE_SMOOTH_PERIODS) & (pc < RIPPLE_SMOOTH_PERIODS))
+                | (pr < RIPPLE_LINE_PERIODS) | (pc < RIPPLE_LINE_PERIODS))
+    return fr[:, 0], fc[0], ~excluded
+
+
+def _ripple_peak(d: np.ndarray, valid: np.ndarray, searched: np.ndarray) -> tuple[float, int, int]:
+    """Largest power of the (R_Nx, R_Ny, 2) departures (0 where not ``valid``) over the
+    ``searched`` wave vectors (:func:`_ripple_wave_vectors`), and its indices there."""
+    power = np.sum(np.abs(np.fft.fft2(d * valid[..., None], s=searched.shape, axes=(0, 1))) ** 2, axis=-1)
+    i, j = np.unravel_index(int(np.argmax(np.where(searched, power, 0.0))), searched.shape)
+    return float(power[i, j]), int(i), int(j)
 
 
 def scan_ripple(residual: np.ndarray, scan: tuple[int, int]) -> np.ndarray:
@@ -757,17 +763,18 @@ def scan_ripple(residual: np.ndarray, scan: tuple[int, int]) -> np.ndarray:
         return none
     d = np.where(known[:, None], d - np.median(d[known], axis=0), 0.0)
     valid = known.reshape(nrx, nry).astype(float)
-    peak, fr, fc = _ripple_peak(d.reshape(nrx, nry, 2), valid)
+    fr, fc, searched = _ripple_wave_vectors((nrx, nry))
+    peak, ir, ic = _ripple_peak(d.reshape(nrx, nry, 2), valid, searched)
     rng = np.random.default_rng(0)
     null = []
     for _ in range(LINE_PERMUTATIONS):
         shuffled = np.zeros_like(d)
         shuffled[known] = rng.permutation(d[known])
-        null.append(_ripple_peak(shuffled.reshape(nrx, nry, 2), valid)[0])
+        null.append(_ripple_peak(shuffled.reshape(nrx, nry, 2), valid, searched)[0])
     if peak <= np.mean(null) + RIPPLE_SIGMAS * np.std(null):
         return none
     i, j = np.divmod(np.arange(nrx * nry), nry)
-    phase = 2 * np.pi * (fr * i + fc * j)
+    phase = 2 * np.pi * (fr[ir] * i + fc[ic] * j)
     wave = np.stack([np.cos(phase), np.sin(phase)], axis=1)
     coef = np.linalg.lstsq(wave[known], d[known], rcond=None)[0]
     return wave @ coef
