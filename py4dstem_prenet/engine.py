@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
-from .refine import (LOCAL_MIN_OVERLAP, edge_blur_bias, gaussian_blur, intensity_symmetry_centre, log_polar_view,
+from .refine import (LOCAL_MIN_OVERLAP, edge_blur_bias, gaussian_blur, intensity_symmetry_centre,
+                     intensity_symmetry_halves, log_polar_view,
                      refine_ellipse, refine_origin, symmetry_centre, symmetry_centres)
 from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
@@ -1047,6 +1048,37 @@ class PreNet:
             o = torch.from_numpy(np.asarray(out[sel], np.float32)).to(dev)
             out[sel] = refine_origin(_refinement_input(xm, y, counts), o, search=2.0, valid=valid).cpu().numpy()
         return {"origin": out}
+
+    def intensity_halves_at(self, block: np.ndarray, origin: np.ndarray, mask: np.ndarray | None = None
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """Intensity-symmetry centres of two disjoint angular halves of each pattern, within 2 px of given origins.
+
+        The halves' counterpart of the measurement of ring patterns behind a stop
+        (``origin_source`` 8; see
+        :func:`~py4dstem_prenet.refine.intensity_symmetry_halves`), on the same input
+        (hot pixels removed, masked pixels and burned-in annotations excluded); used to
+        measure that measurement's noise (see :func:`~py4dstem_prenet.preprocess.origin_noise`).
+
+        Parameters
+        ----------
+        block : numpy.ndarray
+            (N, Q_Nx, Q_Ny) recorded patterns.
+        origin : numpy.ndarray
+            (N, 2) the whole patterns' origins (qx0, qy0), pixels.
+        mask : numpy.ndarray, optional
+            As in :meth:`run`.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            The two halves' (N, 2) centres, pixels.
+        """
+        dev = self.torch_device
+        with torch.inference_mode():
+            _, xm, valid, counts, _ = _masked_block(np.asarray(block), mask, dev)
+            o = torch.from_numpy(np.asarray(origin, np.float32)).to(dev)
+            halves = intensity_symmetry_halves(_refinement_input(xm, None, counts), o, 2.0, valid)
+        return tuple(h.cpu().numpy().astype(np.float64) for h in halves)
 
     def polar_sums(self, block: np.ndarray, origin: np.ndarray, bands: dict[str, tuple[float, float]]
                    ) -> dict[str, np.ndarray]:
