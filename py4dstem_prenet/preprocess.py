@@ -437,7 +437,7 @@ NOISY_MIN_SCAN = 5
 NOISE_SHARE_MIN = 0.5
 
 #: Patterns drawn (evenly over the scan) to measure the per-pattern origin noise by
-#: binomial thinning (see :func:`origin_noise`); fewer edge-symmetry origins than
+#: splitting them in two (see :func:`origin_noise`); fewer eligible origins than
 #: NOISE_MIN_SAMPLE and no estimate is made.
 NOISE_SAMPLE = 32
 NOISE_MIN_SAMPLE = 16
@@ -470,7 +470,9 @@ def origin_noise(engine: PreNet, data, origin: np.ndarray, source: np.ndarray, c
     thinning would leave in both halves. The halves are the even and the odd of eight
     angular sectors (:meth:`~py4dstem_prenet.engine.PreNet.intensity_halves_at`):
     independent speckle and counts, so their difference again has four times the
-    variance. On 20 development scans of such rings (1e4-1e6 counts) it gave ...
+    variance. On 10 development scenes of such rings (8 x 8 scans at 1e4, 1e5 and 1e6
+    counts) it gave 0.57-1.11 times the actual RMS error of the measured origins (median
+    0.93; see :data:`~py4dstem_prenet.refine.SYMMETRY_SECTORS`).
 
     Up to NOISE_SAMPLE patterns, spread evenly over those of the more numerous of the
     two kinds that have at least NOISE_MIN_COUNTS counts, are split; the variance is
@@ -1099,7 +1101,8 @@ def preprocess(
         none).
         Otherwise, on scans of at least 5 x 5 that the fit describes, the
         per-pattern measurement noise ``origin_noise`` (px RMS, by binomial thinning
-        of up to 32 patterns of at least 5e3 counts, :func:`origin_noise`) sets
+        of up to 32 patterns of at least 5e3 counts, or for rings behind a stop by
+        splitting them into angular halves, :func:`origin_noise`) sets
         ``origin_shrinkage`` w (:func:`descan_shrinkage`; 1 where not measured), and
         the origins are the fit plus w times their departure from it. The
         per-pattern ones are ``origin_measured`` either way.

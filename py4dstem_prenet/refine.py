@@ -683,8 +683,8 @@ def _intensity_peak(g: torch.Tensor, m: torch.Tensor, origin0: torch.Tensor, sea
     denominator is less the noise's variance (:func:`_noise_variance`, at the first
     centre; at most the symmetric energy per kept pixel there, so that a pattern of
     mostly noise keeps at least half its denominator) times the number of kept pixels
-    at every candidate. On that scan the correlation fell to -0.02 and the RMS error
-    from 0.155 to 0.125 px. Taking all of the asymmetric energy for noise instead made
+    at every candidate. On that scan the correlation fell to -0.01 and the RMS error
+    from 0.155 to 0.12 px. Taking all of the asymmetric energy for noise instead made
     strongly speckled scans worse (speckle grows with the intensity; it is no uniform
     variance). (The edge maps of :func:`refine_origin` showed no such pull on crystal
     scans.)
