@@ -872,6 +872,15 @@ POOL_BELOW_COUNTS = 2e3
 #: better (0.10 against 0.16 px).
 POOL_MAX_STEP_PX = 0.75
 
+#: Neighbouring 3 x 3 windows share 6 of their 9 patterns, so the noise of pooled origins
+#: is correlated by about 6/9 between scan neighbours, and their differences show only
+#: sqrt(1 - 6/9) of it: where most of a scan is pooled, its white scatter
+#: (:func:`origin_scatter`) is divided by that before the noisy-origin rule. On 8 dev
+#: scans of amorphous rings behind a stop at 1e3 counts, the descan fit beat the pooled
+#: origins on every scan (0.275 -> 0.217 px, 0.154 -> 0.110, ...) while their neighbour
+#: scatter, 0.06-0.15 px, had kept them below NOISY_ORIGIN_PX on 5.
+POOLED_SHARED = 6 / 9
+
 
 def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarray, results: dict,
                    mask) -> tuple[int, int, np.ndarray]:
@@ -1089,7 +1098,9 @@ def preprocess(
         ``origin_pooled`` and ``origin_descan_model``, the edge-blur correction
         ``origin_blur_correction`` (px, already subtracted), the white scatter of the
         origins between scan neighbours ``origin_scatter`` (px, see
-        :func:`origin_scatter`) and ``origin_descan_smoothed``: True where that
+        :func:`origin_scatter`; where most origins were pooled, divided by
+        sqrt(1 - POOLED_SHARED), as pooled neighbours share most of their noise) and
+        ``origin_descan_smoothed``: True where that
         scatter exceeded NOISY_ORIGIN_PX (measurement noise, e.g. speckled rings
         behind a beam stop; unless the measured noise explains less than
         NOISE_SHARE_MIN of it) and the origins are the scan's descan fit. The fit is
@@ -1220,6 +1231,8 @@ def preprocess(
             if n_pooled == 0:
                 lines, ripple = scan_roughness(origin - robust_descan_fit(origin, (nrx, nry)), (nrx, nry))
             white, total, fitted = origin_scatter(origin, (nrx, nry), lines + ripple)
+            if 2 * n_pooled > nrx * nry:  # neighbours share most of their noise (POOLED_SHARED)
+                white = white / math.sqrt(1.0 - POOLED_SHARED)
             scatter = white
             if n_pooled == 0 and total <= NOISY_STRUCTURE_MAX * white:
                 noise = origin_noise(engine, data, results["origin"], results["origin_source"], results["counts"],

@@ -323,6 +323,23 @@ def test_rings_behind_a_stop_are_calibrated_from_their_intensity_and_the_descan(
     assert md["origin_descan_smoothed"] == (md["origin_scatter"] > NOISY_ORIGIN_PX)
 
 
+def test_pooled_noisy_origins_take_the_descan_fit():
+    # rings behind a stop at 1e3 counts (dev seed): every origin is measured on its 3 x 3
+    # neighbourhood's sum, whose noise neighbours share, so their differences understate it
+    from py4dstem_prenet.preprocess import POOLED_SHARED
+
+    dc, truth = _rings_behind_stop((12, 12), 1e3, seed=32_004_400)
+    out = prenet.preprocess(dc, denoise=False, ellipse=False, progress=False, mask=truth.transmission > 0.5)
+    md = out.metadata["prenet"]
+    final = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - truth.origin, axis=-1).mean()
+    measured = np.linalg.norm(md["origin_measured"] - truth.origin, axis=-1).mean()
+    white, _, _ = origin_scatter(md["origin_measured"].reshape(-1, 2), (12, 12),
+                                 (md["origin_line_offsets"] + md["origin_ripple"]).reshape(-1, 2))
+    assert md["origin_pooled"] == 144 and white < NOISY_ORIGIN_PX < md["origin_scatter"]
+    assert md["origin_scatter"] == pytest.approx(white / np.sqrt(1 - POOLED_SHARED))
+    assert md["origin_descan_smoothed"] and final < 0.8 * measured
+
+
 def test_well_measured_origins_are_not_smoothed():
     dc, truth = simulate_datacube((6, 6), (128, 128), "crystal", 1e5, (1.02, 0.6), seed=33_000_211)
     out = prenet.preprocess(dc, ellipse=False, progress=False)
