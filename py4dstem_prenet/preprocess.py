@@ -877,8 +877,10 @@ POOL_MAX_STEP_PX = 0.75
 #: sqrt(1 - 6/9) of it: where most of a scan is pooled, its white scatter
 #: (:func:`origin_scatter`) is divided by that before the noisy-origin rule. On 8 dev
 #: scans of amorphous rings behind a stop at 1e3 counts, the descan fit beat the pooled
-#: origins on every scan (0.275 -> 0.217 px, 0.154 -> 0.110, ...) while their neighbour
-#: scatter, 0.06-0.15 px, had kept them below NOISY_ORIGIN_PX on 5.
+#: origins on every scan (by 0.01-0.09 px; e.g. 0.275 -> 0.217, 0.154 -> 0.110) while
+#: their neighbour scatter, 0.06-0.15 px, had kept them below NOISY_ORIGIN_PX on 5. Dev
+#: benchmark at 1e2: crystals 0.18-0.21 -> 0.14 px, abTEM 0.212 -> 0.186; rough descan
+#: at 1e3 0.179 -> 0.193 (the fit follows flyback and ripple less closely).
 POOLED_SHARED = 6 / 9
 
 
