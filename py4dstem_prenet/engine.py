@@ -480,6 +480,9 @@ def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
     on the host, are :func:`equivalent_counts` of the measurement copy; the floor (N, 2)
     the :func:`dark_level` and :func:`read_noise_sigma` of the patterns, counts.
     """
+    if mask is not None and (np.shape(mask) != tuple(np.shape(block)[-2:]) or np.asarray(mask).dtype != bool):
+        raise ValueError(f"mask must be a boolean array of the detector shape {tuple(np.shape(block)[-2:])}, "
+                         f"got {np.asarray(mask).dtype} {np.shape(mask)}")
     x = _clean_block(block).to(dev)
     level, dark, sigma = _detector_floor(block)
     xm = _above_read_noise(x if dark is block else _clean_block(dark).to(dev), sigma)

@@ -139,3 +139,18 @@ def test_refinement_functions_refuse_bad_tensors():
     edge_map(x, floor_counts=10.0)
     gaussian_blur(x, 1.0)
     assert torch.equal(x, before)  # nothing changes its input
+
+
+def test_engine_refuses_a_mask_of_another_shape_or_type(tiny_weights):
+    from py4dstem_prenet.engine import PreNet
+
+    engine = PreNet(denoise=False, ellipse=False, weights_dir=tiny_weights)
+    block = np.random.default_rng(0).poisson(5.0, (3, 32, 32)).astype(np.float32)
+    before = block.copy()
+    origin = np.full((3, 2), 16.0)
+    for mask in (np.ones((31, 32), bool), np.ones((32, 32), int)):
+        for call in (lambda: engine.run(block, mask=mask), lambda: engine.refine_at(block, origin, mask=mask),
+                     lambda: engine.intensity_halves_at(block, origin, mask=mask)):
+            with pytest.raises(ValueError, match="mask must be a boolean array of the detector shape"):
+                call()
+    assert np.array_equal(block, before)
