@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["as_patterns", "as_datacube_array"]
+__all__ = ["as_patterns", "as_datacube_array", "check_detector_mask"]
 
 
 def as_patterns(data, name: str = "data", ndim: tuple[int, ...] = (2, 3, 4)) -> np.ndarray:
@@ -52,3 +52,18 @@ def as_datacube_array(datacube) -> np.ndarray:
             + (f" of shape {data.shape}" if hasattr(data, "shape") else "")
         )
     return data
+
+
+def check_detector_mask(mask, shape: tuple[int, int]) -> np.ndarray:
+    """Return ``mask`` as an array after checking that it is boolean and of the detector ``shape``.
+
+    Raises
+    ------
+    ValueError
+        If it is not a boolean array of ``shape`` (Q_Nx, Q_Ny).
+    """
+    arr = np.asarray(mask)
+    if arr.shape != tuple(shape) or arr.dtype != bool:
+        raise ValueError(f"mask must be a boolean array of the detector shape {tuple(shape)}, "
+                         f"got {arr.dtype} {arr.shape}")
+    return arr

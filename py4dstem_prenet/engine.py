@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._validation import check_detector_mask
 from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
 from .refine import (LOCAL_MIN_OVERLAP, edge_blur_bias, gaussian_blur, intensity_symmetry_centre,
@@ -480,9 +481,8 @@ def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
     on the host, are :func:`equivalent_counts` of the measurement copy; the floor (N, 2)
     the :func:`dark_level` and :func:`read_noise_sigma` of the patterns, counts.
     """
-    if mask is not None and (np.shape(mask) != tuple(np.shape(block)[-2:]) or np.asarray(mask).dtype != bool):
-        raise ValueError(f"mask must be a boolean array of the detector shape {tuple(np.shape(block)[-2:])}, "
-                         f"got {np.asarray(mask).dtype} {np.shape(mask)}")
+    if mask is not None:
+        check_detector_mask(mask, np.shape(block)[-2:])
     x = _clean_block(block).to(dev)
     level, dark, sigma = _detector_floor(block)
     xm = _above_read_noise(x if dark is block else _clean_block(dark).to(dev), sigma)

@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from . import __version__
+from ._validation import check_detector_mask
 from .conventions import e12_to_ellipse
 from .distributed import block_bounds, map_blocks
 from .engine import LOW_DOSE_COUNTS, PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands, measurement_block
@@ -518,12 +519,13 @@ def origin_noise(engine: PreNet, data, origin: np.ndarray, source: np.ndarray, c
     enough = np.asarray(counts) >= NOISE_MIN_COUNTS
     edges = np.flatnonzero(np.isin(source, (1, 2, 3, 7)) & enough)
     rings = np.flatnonzero((np.asarray(source) == 8) & enough)
-    eligible = edges if len(edges) >= len(rings) else rings
+    by_sectors = len(rings) > len(edges)  # rings behind a stop: angular halves, not thinning
+    eligible = rings if by_sectors else edges
     if len(eligible) < NOISE_MIN_SAMPLE:
         return None
     pick = eligible[np.linspace(0, len(eligible) - 1, min(NOISE_SAMPLE, len(eligible))).round().astype(int)]
     x = np.stack([np.asarray(read_block(data, int(i), int(i) + 1), np.float64)[0] for i in pick])
-    if eligible is rings:
+    if by_sectors:
         o1, o2 = engine.intensity_halves_at(x, origin[pick], mask=mask)
         return _robust_rms(o1 - o2) / 2
     if not (np.all(np.isfinite(x)) and x.min() >= 0 and np.mean(x == np.round(x)) >= NOISE_COUNTS_FRACTION):
@@ -1152,10 +1154,7 @@ def preprocess(
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if mask is not None:
-        mask = np.asarray(mask)
-        if mask.shape != (h, w) or mask.dtype != bool:
-            raise ValueError(f"mask must be a boolean array of the detector shape {(h, w)}, "
-                             f"got {mask.dtype} {mask.shape}")
+        mask = check_detector_mask(mask, (h, w))
         if not mask.any():
             raise ValueError("mask has no valid pixel (True = recorded pixel)")
     if inplace and out is not None:
