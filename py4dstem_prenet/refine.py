@@ -58,6 +58,21 @@ EDGE_SIGMA = 0.7
 #: 1e4; the pair 0.5 / 0.9 amplified the noise (abTEM at 1e4: 0.066).
 BIAS_SIGMA = 1.2
 
+#: Blur variance (px^2) that an edge brings of its own, before the edge map's smoothing,
+#: to which :func:`edge_blur_bias` extrapolates (the aperture edge's width, the pixel's
+#: sampling, the square root). On noise-free single disks whose intensity slopes across
+#: them (radius 5-9 px, edge ramps 0.5-1.5 px, slopes of 0.3-0.6 of the mean per radius), the pull
+#: grew linearly with the smoothing variance above about 0.5 px^2, and extrapolating
+#: that line to zero smoothing left 0.34-1.19 px^2 (median about 0.5) worth of it: the
+#: edge's own blur, about as large as the map's EDGE_SIGMA**2 (0.49). On dev scans
+#: (seeds disjoint from the benchmark's, 5 crystal conditions x 2 scans at 1e4, 1e5 and
+#: 1e6 counts) 0.49 instead of 0 lowered the mean error in 14 of 15 cells and raised none:
+#: 1e4 0.036-0.110 -> 0.035-0.101 px, 1e5 0.017-0.024 -> 0.012-0.022, 1e6 0.012-0.045 ->
+#: 0.009-0.038. On the whole dev benchmark (seed 31_000_000) the analytic crystals gained
+#: at 1e4-1e6 (e.g. 1e6: 0.038 -> 0.030 px), abTEM scans did not (1e5-1e6 unchanged; their
+#: disks show little slope, and the correction's noise cost 0.006-0.007 px at 1e2-1e3).
+EDGE_OWN_VARIANCE = 0.49
+
 
 def _gauss_kernel(sigma: float, dtype, device) -> torch.Tensor:
     r = max(1, int(math.ceil(3 * sigma)))
@@ -382,13 +397,13 @@ def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | 
     the edge's own width plus the edge map's smoothing), and they do not cancel
     between opposite edges, so the symmetry centre is biased. Measuring it at the
     smoothing EDGE_SIGMA (0.7 px) and at ``sigma`` gives the change per unit of
-    smoothing variance, and Richardson extrapolation to no smoothing estimates the
-    bias the edge map's smoothing adds:
-    ``bias = (c(sigma) - c(0.7)) * 0.7**2 / (sigma**2 - 0.7**2)``; subtract it from
-    the origin. The part of the bias that the edge's own width adds is left: on
-    noise-free ramped disks with 1 px edges the correction removes 25-50% of the
-    bias (0.13 -> 0.09 px; it helps less reliably on edges sharper than a pixel,
-    where aliasing adds its own error). The estimate is noisier than the origin
+    blur variance, and Richardson extrapolation to no blur, the map's smoothing and
+    the edge's own (EDGE_OWN_VARIANCE, 0.49 px^2), estimates the bias:
+    ``bias = (c(sigma) - c(0.7)) * (0.7**2 + 0.49) / (sigma**2 - 0.7**2)``; subtract
+    it from the origin. On noise-free ramped disks with 1 px edges the correction
+    removes about half of the bias or more (it helps less reliably on edges sharper
+    than a pixel, where aliasing adds its own error; without the edge's own variance
+    it removed 25-50%). The estimate is noisier than the origin
     itself, so preprocess takes its median over the 3 x 3 neighbouring scan
     positions (slopes change slowly with the probe).
 
@@ -428,7 +443,7 @@ def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | 
         gw = g * weight
         num, den = _peak_spectra(gw, m, torch.fft.rfft2(gw, s=size), mf, size)
         centres.append(_upsampled_peak(num, s0, size, den=den) / 2)
-    return ((centres[1] - centres[0]) * (base**2 / (sigma**2 - base**2))).to(x.dtype)
+    return ((centres[1] - centres[0]) * ((base**2 + EDGE_OWN_VARIANCE) / (sigma**2 - base**2))).to(x.dtype)
 
 
 #: Fraction of the detector that the inversion about a refined origin must keep for its

@@ -206,8 +206,9 @@ def test_ramped_disk_origin_bias_is_smaller_than_without_normalisation():
 
 def test_edge_blur_bias_removes_part_of_a_ramped_disks_bias():
     # disks whose intensity slopes across them: the symmetry centre of their blurred edges is
-    # pulled towards the dim side; the two-smoothing estimate of that pull removes 25-50% of it
-    # (noise-free; edges sharper than a pixel alias, and there it helps less reliably)
+    # pulled towards the dim side; the two-smoothing estimate of that pull, extrapolated to no
+    # blur (the edge's own included), removes 50-85% of it (without the edge's own blur
+    # variance, 25-50%; noise-free; edges sharper than a pixel alias, and there it helps less)
     true = torch.tensor([[62.3, 65.1], [66.7, 61.4], [60.1, 60.6]])
     for spots, texture in (([[0, 0]], [[0.3, 0.5, -0.3]]),
                            ([[0, 0], [22, 6], [-22, -6]], [[0.4, -0.3, 0.0], [0.3, 0.0, 0.0], [-0.2, 0.2, 0.0]])):
@@ -218,7 +219,7 @@ def test_edge_blur_bias_removes_part_of_a_ramped_disks_bias():
         bias = edge_blur_bias(x, found)
         assert torch.equal(x, before) and bias.shape == (3, 2) and bias.dtype == x.dtype
         err, err_corrected = (torch.linalg.norm(o - true, dim=1) for o in (found, found - bias))
-        assert err.min() > 0.015 and torch.all(err_corrected < 0.8 * err)
+        assert err.min() > 0.015 and torch.all(err_corrected < 0.55 * err)
     # a disk of uniform intensity has no such bias
     flat = Scene(disk_radius=8.0, edge_width=0.6, spots=[[0, 0]])
     y = torch.from_numpy(render(flat, (128, 128), (62.3, 65.1)) * 1000).float()[None, None]
