@@ -938,7 +938,8 @@ class PreNet:
             lies under a given stop (see :func:`_diffuse_behind_stop`; 'origin_symmetry'
             nan), and 'origin_blur_bias' (N, 2) px, the edge-blur bias
             of the symmetry centres (see :func:`~py4dstem_prenet.refine.edge_blur_bias`;
-            not subtracted from 'origin' here, 0 for sources 0, 4 and 8); with the
+            not subtracted from 'origin' here, 0 for sources 0, 4 and 8, nan where it
+            has no estimate); with the
             ellipse stage 'e12' (N, 2).
             (:func:`~py4dstem_prenet.preprocess` adds 3: re-refined at the scan's
             descan fit, 5: measured on pooled scan neighbourhoods, and 6: the

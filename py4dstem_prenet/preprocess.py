@@ -254,7 +254,8 @@ def blur_correction(bias: np.ndarray, source: np.ndarray, scan: tuple[int, int])
     centres; the intensity slopes it comes from change slowly with the probe
     position, so each pattern takes the median of the estimates over its 3 x 3 scan
     neighbourhood (fewer at the border; the estimates of edge-symmetry centres only,
-    ``origin_source`` 1, 2, 7, and 5, whose estimate is that of the pooled sum). On dev
+    ``origin_source`` 1, 2, 7, and 5, whose estimate is that of the pooled sum; nan
+    estimates, which have none, are skipped). On dev
     scans the median cost no accuracy where the bias changes from pattern to pattern
     (abTEM patterns drawn at random thicknesses: 0.047 -> 0.048 px at 1e4 counts) and
     kept most of the gain where it is smooth; on pooled low-dose origins it helped

@@ -73,6 +73,14 @@ BIAS_SIGMA = 1.2
 #: disks show little slope, and the correction's noise cost 0.006-0.007 px at 1e2-1e3).
 EDGE_OWN_VARIANCE = 0.49
 
+#: Farthest (px, per axis) that either centre of :func:`edge_blur_bias` may lie from the
+#: middle of its +-0.5 px search window: further out, the window cut the peak off, and the
+#: estimate is nan. On the real Merlin test frames (a sharp dark disk on a flat field) the
+#: centre moved 0.2 px between smoothings of 0.5 and 0.7 px and reached the window's border
+#: at 1.2 (a pull of 0.3-0.5 px, extrapolated to 0.25-0.62); the pull of an intensity slope
+#: moved it by 0.06 px (noise-free disk of radius 8 px, slope 0.5 of the mean per radius).
+BIAS_WINDOW_PX = 0.4
+
 
 def _gauss_kernel(sigma: float, dtype, device) -> torch.Tensor:
     r = max(1, int(math.ceil(3 * sigma)))
@@ -421,7 +429,9 @@ def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | 
     Returns
     -------
     torch.Tensor
-        (N, 2) estimated bias (qx, qy), pixels (same dtype as ``x``).
+        (N, 2) estimated bias (qx, qy), pixels (same dtype as ``x``); nan where
+        either centre lies more than BIAS_WINDOW_PX from the middle of its search
+        window (the window cut its peak off: no estimate).
 
     Raises
     ------
@@ -443,7 +453,11 @@ def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | 
         gw = g * weight
         num, den = _peak_spectra(gw, m, torch.fft.rfft2(gw, s=size), mf, size)
         centres.append(_upsampled_peak(num, s0, size, den=den) / 2)
-    return ((centres[1] - centres[0]) * ((base**2 + EDGE_OWN_VARIANCE) / (sigma**2 - base**2))).to(x.dtype)
+    bias = (centres[1] - centres[0]) * ((base**2 + EDGE_OWN_VARIANCE) / (sigma**2 - base**2))
+    # a centre at the border of the +-0.5 px window searched for it moved further than the
+    # window: not the slope's pull, which the smoothing changes by hundredths of a pixel
+    edge = torch.stack([(c - s0 / 2).abs().amax(dim=1) for c in centres]).amax(dim=0) > BIAS_WINDOW_PX
+    return torch.where(edge[:, None], torch.full_like(bias, float("nan")), bias).to(x.dtype)
 
 
 #: Fraction of the detector that the inversion about a refined origin must keep for its

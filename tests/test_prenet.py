@@ -226,6 +226,17 @@ def test_edge_blur_bias_removes_part_of_a_ramped_disks_bias():
     assert torch.linalg.norm(edge_blur_bias(y, refine_origin(y, true[:1]))) < 0.01
 
 
+def test_edge_blur_bias_is_nan_where_its_window_cuts_the_peak_off():
+    # the centres are searched within +-0.5 px of the given origin (to the half-pixel grid);
+    # one found at the window's border was cut off there: no estimate, not a clipped one
+    scene = Scene(disk_radius=8.0, edge_width=1.0, spots=[[0, 0]], texture=[[0.3, 0.0, 0.0]])
+    true = torch.tensor([[62.3, 65.1]])
+    x = torch.from_numpy(render(scene, (128, 128), true[0].numpy()) * 1000).float()[None, None]
+    assert torch.isfinite(edge_blur_bias(x, refine_origin(x, true))).all()
+    off = edge_blur_bias(x, true + torch.tensor([[0.45, 0.0]]))  # window centred 0.7 px off in qx
+    assert torch.isnan(off).all()
+
+
 def test_edge_blur_bias_rejects_bad_input():
     x = torch.rand(2, 1, 32, 32)
     with pytest.raises(ValueError, match="origins"):
