@@ -665,8 +665,15 @@ def intensity_symmetry_centre(x: torch.Tensor, origin0: torch.Tensor, search: fl
         If the patterns, origins or valid map have the wrong type or shape.
     """
     _check_patterns(x, valid, origin0)
-    g, m = _masked(gaussian_blur(torch.sqrt(x.clamp_min(0)), INTENSITY_SIGMA)[:, 0], valid)
+    g, m = _intensity_maps(x, valid)
     return _intensity_peak(g, m, origin0, search)
+
+
+def _intensity_maps(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps g (N, H, W) and weights m whose inversion symmetry :func:`intensity_symmetry_centre`
+    scores: the square root of the counts x (N, 1, H, W), smoothed by INTENSITY_SIGMA px,
+    masked as in :func:`_masked`. :func:`intensity_symmetry_halves` splits the same maps."""
+    return _masked(gaussian_blur(torch.sqrt(x.clamp_min(0)), INTENSITY_SIGMA)[:, 0], valid)
 
 
 def _noise_variance(g: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -778,7 +785,7 @@ def intensity_symmetry_halves(x: torch.Tensor, origin0: torch.Tensor, search: fl
     """
     _check_patterns(x, valid, origin0)
     n, _, h, w = x.shape
-    g, m = _masked(gaussian_blur(torch.sqrt(x.clamp_min(0)), INTENSITY_SIGMA)[:, 0], valid)
+    g, m = _intensity_maps(x, valid)
     o = origin0.to(x.dtype)
     qx = torch.arange(h, dtype=x.dtype, device=x.device)[None, :, None] - o[:, 0, None, None]
     qy = torch.arange(w, dtype=x.dtype, device=x.device)[None, None, :] - o[:, 1, None, None]
