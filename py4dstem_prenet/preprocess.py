@@ -26,6 +26,7 @@ from ._validation import check_detector_mask
 from .conventions import e12_to_ellipse
 from .distributed import block_bounds, map_blocks
 from .engine import LOW_DOSE_COUNTS, PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands, measurement_block
+from .refine import bright_field_radius
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess", "blur_correction", "descan_shrinkage", "origin_noise", "origin_scatter", "origins_are_noise",
@@ -886,6 +887,12 @@ POOL_MAX_STEP_PX = 0.75
 #: at 1e3 0.179 -> 0.193 (the fit follows flyback and ripple less closely).
 POOLED_SHARED = 6 / 9
 
+#: Patterns (whole blocks, spread over the scan) whose origin-aligned mean gives the
+#: bright-field radius that places the ellipse fit's bands (see
+#: :func:`~py4dstem_prenet.refine.bright_field_radius`): a radius to the nearest tenth of
+#: a pixel needs few, and a large scan on disk is then not read a third time in full.
+RADIUS_PATTERNS = 1024
+
 
 def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarray, results: dict,
                    mask) -> tuple[int, int, np.ndarray]:
@@ -1053,8 +1060,11 @@ def preprocess(
         edges adds next to intensity slopes inside the disks (measured at two
         smoothings, median over 3 x 3 scan positions, kept in the metadata as
         ``origin_blur_correction``), and the ellipse by a log-polar
-        stretch fit of the origin-aligned mean (which reads the scan a second time;
-        the ResNet's median estimate is kept in the metadata as ``ellipse_network``).
+        stretch fit of the origin-aligned mean (which reads the scan twice more: once
+        for the bright-field disk radius that places the fit's bands, kept as
+        ``ellipse_disk_radius`` in px with ``ellipse_disk_radius_source`` 'measured',
+        or 'network' where no bright-field plateau shows, and once for the bands; the
+        ResNet's median estimate is kept in the metadata as ``ellipse_network``).
     fit_descan : bool
         Replace the per-pattern origins by a robust smooth (parabolic) descan fit
         (py4DSTEM ``fit_origin``); the measured ones stay in the metadata.
@@ -1300,13 +1310,31 @@ def preprocess(
                 # the recorded patterns (hot pixels removed): averaging over the scan beats the
                 # noise, and no denoiser smoothing touches the edges
                 r_bf = float(np.nanmedian(results["disk_radius"])) if center else None
+
+                def polar_sums(todo: dict[str, tuple[float, float]], skip=None) -> dict[str, np.ndarray]:
+                    total: dict[str, np.ndarray] = {}
+                    if todo:
+                        for _, part in map_blocks(engine, "polar_sums", data, bounds,
+                                                  lambda i0, i1: (origin[i0:i1], todo), client=client, skip=skip):
+                            add_polar_sums(total, part)
+                    return total
+
+                # the band of the bright-field edge follows the disk radius measured on the
+                # aligned mean of up to RADIUS_PATTERNS patterns spread over the scan, where it
+                # shows (the network's can be off by 20-150% on small disks among touching Bragg
+                # disks); the network's under a beam stop
+                full = {k: v for k, v in ellipse_bands(origin, (h, w), None).items() if k == "full"}
+                chosen = np.zeros(len(bounds), bool)
+                chosen[np.linspace(0, len(bounds) - 1, min(len(bounds), -(-RADIUS_PATTERNS // int(batch_size))))
+                       .round().astype(int)] = True
+                measured = bright_field_radius(polar_sums(full, skip=~chosen)["full"], *full["full"]) if full else None
+                if measured is not None:
+                    r_bf = measured
+                if r_bf is not None:
+                    md["ellipse_disk_radius"] = float(r_bf)
+                    md["ellipse_disk_radius_source"] = "measured" if measured is not None else "network"
                 bands = ellipse_bands(origin, (h, w), r_bf)
-                sums: dict[str, np.ndarray] = {}
-                if bands:
-                    for _, part in map_blocks(engine, "polar_sums", data, bounds,
-                                              lambda i0, i1: (origin[i0:i1], bands), client=client):
-                        add_polar_sums(sums, part)
-                est = fit_ellipse_bands(sums, bands)
+                est = fit_ellipse_bands(polar_sums(bands), bands)
                 if est is not None:
                     ratio, theta, quality, band = est
                     md["ellipse_refined_quality"] = quality

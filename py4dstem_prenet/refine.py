@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["gaussian_blur", "edge_map", "refine_origin", "edge_blur_bias", "symmetry_centre", "symmetry_centres",
-           "intensity_symmetry_centre", "intensity_symmetry_halves", "log_polar_view", "refine_ellipse"]
+           "intensity_symmetry_centre", "intensity_symmetry_halves", "log_polar_view", "refine_ellipse",
+           "bright_field_radius", "edge_curvature_factor"]
 
 #: Smallest contrast-normalisation floor of :func:`edge_map`, counts per pixel: edges of
 #: features dimmer than this keep square-root weights. Where counts are few, those
@@ -838,6 +839,114 @@ def _shifts(profiles: np.ndarray, reference: np.ndarray, max_shift: int) -> tupl
     ok = np.abs(den) > 1e-12
     frac = np.divide(0.5 * (m - p), den, out=np.zeros_like(den), where=ok).clip(-0.5, 0.5)
     return lags[k] + frac, c
+
+
+#: :func:`bright_field_radius` takes the first fall of the angular-median profile that is
+#: at least this fraction of the largest fall (so a ring of touching Bragg disks brighter
+#: than the bright-field disk, whose outer edge falls further, does not take its place).
+BF_EDGE_MIN_FALL = 0.5
+
+#: ... and only where the plateau inside is at least this many times the lowest level
+#: just outside (no plateau: the bright-field disk hidden under a beam stop).
+BF_PLATEAU_CONTRAST = 2.0
+
+
+def bright_field_radius(polar_sum: np.ndarray, r_min: float, r_max: float) -> float | None:
+    """Radius of the bright-field disk, measured on the scan's origin-aligned mean.
+
+    The median over angles of the log-polar sum (see :func:`log_polar_view`) keeps
+    what is round (the bright-field disk, rings) and drops Bragg disks, which cover
+    few angles at any radius. The bright-field edge is the first steep fall of that
+    profile from a central plateau.
+
+    Parameters
+    ----------
+    polar_sum : numpy.ndarray
+        (n_rho, n_phi) sum of :func:`log_polar_view` over the scan, rows log-spaced
+        from ``r_min`` to ``r_max``.
+    r_min, r_max : float
+        Radii of the first and last rows, pixels.
+
+    Returns
+    -------
+    float or None
+        The radius of the steepest point of the edge, pixels (to the row spacing,
+        not sub-pixel); None where the profile has no plateau that falls by
+        BF_PLATEAU_CONTRAST (a disk under a beam stop, a disk smaller than
+        ``r_min``, an empty sum).
+    """
+    n_rho = polar_sum.shape[0]
+    r = np.exp(np.linspace(math.log(r_min), math.log(r_max), n_rho))
+    profile = np.median(polar_sum, axis=1)
+    fall = -np.gradient(profile, r)
+    if not np.all(np.isfinite(fall)) or fall.max() <= 0:
+        return None
+    peaks = np.nonzero((fall[1:-1] >= fall[:-2]) & (fall[1:-1] > fall[2:])
+                       & (fall[1:-1] >= BF_EDGE_MIN_FALL * fall.max()))[0] + 1
+    if not len(peaks):
+        return None
+    i = int(peaks[0])
+    inside = profile[r <= 0.8 * r[i]]
+    outside = profile[(r >= r[i]) & (r <= 1.5 * r[i])]
+    if not len(inside) or not len(outside) or np.median(inside) <= BF_PLATEAU_CONTRAST * max(outside.min(), 0.0):
+        return None
+    return float(r[i])
+
+
+#: A blur applied after the distortion moves an edge towards its centre of curvature, by
+#: more where it is more curved: on an ellipse, at the ends of the major axis. So the
+#: stretch fitted on the bright-field edge is (a/b - 1) (1 - EDGE_CURVATURE_GAIN v / r^2),
+#: v the variance of that blur (px^2) and r the edge radius (px). Measured with
+#: :func:`refine_ellipse` on rendered elliptical disks (a/b = 1.03, r 4-9 px, Gaussian
+#: blur 0.3-1.5 px after the stretch, 48 sub-pixel positions, 8x supersampled pixels,
+#: v taken as the variance of the edge's gradient peak): 2.3-2.8. A level set of a
+#: blurred edge moves by half the blur variance times its curvature, which gives 1.5 on
+#: the half-maximum; the gradient peak moves further.
+EDGE_CURVATURE_GAIN = 2.5
+
+#: The blur variance after the distortion that every recording has, px^2: the pixel's
+#: own area (1/12) and the bilinear interpolation of :func:`log_polar_view` (1/6). The
+#: disk's own edge ramp (aperture, coherence, focus) is formed before the projector
+#: lenses, is stretched with the disk and moves nothing; a detector's point-spread
+#: beyond its pixel would add to this, but the edge's width cannot tell the two apart,
+#: and correcting a stretched ramp as if it were such a blur over-corrects (rendered
+#: r = 4 px, ramp 2 px: a/b 1.0299 -> 1.032 at 1.03), so it is left uncorrected.
+EDGE_RECORDING_VARIANCE = 1.0 / 12.0 + 1.0 / 6.0
+
+#: Smaller edge radii (px) are taken as this one: the law was measured on 4-9 px disks,
+#: and on smaller ones it over-corrected (two 20x1 line scans on 64 x 64 px, edges at
+#: 2.7 and 3.1 px: a/b errors of 0.004 and 0.008 grew to 0.006 and 0.012; with this floor
+#: 0.005 and 0.009).
+EDGE_CURVATURE_MIN_RADIUS = 4.0
+
+
+def edge_curvature_factor(polar_sum: np.ndarray, r_min: float, r_max: float) -> float:
+    """How much of the stretch a fit on the bright-field edge sees (see EDGE_CURVATURE_GAIN).
+
+    Parameters
+    ----------
+    polar_sum : numpy.ndarray
+        (n_rho, n_phi) sum of :func:`log_polar_view` over a band that holds one
+        dominant falling edge (the bright-field disk's), rows log-spaced from
+        ``r_min`` to ``r_max``.
+    r_min, r_max : float
+        Radii of the first and last rows, pixels.
+
+    Returns
+    -------
+    float
+        1 - EDGE_CURVATURE_GAIN EDGE_RECORDING_VARIANCE / r^2, r (px) at the steepest
+        fall of the angle-averaged profile (at least EDGE_CURVATURE_MIN_RADIUS); 1
+        where the profile does not fall. Divide the fitted a/b - 1 by it.
+    """
+    n_rho = polar_sum.shape[0]
+    r = np.exp(np.linspace(math.log(r_min), math.log(r_max), n_rho))
+    profile = polar_sum.mean(axis=1)
+    fall = -np.gradient(profile, r)
+    if not np.all(np.isfinite(fall)) or fall.max() <= 1e-6 * np.abs(profile).max():
+        return 1.0
+    radius = max(float(r[int(np.argmax(fall))]), EDGE_CURVATURE_MIN_RADIUS)
+    return 1.0 - EDGE_CURVATURE_GAIN * EDGE_RECORDING_VARIANCE / radius**2
 
 
 def refine_ellipse(polar_sum: np.ndarray, r_min: float, r_max: float, iterations: int = 3,

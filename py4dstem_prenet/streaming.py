@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .engine import PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands
+from .refine import bright_field_radius
 
 __all__ = ["stream", "StreamUpdate", "DescanFit"]
 
@@ -218,10 +219,17 @@ def stream(frames: Iterable[np.ndarray], *, scan_shape: tuple[int, int] | None =
                 origin[far] = engine.refine_at(block, fitted, None, far)["origin"][far]
         h, w = block.shape[1:]
         if refine:
-            if bands is None:
-                # fixed bands from the first block, with 4 px of room for the descan to come
-                bands = ellipse_bands(origin, (h, w), float(np.nanmedian(res["disk_radius"])), margin=6.0)
             inside = np.all((origin >= 2) & (origin <= np.array([h - 3, w - 3])), axis=1)
+            if bands is None:
+                # fixed bands from the first block, with 4 px of room for the descan to come; the
+                # bright-field radius measured on its aligned mean where it shows (as preprocess)
+                radius = float(np.nanmedian(res["disk_radius"]))
+                full = {k: v for k, v in ellipse_bands(origin, (h, w), None, margin=6.0).items() if k == "full"}
+                if full and inside.any():
+                    measured = bright_field_radius(engine.polar_sums(block[inside], origin[inside], full)["full"],
+                                                   *full["full"])
+                    radius = radius if measured is None else measured
+                bands = ellipse_bands(origin, (h, w), radius, margin=6.0)
             if bands and inside.any():
                 part = engine.polar_sums(block[inside], origin[inside], bands)
                 add_polar_sums(sums, part)

@@ -537,6 +537,86 @@ def test_bright_field_edge_ellipse_is_unbiased_without_the_square_root():
     assert abs(plain - 1.03) < abs(rooted - 1.03) - 0.0005
 
 
+def _lattice_sum(radius, edge_width, ratio, theta, spacing, brightness, hide_centre=False, n=12, seed=5):
+    """Log-polar sum over the engine's full band of noise-free patterns: a bright-field disk
+    and a hexagonal lattice of Bragg disks of the same radius ``spacing`` px apart."""
+    from py4dstem_prenet.engine import ellipse_bands
+    from py4dstem_prenet.refine import log_polar_view
+
+    g = np.array([[spacing, 0.0], [spacing / 2, spacing * np.sqrt(3) / 2]])
+    hk = np.array([(h, k) for h in range(-8, 9) for k in range(-8, 9)])
+    spots = hk @ g
+    spots = spots[np.hypot(*spots.T) < 60]
+    spots = spots[np.argsort(np.hypot(*spots.T))]
+    intensity = np.where(np.hypot(*spots.T) < 1e-9, 1.0, brightness)
+    scene = Scene(disk_radius=radius, edge_width=edge_width, spots=spots, spot_intensity=intensity)
+    o = 64 + np.random.default_rng(seed).uniform(-3, 3, (n, 2))
+    x = np.stack([render(scene, (128, 128), c, ratio, theta) for c in o]) * 100 + 1
+    if hide_centre:
+        yy, xx = np.mgrid[:128, :128]
+        for img, c in zip(x, o):
+            img[np.hypot(yy - c[0], xx - c[1]) < radius + 3] = 0
+    band = ellipse_bands(o, (128, 128), None)["full"]
+    lp = log_polar_view(torch.from_numpy(x[:, None]).float(), torch.from_numpy(o).float(), *band).sum(0).numpy()
+    return lp, band
+
+
+@pytest.mark.parametrize("radius,spacing,brightness", [(4.0, 8.0, 0.5), (4.0, 9.0, 1.5), (6.5, 20.0, 0.3),
+                                                       (10.0, 24.0, 1.5)])
+def test_bright_field_radius_among_touching_and_bright_bragg_disks(radius, spacing, brightness):
+    # touching disks (spacing = 2 r) cover most angles just outside the bright-field disk, and
+    # disks 1.5x brighter fall further at their outer edge: the first steep fall is the disk's
+    from py4dstem_prenet.refine import bright_field_radius
+
+    lp, band = _lattice_sum(radius, 1.0, 1.02, 0.4, spacing, brightness)
+    assert abs(bright_field_radius(lp, *band) - radius) < 0.1 * radius  # the network was off by up to 150%
+    # no plateau (the disk hidden under a stop), no sum: no radius
+    lp, band = _lattice_sum(radius, 1.0, 1.02, 0.4, spacing, brightness, hide_centre=True)
+    assert bright_field_radius(lp, *band) is None
+    assert bright_field_radius(np.zeros_like(lp), *band) is None
+
+
+def test_edge_curvature_factor_restores_part_of_the_stretch_a_blurred_edge_loses():
+    # a blur after the distortion (here pixel area and a 0.3 px point-spread, on a 4.5 px disk)
+    # moves the edge towards its centre of curvature, more at the ends of the major axis: the
+    # fit on the bright-field edge sees a/b pulled towards 1; the factor gives back the part
+    # that every recording has (the pixel's area and the log-polar interpolation)
+    from scipy.ndimage import gaussian_filter
+
+    from py4dstem_prenet.engine import ellipse_bands
+    from py4dstem_prenet.refine import edge_curvature_factor, log_polar_view, refine_ellipse
+
+    fine = 8
+    scene = Scene(disk_radius=4.5 * fine, edge_width=0.5, spots=[[0, 0]])
+    o = 32 + np.random.default_rng(2).uniform(-3, 3, (32, 2))
+    x = np.stack([gaussian_filter(render(scene, (64 * fine, 64 * fine), (c + 0.5) * fine - 0.5, 1.03, 0.4), 0.3 * fine)
+                  .reshape(64, fine, 64, fine).mean(axis=(1, 3)) for c in o]) * 100 + 1
+    band = ellipse_bands(o, (64, 64), 4.5)["bright-field edge"]
+    lp = log_polar_view(torch.from_numpy(x[:, None]).float(), torch.from_numpy(o).float(), *band).sum(0).numpy()
+    ratio, _, _ = refine_ellipse(lp, *band, iterations=4, compress=False)
+    factor = edge_curvature_factor(lp, *band)
+    assert ratio < 1.03 - 0.001 and 0.95 < factor < 0.98
+    assert abs(1 + (ratio - 1) / factor - 1.03) < 0.7 * abs(ratio - 1.03)
+    # a large disk needs (nearly) none; a profile that does not fall, none at all
+    assert edge_curvature_factor(lp, 4 * band[0], 4 * band[1]) > 0.997
+    assert edge_curvature_factor(np.ones_like(lp), *band) == 1.0
+
+
+def test_preprocess_places_the_ellipse_bands_at_the_measured_disk_radius():
+    # small disks among a dense lattice: the shipped centre network's radius is 9.6 px here
+    # (true 3.9), which put the bright-field band on the Bragg disks; the bands follow the radius
+    # measured on the aligned mean; under a stop the disk does not show: the network's
+    dc, truth = simulate_datacube((5, 5), (128, 128), "crystal", 1e4, (1.02, 0.5), detector=Detector(),
+                                  seed=31500002)
+    md = prenet.preprocess(dc, denoise=False, progress=False).metadata["prenet"]
+    assert md["ellipse_disk_radius_source"] == "measured"
+    assert abs(md["ellipse_disk_radius"] - truth.disk_radius) < 0.3
+    dc, _ = simulate_datacube((4, 4), (128, 128), "crystal", 1e4, (1.02, 0.5), detector=Detector(),
+                              beam_stop=True, seed=3)
+    md = prenet.preprocess(dc, denoise=False, progress=False).metadata["prenet"]
+    assert md["ellipse_disk_radius_source"] == "network"
+
+
 def test_ellipse_bands_weighting_follows_the_content(monkeypatch):
     # the bright-field edge is fitted on intensities; the full band too when (nearly) every
     # pattern is rings only, and on square roots when Bragg disks may outweigh that edge
