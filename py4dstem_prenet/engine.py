@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from ._validation import check_detector_mask
 from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
-from .refine import (LOCAL_MIN_OVERLAP, edge_blur_bias, edge_curvature_factor, gaussian_blur, intensity_symmetry_centre,
-                     intensity_symmetry_halves, log_polar_view,
+from .refine import (LOCAL_MIN_OVERLAP, edge_blur_bias, edge_curvature_factor, gaussian_blur,
+                     intensity_symmetry_centre, intensity_symmetry_halves, log_polar_view,
                      refine_ellipse, refine_origin, symmetry_centre, symmetry_centres)
 from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector

@@ -899,7 +899,8 @@ def bright_field_radius(polar_sum: np.ndarray, r_min: float, r_max: float) -> fl
 #: v the variance of that blur (px^2) and r the edge radius (px). Measured with
 #: :func:`refine_ellipse` on rendered elliptical disks (a/b = 1.03, r 4-9 px, Gaussian
 #: blur 0.3-1.5 px after the stretch, 48 sub-pixel positions, 8x supersampled pixels,
-#: v taken as the variance of the edge's gradient peak): 2.3-2.8. A level set of a
+#: v taken as the variance of the edge's gradient peak, which holds the blur, the pixel
+#: and the interpolation): 2.3-2.8. A level set of a
 #: blurred edge moves by half the blur variance times its curvature, which gives 1.5 on
 #: the half-maximum; the gradient peak moves further.
 EDGE_CURVATURE_GAIN = 2.5
