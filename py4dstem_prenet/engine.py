@@ -14,6 +14,7 @@ radial bands), :func:`fit_ellipse_bands` the reduction.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ._validation import check_detector_mask
 from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
-from .refine import (LOCAL_MIN_OVERLAP, edge_blur_bias, edge_curvature_factor, gaussian_blur,
+from .refine import (LOCAL_MIN_OVERLAP, bright_field_radius, edge_blur_bias, edge_curvature_factor, gaussian_blur,
                      intensity_symmetry_centre, intensity_symmetry_halves, log_polar_view,
                      refine_ellipse, refine_origin, symmetry_centre, symmetry_centres)
 from .training import E12_SCALE
@@ -1157,6 +1158,20 @@ def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float
         bands["bright-field edge"] = (max(1.0, 0.4 * disk_radius), min(edge, 1.2 * disk_radius + 2))
     bands[ISOTROPIC] = (max(2.0, 1.5 * disk_radius + 2) if known else 2.0, edge)
     return {k: v for k, v in bands.items() if v[1] > 2 * v[0] and v[1] > 4}
+
+
+def measure_disk_radius(band_sums: Callable[[dict[str, tuple[float, float]]], dict[str, np.ndarray]],
+                        origin: np.ndarray, shape: tuple[int, int], margin: float = 2.0) -> float | None:
+    """Bright-field disk radius (px) for :func:`ellipse_bands`, measured on the aligned mean.
+
+    ``band_sums(bands)`` returns the summed :meth:`PreNet.polar_sums` of the patterns
+    to measure on; it is called once, with the radius-free 'full' band of
+    :func:`ellipse_bands` (``origin``, ``shape``, ``margin`` as there). None where that
+    band is too narrow or :func:`~py4dstem_prenet.refine.bright_field_radius` finds no
+    plateau (the network's radius is then the one to use).
+    """
+    full = {k: v for k, v in ellipse_bands(origin, shape, None, margin).items() if k == "full"}
+    return bright_field_radius(band_sums(full)["full"], *full["full"]) if full else None
 
 
 def add_polar_sums(total: dict[str, np.ndarray], part: dict[str, np.ndarray]) -> None:

@@ -25,8 +25,8 @@ from . import __version__
 from ._validation import check_detector_mask
 from .conventions import e12_to_ellipse
 from .distributed import block_bounds, map_blocks
-from .engine import LOW_DOSE_COUNTS, PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands, measurement_block
-from .refine import bright_field_radius
+from .engine import (LOW_DOSE_COUNTS, PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands, measure_disk_radius,
+                     measurement_block)
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess", "blur_correction", "descan_shrinkage", "origin_noise", "origin_scatter", "origins_are_noise",
@@ -1323,11 +1323,10 @@ def preprocess(
                 # aligned mean of up to RADIUS_PATTERNS patterns spread over the scan, where it
                 # shows (the network's can be off by 20-150% on small disks among touching Bragg
                 # disks); the network's under a beam stop
-                full = {k: v for k, v in ellipse_bands(origin, (h, w), None).items() if k == "full"}
                 chosen = np.zeros(len(bounds), bool)
                 chosen[np.linspace(0, len(bounds) - 1, min(len(bounds), -(-RADIUS_PATTERNS // int(batch_size))))
                        .round().astype(int)] = True
-                measured = bright_field_radius(polar_sums(full, skip=~chosen)["full"], *full["full"]) if full else None
+                measured = measure_disk_radius(lambda b: polar_sums(b, skip=~chosen), origin, (h, w))
                 if measured is not None:
                     r_bf = measured
                 if r_bf is not None:

@@ -841,6 +841,13 @@ def _shifts(profiles: np.ndarray, reference: np.ndarray, max_shift: int) -> tupl
     return lags[k] + frac, c
 
 
+def _radial_fall(profile: np.ndarray, r_min: float, r_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """Radii r (px) of the log-spaced rows of a :func:`log_polar_view` band from ``r_min``
+    to ``r_max``, and the fall -d(profile)/dr of a radial profile over them."""
+    r = np.exp(np.linspace(math.log(r_min), math.log(r_max), len(profile)))
+    return r, -np.gradient(profile, r)
+
+
 #: :func:`bright_field_radius` takes the first fall of the angular-median profile that is
 #: at least this fraction of the largest fall (so a ring of touching Bragg disks brighter
 #: than the bright-field disk, whose outer edge falls further, does not take its place).
@@ -875,10 +882,8 @@ def bright_field_radius(polar_sum: np.ndarray, r_min: float, r_max: float) -> fl
         BF_PLATEAU_CONTRAST (a disk under a beam stop, a disk smaller than
         ``r_min``, an empty sum).
     """
-    n_rho = polar_sum.shape[0]
-    r = np.exp(np.linspace(math.log(r_min), math.log(r_max), n_rho))
     profile = np.median(polar_sum, axis=1)
-    fall = -np.gradient(profile, r)
+    r, fall = _radial_fall(profile, r_min, r_max)
     if not np.all(np.isfinite(fall)) or fall.max() <= 0:
         return None
     peaks = np.nonzero((fall[1:-1] >= fall[:-2]) & (fall[1:-1] > fall[2:])
@@ -900,9 +905,9 @@ def bright_field_radius(polar_sum: np.ndarray, r_min: float, r_max: float) -> fl
 #: :func:`refine_ellipse` on rendered elliptical disks (a/b = 1.03, r 4-9 px, Gaussian
 #: blur 0.3-1.5 px after the stretch, 48 sub-pixel positions, 8x supersampled pixels,
 #: v taken as the variance of the edge's gradient peak, which holds the blur, the pixel
-#: and the interpolation): 2.3-2.8. A level set of a
-#: blurred edge moves by half the blur variance times its curvature, which gives 1.5 on
-#: the half-maximum; the gradient peak moves further.
+#: and the interpolation): 2.3-2.8. A level set of a blurred edge moves by half the blur
+#: variance times its curvature, which gives 1.5 on the half-maximum; the gradient peak
+#: moves further.
 EDGE_CURVATURE_GAIN = 2.5
 
 #: The blur variance after the distortion that every recording has, px^2: the pixel's
@@ -940,10 +945,8 @@ def edge_curvature_factor(polar_sum: np.ndarray, r_min: float, r_max: float) -> 
         fall of the angle-averaged profile (at least EDGE_CURVATURE_MIN_RADIUS); 1
         where the profile does not fall. Divide the fitted a/b - 1 by it.
     """
-    n_rho = polar_sum.shape[0]
-    r = np.exp(np.linspace(math.log(r_min), math.log(r_max), n_rho))
     profile = polar_sum.mean(axis=1)
-    fall = -np.gradient(profile, r)
+    r, fall = _radial_fall(profile, r_min, r_max)
     if not np.all(np.isfinite(fall)) or fall.max() <= 1e-6 * np.abs(profile).max():
         return 1.0
     radius = max(float(r[int(np.argmax(fall))]), EDGE_CURVATURE_MIN_RADIUS)

@@ -25,8 +25,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .engine import PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands
-from .refine import bright_field_radius
+from .engine import PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands, measure_disk_radius
 
 __all__ = ["stream", "StreamUpdate", "DescanFit"]
 
@@ -224,10 +223,9 @@ def stream(frames: Iterable[np.ndarray], *, scan_shape: tuple[int, int] | None =
                 # fixed bands from the first block, with 4 px of room for the descan to come; the
                 # bright-field radius measured on its aligned mean where it shows (as preprocess)
                 radius = float(np.nanmedian(res["disk_radius"]))
-                full = {k: v for k, v in ellipse_bands(origin, (h, w), None, margin=6.0).items() if k == "full"}
-                if full and inside.any():
-                    measured = bright_field_radius(engine.polar_sums(block[inside], origin[inside], full)["full"],
-                                                   *full["full"])
+                if inside.any():
+                    measured = measure_disk_radius(lambda b: engine.polar_sums(block[inside], origin[inside], b),
+                                                   origin, (h, w), margin=6.0)
                     radius = radius if measured is None else measured
                 bands = ellipse_bands(origin, (h, w), radius, margin=6.0)
             if bands and inside.any():
