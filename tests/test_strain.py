@@ -133,3 +133,14 @@ def test_strain_verdicts_need_the_exact_route():
 
     with pytest.raises(ValueError, match="exact"):
         strain_verdicts([_row("a", "classical", 0.002), _row("a", "prenet", 0.001)])
+
+
+def test_strain_markdown_shows_the_ellipse_each_route_used():
+    from py4dstem_prenet.evaluation.strain import strain_markdown
+
+    calibrated = dict(_row("c", "prenet", 1e-3), seconds=1.0, ratio=1.0301, ellipse_theta=np.radians(22.5))
+    uncalibrated = dict(_row("c", "none", 1e-2), seconds=0.0)
+    table = strain_markdown([calibrated, uncalibrated]).splitlines()
+    assert "theta used deg" in table[0]
+    assert table[2].split("|")[-3].strip() == "22.50" and table[2].split("|")[-4].strip() == "1.0301"
+    assert table[3].split("|")[-3].strip() == "-" and table[3].split("|")[-4].strip() == "1.0000"
