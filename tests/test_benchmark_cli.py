@@ -10,7 +10,8 @@ from py4dstem_prenet.evaluation.benchmark import (CLASSICAL_GET_ORIGIN, PRENET_C
 
 @pytest.fixture(scope="module")
 def quick_result():
-    cfg = BenchmarkConfig(doses=(1e3, 1e5), scan_shape=(3, 3), n_scans=1, detector_shape=(64, 64), sim_patterns=50)
+    cfg = BenchmarkConfig(doses=(1e3, 1e5), scan_shape=(3, 3), n_scans=1, detector_shape=(64, 64), sim_patterns=50,
+                          ellipse_scans=2)
     return run_benchmark(cfg)
 
 
@@ -25,6 +26,35 @@ def test_benchmark_tables(quick_result, tmp_path):
     assert crlb[1e5] < crlb[1e3]  # the bound falls with dose
     quick_result.plot(str(tmp_path / "b.png"))
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_ellipse_scans_spread_their_angles_over_the_half_turn(quick_result):
+    cfg = quick_result.config
+    for ratio, theta in cfg.ellipses:
+        rows = [r for r in quick_result.ellipse if r["true_ratio"] == ratio and r["data"] == "amorphous"
+                and r["method"] == "py4DSTEM fit_ellipse_1D (aligned mean)"]
+        assert sorted(r["true_theta"] for r in rows) == pytest.approx(sorted([theta % np.pi, (theta + np.pi / 2) % np.pi]))
+    md = quick_result.to_markdown()
+    assert "2 per a/b and kind of data" in md and "| within both targets |" in md
+    from dataclasses import replace
+
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="ellipse_scans"):
+            run_benchmark(replace(cfg, ellipse_scans=bad))
+
+
+def test_ellipse_summary_gives_median_worst_and_count_per_cell():
+    res = BenchmarkResult(config=BenchmarkConfig.quick())
+    row = lambda dr, dt, ratio=1.01: {"method": PRENET_ELLIPSE, "data": "crystal", "dose": 1e4,  # noqa: E731
+                                      "true_ratio": ratio, "true_theta": 0.3, "ratio": ratio + dr, "seconds": 1.0,
+                                      "d_ratio": dr, "d_theta_deg": dt}
+    res.ellipse = [row(0.001, 0.5), row(0.003, 0.2), row(0.0005, 2.5), row(0.004, float("nan"), ratio=1.0)]
+    md = res.to_markdown()
+    assert f"| {PRENET_ELLIPSE} | crystal | 1.010 | 3 | 0.0010 | 0.0030 | 0.50 | 2.50 | 1 of 3 |" in md
+    assert f"| {PRENET_ELLIPSE} | crystal | 1.000 | 1 | 0.0040 | 0.0040 | nan | nan | 0 of 1 |" in md
+    measured = {t: m for t, m, _ in res.targets()}
+    assert measured["ellipse abs d(a/b) <= 0.002 (a/b - 1 >= 0.01)"] == "2 of 3 scans (worst 0.0030)"
+    assert measured["ellipse abs d(theta) <= 1 deg (a/b - 1 >= 0.01)"] == "2 of 3 scans (worst 2.50 deg)"
 
 
 def test_targets_are_read_from_the_rows():
