@@ -953,8 +953,49 @@ def edge_curvature_factor(polar_sum: np.ndarray, r_min: float, r_max: float) -> 
     return 1.0 - EDGE_CURVATURE_GAIN * EDGE_RECORDING_VARIANCE / radius**2
 
 
+#: :func:`_clear_of_neighbours` keeps at least this fraction of the angles; where fewer are
+#: clear, the edge is crowded all round and every angle is kept.
+MIN_CLEAR_FRACTION = 0.3
+
+
+def _clear_of_neighbours(z: np.ndarray, limit: float) -> np.ndarray:
+    """Angles at which the falling edge of a band's disk is clear of neighbouring disks.
+
+    A Bragg disk that nearly touches the bright-field disk lays its rising edge over
+    the bright-field disk's falling one at its own angles, which pulls the fitted edge
+    inwards there; the angles at which this happens form no ellipse, so they bias it.
+    At such an angle the intensity between the two disks stays above the floor that
+    the clear angles fall to.
+
+    Parameters
+    ----------
+    z : numpy.ndarray
+        (n_rho, n_phi) non-negative intensities of the band (rows = log radius,
+        columns = angles), holding one dominant falling edge.
+    limit : float
+        An angle is clear where its lowest intensity beyond the edge (the steepest
+        fall of the angular median) is at most the median of those lows plus ``limit``
+        times its own step (level inside minus that median).
+
+    Returns
+    -------
+    numpy.ndarray
+        (n_phi,) weights, 1 for clear angles and 0 for the others; all ones where
+        fewer than MIN_CLEAR_FRACTION of the angles are clear.
+    """
+    n_rho, n_phi = z.shape
+    edge = int(np.argmax(-np.gradient(np.median(z, axis=1))))
+    low = z[edge:].min(axis=0)
+    floor = np.median(low)
+    inside = z[: max(1, edge // 2)].mean(axis=0)
+    clear = low <= floor + limit * np.maximum(inside - floor, 0.0)
+    if clear.sum() < MIN_CLEAR_FRACTION * n_phi:
+        return np.ones(n_phi)
+    return clear.astype(float)
+
+
 def refine_ellipse(polar_sum: np.ndarray, r_min: float, r_max: float, iterations: int = 3,
-                   compress: bool = True) -> tuple[float, float, float]:
+                   compress: bool = True, neighbour_floor: float | None = None) -> tuple[float, float, float]:
     """Ellipse (a/b, theta) from the origin-aligned mean in log-polar coordinates.
 
     Every isotropic feature (the bright-field disk edge, Bragg-disk edges averaged
@@ -972,6 +1013,11 @@ def refine_ellipse(polar_sum: np.ndarray, r_min: float, r_max: float, iterations
         Radii of the first and last rows, pixels.
     iterations : int
         Reference updates.
+    neighbour_floor : float, optional
+        Where the band holds a disk's edge: leave out the angles at which the
+        intensity beyond the edge does not fall to the floor of the other angles
+        (see :func:`_clear_of_neighbours`), i.e. where a neighbouring disk touches or
+        overlaps the edge. None keeps every angle.
     compress : bool
         Take the square root of the intensities before the radial gradient, so that
         bright inner rings do not outweigh weaker outer ones (the ones that measure
@@ -996,6 +1042,7 @@ def refine_ellipse(polar_sum: np.ndarray, r_min: float, r_max: float, iterations
     edges = np.abs(np.gradient(np.sqrt(z) if compress else z, axis=0))
     phi = np.arange(n_phi) * (math.pi / n_phi)
     rho_idx = np.arange(n_rho, dtype=float)
+    keep = np.ones(n_phi) if neighbour_floor is None else _clear_of_neighbours(z, neighbour_floor)
 
     def model(p):
         eps, th, c = p
@@ -1016,7 +1063,7 @@ def refine_ellipse(polar_sum: np.ndarray, r_min: float, r_max: float, iterations
         max_shift = max(2, int(math.ceil(0.08 / d_rho)))
         residual, corr = _shifts(aligned, reference, max_shift)
         s = shift_bins + residual
-        w = np.clip(corr, 0, None)
+        w = np.clip(corr, 0, None) * keep
         a = np.cos(2 * phi)
         b = np.sin(2 * phi)
         design = np.stack([np.ones_like(phi), a, b], axis=1) * w[:, None]

@@ -576,6 +576,44 @@ def test_bright_field_radius_among_touching_and_bright_bragg_disks(radius, spaci
     assert bright_field_radius(np.zeros_like(lp), *band) is None
 
 
+@pytest.mark.parametrize("angle,brightness", [(0.35, 0.4), (1.3, 0.2)])
+def test_ellipse_leaves_out_the_angles_where_a_bragg_disk_touches_the_bright_field_edge(angle, brightness):
+    # one Friedel pair of Bragg disks 2.12 radii out lays its rising edge over the bright-field
+    # disk's falling one at its own angles; a second pair 3.5 radii out stays clear. The touched
+    # angles form no ellipse: with them the fit is ~0.01 off in e = (a/b - 1)(cos 2t, sin 2t)
+    from py4dstem_prenet.engine import BF_NEIGHBOUR_FLOOR, ellipse_bands
+    from py4dstem_prenet.refine import log_polar_view, refine_ellipse
+
+    r, ratio, theta = 6.0, 1.02, 1.1
+    u, v = np.array([np.cos(angle), np.sin(angle)]), np.array([np.cos(angle + 1.9), np.sin(angle + 1.9)])
+    spots = np.array([[0, 0], 2.12 * r * u, -2.12 * r * u, 3.5 * r * v, -3.5 * r * v])
+    scene = Scene(disk_radius=r, edge_width=1.0, spots=spots, spot_intensity=[1.0] + [brightness] * 4)
+    o = 64 + np.random.default_rng(3).uniform(-3, 3, (24, 2))
+    x = np.stack([render(scene, (128, 128), c, ratio, theta) for c in o]) * 100 + 1
+    band = ellipse_bands(o, (128, 128), r)["bright-field edge"]
+    lp = log_polar_view(torch.from_numpy(x[:, None]).float(), torch.from_numpy(o).float(), *band).sum(0).numpy()
+    e = lambda k, t: (k - 1) * np.array([np.cos(2 * t), np.sin(2 * t)])  # noqa: E731
+    before = refine_ellipse(lp, *band, iterations=4, compress=False)
+    after = refine_ellipse(lp, *band, iterations=4, compress=False, neighbour_floor=BF_NEIGHBOUR_FLOOR)
+    assert np.hypot(*(e(*before[:2]) - e(ratio, theta))) > 0.005
+    assert np.hypot(*(e(*after[:2]) - e(ratio, theta))) < 0.001
+
+
+def test_clear_of_neighbours_keeps_every_angle_of_a_lone_or_crowded_edge():
+    from py4dstem_prenet.refine import MIN_CLEAR_FRACTION, _clear_of_neighbours
+
+    rho = np.linspace(0, 1, 64)[:, None]
+    lone = np.repeat(np.where(rho < 0.5, 10.0, 0.1), 90, axis=1)
+    assert np.all(_clear_of_neighbours(lone, 0.02) == 1)
+    touched = lone.copy()
+    touched[32:, :30] += 2.0  # a neighbour over a third of the angles, no gap: those go
+    keep = _clear_of_neighbours(touched, 0.02)
+    assert np.all(keep[:30] == 0) and np.all(keep[30:] == 1)
+    crowded = lone.copy()
+    crowded[32:, : int(90 * (1 - MIN_CLEAR_FRACTION)) + 2] += 2.0  # too few clear angles: keep them all
+    assert np.all(_clear_of_neighbours(crowded, 0.02) == 1)
+
+
 def test_edge_curvature_factor_restores_part_of_the_stretch_a_blurred_edge_loses():
     # a blur after the distortion (here pixel area and a 0.3 px point-spread, on a 4.5 px disk)
     # moves the edge towards its centre of curvature, more at the ends of the major axis: the
@@ -618,14 +656,16 @@ def test_preprocess_places_the_ellipse_bands_at_the_measured_disk_radius():
 
 
 def test_ellipse_bands_weighting_follows_the_content(monkeypatch):
-    # the bright-field edge is fitted on intensities; the full band too when (nearly) every
-    # pattern is rings only, and on square roots when Bragg disks may outweigh that edge
+    # the bright-field edge is fitted on intensities, clear of touching Bragg disks; the full
+    # band on intensities too when (nearly) every pattern is rings only, and on square roots
+    # when Bragg disks may outweigh that edge
     import py4dstem_prenet.engine as engine
 
-    calls = {}
+    calls, floors = {}, {}
 
-    def fake(polar_sum, r_min, r_max, iterations=3, compress=True):
+    def fake(polar_sum, r_min, r_max, iterations=3, compress=True, neighbour_floor=None):
         calls[(r_min, r_max)] = compress
+        floors[(r_min, r_max)] = neighbour_floor
         return 1.01, 0.5, 0.99
 
     monkeypatch.setattr(engine, "refine_ellipse", fake)
@@ -639,6 +679,9 @@ def test_ellipse_bands_weighting_follows_the_content(monkeypatch):
         by_name = {band_of[key]: c for key, c in calls.items()}
         assert by_name["bright-field edge"] is False and by_name["full"] is full_compressed
         assert by_name.get(engine.ISOTROPIC, True) is True and band == "full" and ratio == 1.01
+        # only the bright-field edge has neighbouring disks to leave out
+        assert {band_of[key]: f for key, f in floors.items()}["bright-field edge"] == engine.BF_NEIGHBOUR_FLOOR
+        assert all(f is None for key, f in floors.items() if band_of[key] != "bright-field edge")
 
 
 def test_ellipse_stage_needs_origins(tiny_weights):
