@@ -581,6 +581,7 @@ def test_ellipse_leaves_out_the_angles_where_a_bragg_disk_touches_the_bright_fie
     # one Friedel pair of Bragg disks 2.12 radii out lays its rising edge over the bright-field
     # disk's falling one at its own angles; a second pair 3.5 radii out stays clear. The touched
     # angles form no ellipse: with them the fit is ~0.01 off in e = (a/b - 1)(cos 2t, sin 2t)
+    from py4dstem_prenet.conventions import ellipse_to_e12
     from py4dstem_prenet.engine import BF_NEIGHBOUR_FLOOR, ellipse_bands
     from py4dstem_prenet.refine import log_polar_view, refine_ellipse
 
@@ -592,11 +593,10 @@ def test_ellipse_leaves_out_the_angles_where_a_bragg_disk_touches_the_bright_fie
     x = np.stack([render(scene, (128, 128), c, ratio, theta) for c in o]) * 100 + 1
     band = ellipse_bands(o, (128, 128), r)["bright-field edge"]
     lp = log_polar_view(torch.from_numpy(x[:, None]).float(), torch.from_numpy(o).float(), *band).sum(0).numpy()
-    e = lambda k, t: (k - 1) * np.array([np.cos(2 * t), np.sin(2 * t)])  # noqa: E731
     before = refine_ellipse(lp, *band, iterations=4, compress=False)
     after = refine_ellipse(lp, *band, iterations=4, compress=False, neighbour_floor=BF_NEIGHBOUR_FLOOR)
-    assert np.hypot(*(e(*before[:2]) - e(ratio, theta))) > 0.005
-    assert np.hypot(*(e(*after[:2]) - e(ratio, theta))) < 0.001
+    assert np.hypot(*(ellipse_to_e12(*before[:2]) - ellipse_to_e12(ratio, theta))) > 0.005
+    assert np.hypot(*(ellipse_to_e12(*after[:2]) - ellipse_to_e12(ratio, theta))) < 0.001
 
 
 def test_clear_of_neighbours_keeps_every_angle_of_a_lone_or_crowded_edge():
