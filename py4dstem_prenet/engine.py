@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from ._validation import check_detector_mask
 from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
-from .refine import (LOCAL_MIN_OVERLAP, bright_field_radius, edge_blur_bias, edge_curvature_factor, gaussian_blur,
-                     intensity_symmetry_centre, intensity_symmetry_halves, log_polar_view,
+from .refine import (LOCAL_MIN_OVERLAP, bright_field_radius, disk_model_centre, edge_blur_bias, edge_curvature_factor,
+                     gaussian_blur, intensity_symmetry_centre, intensity_symmetry_halves, log_polar_view,
                      refine_ellipse, refine_origin, symmetry_centre, symmetry_centres)
 from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
@@ -149,6 +149,19 @@ _BLOB_SQUARE = 5
 #: Patterns per network call on a CPU: small chunks keep the activations in cache
 #: (channels-last, 2 cores, 128 x 128: the denoiser runs 107 patterns/s in chunks of
 #: 8 and 64 in chunks of 64; the ResNets are fastest at 32). A GPU takes the block.
+#: Largest standard error (px) of the bright-field disk fit's centre
+#: (:func:`~py4dstem_prenet.refine.disk_model_centre`) at which the engine takes the
+#: edge-symmetry centre's bias from that fit instead of the edge-blur estimate.
+DISK_MODEL_MAX_SIGMA = 0.05
+
+#: Smallest bias (px) taken from that fit: its own error on noise-free simulated
+#: disks is about 0.01 px (an edge profile that is not its error function, on small
+#: disks with wide edges); below this the edge-blur estimate is kept.
+DISK_MODEL_MIN_BIAS = 0.03
+
+#: ... and in standard errors of the fit's centre.
+DISK_MODEL_MIN_Z = 3.0
+
 _CPU_CHUNK = {"denoiser": 8, "centre": 32, "ellipse": 32}
 
 #: Angular and log-radial samples of the ellipse refinement's log-polar views.
@@ -948,8 +961,13 @@ class PreNet:
             ``mask`` (the origin found lay outside it; see STOP_PRIOR_FRACTION), 8 the
             inversion-symmetry centre of the intensity of a ring pattern whose origin
             lies under a given stop (see :func:`_diffuse_behind_stop`; 'origin_symmetry'
-            nan), and 'origin_blur_bias' (N, 2) px, the edge-blur bias
-            of the symmetry centres (see :func:`~py4dstem_prenet.refine.edge_blur_bias`;
+            nan), and 'origin_blur_bias' (N, 2) px, the bias of the symmetry centres
+            from intensity slopes inside the disks: the symmetry centre minus the
+            centre of a fit of the bright-field disk
+            (:func:`~py4dstem_prenet.refine.disk_model_centre`) where that fit counts,
+            is precise to DISK_MODEL_MAX_SIGMA and finds a bias above both
+            DISK_MODEL_MIN_BIAS and DISK_MODEL_MIN_Z standard errors; the edge-blur
+            estimate (:func:`~py4dstem_prenet.refine.edge_blur_bias`) elsewhere;
             not subtracted from 'origin' here, 0 for sources 0, 4 and 8, nan where it
             has no estimate); with the
             ellipse stage 'e12' (N, 2).
@@ -1019,6 +1037,15 @@ class PreNet:
                         i = torch.nonzero(edge)[:, 0]
                         v = _valid_for(valid, i)
                         bias[i] = edge_blur_bias(xr[i.to(dev)], o[i].to(dev).to(xr.dtype), v).cpu().to(o.dtype)
+                        # where the bright-field disk is seen whole, a fit of the disk itself (edge
+                        # times a smooth interior) measures the whole bias, not its blur part; it is
+                        # taken where that bias stands out of the fit's own noise and error
+                        fit, ok, fit_sigma = disk_model_centre(xr[i.to(dev)], o[i],
+                                                               float(np.median(out["disk_radius"])),
+                                                               None if v is None else v.to(dev))
+                        ok &= (fit_sigma <= DISK_MODEL_MAX_SIGMA) & (torch.linalg.norm(o[i] - fit, dim=1) > torch.clamp(
+                            DISK_MODEL_MIN_Z * fit_sigma, min=DISK_MODEL_MIN_BIAS))
+                        bias[i] = torch.where(ok[:, None], (o[i] - fit.to(o.dtype)), bias[i])
                     out["origin_blur_bias"] = bias.numpy().astype(np.float64)
                 out["origin"] = o.numpy().astype(np.float64)
             if self.ellipse:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 __all__ = ["gaussian_blur", "edge_map", "refine_origin", "edge_blur_bias", "symmetry_centre", "symmetry_centres",
            "intensity_symmetry_centre", "intensity_symmetry_halves", "log_polar_view", "refine_ellipse",
-           "bright_field_radius", "edge_curvature_factor"]
+           "bright_field_radius", "edge_curvature_factor", "disk_model_centre"]
 
 #: Smallest contrast-normalisation floor of :func:`edge_map`, counts per pixel: edges of
 #: features dimmer than this keep square-root weights. Where counts are few, those
@@ -459,6 +459,207 @@ def edge_blur_bias(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | 
     # window: not the slope's pull, which the smoothing changes by hundredths of a pixel
     edge = torch.stack([(c - s0 / 2).abs().amax(dim=1) for c in centres]).amax(dim=0) > BIAS_WINDOW_PX
     return torch.where(edge[:, None], torch.full_like(bias, float("nan")), bias).to(x.dtype)
+
+
+
+#: Window of :func:`disk_model_centre`: pixels within the fitted disk's radius plus
+#: this many pixels of its first centre.
+DISK_MODEL_MARGIN = 3.0
+
+#: Residual (in Poisson standard deviations, or in the residuals' robust spread where
+#: that is larger) above which a pixel of the window is left out of
+#: :func:`disk_model_centre`'s second pass: an intruding Bragg disk's edge, a hot pixel.
+DISK_MODEL_OUTLIER = 5.0
+
+#: Smallest fraction of the window :func:`disk_model_centre` needs valid (not under a
+#: given mask) and on the detector; below it the disk is not seen whole enough.
+DISK_MODEL_MIN_VALID = 0.9
+
+#: Largest move (px) of :func:`disk_model_centre` from its first centre, and the
+#: range of the fitted radius over the first radius, for a fit to count.
+DISK_MODEL_MAX_MOVE = 1.0
+DISK_MODEL_RADIUS_RANGE = (0.75, 1.33)
+
+#: Smallest step of the fitted disk's edge at its centre, as a fraction of the counts
+#: there (step plus background), for a fit to count: a window that holds no edge (a
+#: radius far off) fits one anywhere with no step.
+DISK_MODEL_MIN_CONTRAST = 0.2
+
+_SQRT2 = math.sqrt(2.0)
+_N_SHAPE = 6  # centre (2), radius, log edge width, ellipse (e1, e2)
+
+
+def _disk_basis(theta: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
+    """Linear basis (N, P, P, 7) of :func:`disk_model_centre`'s model at shape parameters theta (N, 6)."""
+    cx, cy, r, log_w, e1, e2 = (t[:, None, None] for t in theta.unbind(1))
+    dx, dy = qx - cx, qy - cy
+    ax, ay = (1 + e1) * dx + e2 * dy, e2 * dx + (1 - e1) * dy
+    step = 0.5 * torch.erfc((torch.sqrt(ax * ax + ay * ay) - r) / (torch.exp(log_w) * _SQRT2))
+    ux, uy = dx / r0[:, None, None], dy / r0[:, None, None]
+    return torch.stack([torch.ones_like(step), step, step * ux, step * uy, step * ux * ux, step * ux * uy,
+                        step * uy * uy], dim=-1)
+
+
+def _disk_residuals(theta, y, weight, qx, qy, r0, coefficients: bool = False):
+    """Weighted residuals (N, P * P) of the best linear coefficients at shape parameters theta
+    (and with ``coefficients`` those (N, 7) too)."""
+    sw = weight.sqrt()
+    a = (_disk_basis(theta, qx, qy, r0) * sw[..., None]).flatten(1, 2)
+    b = (y * sw).flatten(1)[..., None]
+    ata = a.transpose(1, 2) @ a
+    ata = ata + 1e-9 * torch.diag_embed(torch.diagonal(ata, dim1=1, dim2=2).clamp_min(1e-12))
+    beta = torch.linalg.solve(ata, a.transpose(1, 2) @ b)
+    res = (b - a @ beta)[..., 0]
+    return (res, beta[..., 0]) if coefficients else res
+
+
+_FD_STEPS = (1e-4, 1e-4, 1e-4, 1e-4, 1e-5, 1e-5)  # finite-difference steps of the shape parameters
+
+
+def _disk_normal_matrix(theta, res, y, weight, qx, qy, r0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss-Newton normal matrix J^T J (N, 6, 6) and the Jacobian J of the residuals at theta."""
+    steps = torch.tensor(_FD_STEPS, dtype=theta.dtype, device=theta.device)
+    eye = torch.eye(_N_SHAPE, dtype=theta.dtype, device=theta.device)
+    jac = torch.stack([(_disk_residuals(theta + steps[k] * eye[k], y, weight, qx, qy, r0) - res) / steps[k]
+                       for k in range(_N_SHAPE)], dim=-1)
+    return jac.transpose(1, 2) @ jac, jac
+
+
+def _levenberg_marquardt(theta, y, weight, qx, qy, r0, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape parameters (N, 6) minimising the weighted residuals, and the final residuals."""
+    eye = torch.eye(_N_SHAPE, dtype=theta.dtype, device=theta.device)
+    lam = torch.full((len(theta),), 1e-3, dtype=theta.dtype, device=theta.device)
+    res = _disk_residuals(theta, y, weight, qx, qy, r0)
+    cost = (res * res).sum(1)
+    for _ in range(iterations):
+        jtj, jac = _disk_normal_matrix(theta, res, y, weight, qx, qy, r0)
+        damp = lam[:, None, None] * torch.diag_embed(torch.diagonal(jtj, dim1=1, dim2=2)) + 1e-12 * eye
+        trial = theta - torch.linalg.solve(jtj + damp, jac.transpose(1, 2) @ res[..., None])[..., 0]
+        res2 = _disk_residuals(trial, y, weight, qx, qy, r0)
+        cost2 = (res2 * res2).sum(1)
+        better = cost2 < cost
+        theta = torch.where(better[:, None], trial, theta)
+        res = torch.where(better[:, None], res2, res)
+        cost = torch.where(better, cost2, cost)
+        lam = torch.where(better, lam * 0.3, lam * 10.0)
+    return theta, res
+
+
+def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tensor | float,
+                      valid: torch.Tensor | None = None, iterations: int = 4
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centre of the bright-field disk from a fit of the disk itself: aperture edge times a smooth interior.
+
+    The bright-field disk is the image of the condenser aperture: a step of constant
+    profile along an ellipse, times whatever intensity the crystal gives the inside
+    (thickness, tilt, dynamical contrast). Edge maps cannot tell an interior slope from
+    the edge next to it, so the symmetry centre of :func:`refine_origin` moves towards a
+    disk's bright side (0.1-0.7 px on noise-free simulated disks 2-8 times brighter on
+    one side). This fit models both: counts ``b + P(u) * Phi((R - rho) / s)``, where
+    ``rho = |(1 + E)(q - c)|`` is the elliptical radius about the centre ``c`` (``E``
+    symmetric and traceless: the distortion e1, e2), ``Phi`` the normal cumulative
+    distribution (an edge of width ``s``), ``P`` a quadratic polynomial in
+    ``u = (q - c) / R0`` (the interior) and ``b`` a constant (diffuse background).
+    The linear coefficients (b, P) are solved at every step (variable projection),
+    the six shape parameters (c, R, log s, e1, e2) by Levenberg-Marquardt, weighted by
+    the inverse of the locally smoothed counts (Poisson). A second pass leaves out the
+    pixels more than DISK_MODEL_OUTLIER standard deviations off the first fit (the edge
+    of a Bragg disk that reaches into the window, hot pixels). A step edge of another
+    profile (a linear ramp, an Airy-like fringe) is fitted with the same error all
+    around the disk, which moves no centre.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, 1, H, W) counts (with hot pixels removed).
+    origin : torch.Tensor
+        (N, 2) first centres (qx, qy), pixels, within about a pixel of the disk's.
+    radius : torch.Tensor or float
+        Bright-field disk radius, pixels: one value or (N,).
+    valid : torch.Tensor, optional
+        (H, W) or (N, H, W) bool, False on a beam stop or other masked pixels.
+    iterations : int
+        Levenberg-Marquardt steps of each pass. From a symmetry centre, the fit of a
+        dev scan (12 x 12 patterns, 1e5 counts) changed by less than 0.002 px on
+        average after 3.
+
+    Returns
+    -------
+    centre : torch.Tensor
+        (N, 2) fitted centres, pixels (float64).
+    ok : torch.Tensor
+        (N,) bool: the fit counts: the window at least DISK_MODEL_MIN_VALID valid and on
+        the detector, the edge's step at least DISK_MODEL_MIN_CONTRAST of the counts at
+        the centre, the centre within DISK_MODEL_MAX_MOVE of ``origin``, the radius
+        within DISK_MODEL_RADIUS_RANGE of ``radius`` and the edge narrower than a
+        quarter of it. Where not ok, ``centre`` is ``origin``.
+    sigma : torch.Tensor
+        (N,) standard error of the centre, px (root of the summed variances of qx and
+        qy from the fit's covariance, scaled up by the reduced chi-square where that
+        exceeds 1); nan where not ok. It covers the counts' noise, not a misfit of the
+        interior: on dev crystal scans of 1e4-3e4 counts the actual error was 1-3 times
+        larger.
+
+    Raises
+    ------
+    ValueError
+        If the patterns, origins or valid map have the wrong type or shape, a radius
+        is not finite and > 0, or ``iterations`` is not an integer >= 1.
+    """
+    _check_patterns(x, valid, origin)
+    n, _, h, w = x.shape
+    r0 = torch.as_tensor(radius, dtype=torch.float64).reshape(-1).expand(n).clone()
+    if not bool(torch.isfinite(r0).all()) or bool((r0 <= 0).any()):
+        raise ValueError(f"radius must be finite and > 0, got {radius}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    o = origin.detach().to("cpu", torch.float64)
+    if n == 0:
+        return o.clone(), torch.zeros(0, dtype=torch.bool)
+    r0 = r0.to(o.device)
+    half = int(math.ceil(float(r0.max()) + DISK_MODEL_MARGIN + 1))
+    offs = torch.arange(-half, half + 1)
+    corner = torch.round(torch.nan_to_num(o)).long()
+    rows, cols = corner[:, :1] + offs, corner[:, 1:] + offs
+    on = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    at = (torch.arange(n)[:, None, None], rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :])
+    y = x[:, 0].detach().to("cpu", torch.float64)[at].clamp_min(0)
+    qx = rows[:, :, None].to(torch.float64).expand(-1, -1, len(offs))
+    qy = cols[:, None, :].to(torch.float64).expand(-1, len(offs), -1)
+    window = torch.hypot(qx - o[:, :1, None], qy - o[:, 1:, None]) <= (r0 + DISK_MODEL_MARGIN)[:, None, None]
+    seen = window & on
+    if valid is not None:
+        v = valid.to("cpu")
+        seen = seen & (v.expand(n, h, w) if v.dim() == 2 else v)[at]
+    enough = seen.sum(dim=(1, 2)) >= DISK_MODEL_MIN_VALID * window.sum(dim=(1, 2))
+    level = gaussian_blur(y[:, None], 1.0)[:, 0].clamp_min(1.0)
+    weight = seen.to(torch.float64) / level
+    theta = torch.stack([o[:, 0], o[:, 1], r0, torch.zeros(n, dtype=torch.float64),
+                         torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)], dim=1)
+    theta = torch.nan_to_num(theta)
+    theta, res = _levenberg_marquardt(theta, y, weight, qx, qy, r0, iterations)
+    # residuals are in Poisson sigmas; where the model's own misfit is larger (a bright
+    # disk whose edge is not an error function), in units of their robust spread
+    z = res.reshape(weight.shape).abs()
+    spread = torch.nan_to_num(torch.where(seen, z, float("nan")).flatten(1).nanmedian(dim=1).values, nan=1.0)
+    inlier = (z <= DISK_MODEL_OUTLIER * (spread / 0.6745).clamp_min(1.0)[:, None, None]).to(torch.float64)
+    theta, _ = _levenberg_marquardt(theta, y, weight * inlier, qx, qy, r0, iterations)
+    res, beta = _disk_residuals(theta, y, weight * inlier, qx, qy, r0, coefficients=True)
+    jtj, _ = _disk_normal_matrix(theta, res, y, weight * inlier, qx, qy, r0)
+    # residuals in Poisson sigmas: the inverse normal matrix is the covariance, scaled up by
+    # the misfit where the reduced chi-square exceeds 1
+    dof = ((weight * inlier) > 0).sum(dim=(1, 2)).to(torch.float64) - (_N_SHAPE + 7)
+    chi2 = ((res * res).sum(1) / dof.clamp_min(1)).clamp_min(1.0)
+    cov = torch.linalg.pinv(jtj)[:, :2, :2] * chi2[:, None, None]
+    sigma = torch.sqrt(torch.diagonal(cov, dim1=1, dim2=2).sum(1).clamp_min(0))
+    centre = theta[:, :2]
+    ok = (enough & torch.isfinite(theta).all(dim=1)
+          & (beta[:, 1] > DISK_MODEL_MIN_CONTRAST * (beta[:, 0].clamp_min(0) + beta[:, 1]))
+          & (torch.linalg.norm(centre - o, dim=1) <= DISK_MODEL_MAX_MOVE)
+          & (theta[:, 2] >= DISK_MODEL_RADIUS_RANGE[0] * r0) & (theta[:, 2] <= DISK_MODEL_RADIUS_RANGE[1] * r0)
+          & (torch.exp(theta[:, 3]) < 0.25 * theta[:, 2]))
+    ok &= torch.isfinite(sigma)
+    return torch.where(ok[:, None], centre, o), ok, torch.where(ok, sigma, torch.full_like(sigma, float("nan")))
 
 
 #: Fraction of the detector that the inversion about a refined origin must keep for its

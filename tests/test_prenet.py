@@ -13,7 +13,8 @@ from py4dstem_prenet.models import CBAMUNet, ResNetHeatmap, ResNetRegressor
 from py4dstem_prenet.views import ELLIPSE_CHANNELS, ellipse_view, full_view, polar_view
 from py4dstem_prenet.pretrained import WEIGHTS_DIR, WeightsError, load_model
 from py4dstem_prenet.engine import _median3, overlay_mask
-from py4dstem_prenet.refine import (_dft_grid, _masked_edges, _symmetry_at, _upsampled_peak, edge_blur_bias, edge_map,
+from py4dstem_prenet.refine import (_dft_grid, _masked_edges, _symmetry_at, _upsampled_peak, disk_model_centre,
+                                    edge_blur_bias, edge_map,
                                     gaussian_blur, refine_origin, symmetry_centre)
 from py4dstem_prenet.preprocess import blur_correction
 from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
@@ -245,6 +246,58 @@ def test_edge_blur_bias_rejects_bad_input():
         edge_blur_bias(x, torch.full((2, 2), 16.0), sigma=0.5)
     with pytest.raises(ValueError, match="patterns"):
         edge_blur_bias(x[:, 0], torch.full((2, 2), 16.0))
+
+
+def test_disk_model_centre_is_not_pulled_by_a_disks_intensity_slope():
+    # a disk 2-4x brighter on one side: the edge-symmetry centre moves towards the bright side,
+    # the fit of edge times smooth interior does not (its edge profile, an error function,
+    # is not the simulator's linear ramp: a misfit that is the same all around)
+    true = torch.tensor([[62.3, 65.1], [66.7, 61.4], [60.1, 60.6]], dtype=torch.float64)
+    scene = Scene(disk_radius=9.0, edge_width=1.0, spots=[[0, 0]], texture=[[0.5, -0.4, -0.3]])
+    x = torch.stack([torch.from_numpy(render(scene, (128, 128), o.numpy()) * 1000) for o in true])[:, None]
+    before = x.clone()
+    sym = refine_origin(x, true)
+    fit, ok, sigma = disk_model_centre(x, sym, 9.5)
+    assert torch.equal(x, before) and ok.all() and fit.dtype == torch.float64
+    assert torch.all((sigma > 0.001) & (sigma < 0.03))  # 1000 counts per pixel in the disk
+    err_sym, err_fit = (torch.linalg.norm(c - true, dim=1) for c in (sym, fit))
+    assert err_sym.min() > 0.1 and torch.all(err_fit < 0.1 * err_sym) and err_fit.max() < 0.015
+    # an elliptical disk with a Bragg disk reaching into the window: the distortion is fitted,
+    # the neighbour's edge left out as outliers
+    near = Scene(disk_radius=9.0, edge_width=1.0, spots=[[0, 0], [19.5, 3.0]], spot_intensity=[1.0, 2.0],
+                 texture=[[0.4, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    y = torch.from_numpy(render(near, (128, 128), true[0].numpy(), ratio=1.04, theta=0.5) * 1000)[None, None]
+    fit, ok, _ = disk_model_centre(y, true[:1] + 0.3, 9.0)
+    assert ok.all() and torch.linalg.norm(fit - true[:1]) < 0.03
+
+
+def test_disk_model_centre_declines_disks_it_does_not_see_whole():
+    true = torch.tensor([[62.3, 65.1], [6.0, 64.0]], dtype=torch.float64)  # the second half off the detector
+    scene = Scene(disk_radius=8.0, edge_width=1.0, spots=[[0, 0]])
+    x = torch.stack([torch.from_numpy(render(scene, (128, 128), o.numpy()) * 1000) for o in true])[:, None].float()
+    fit, ok, sigma = disk_model_centre(x, true, 8.0)
+    assert ok.tolist() == [True, False] and torch.equal(fit[1], true[1]) and torch.isnan(sigma[1])
+    valid = torch.ones(128, 128, dtype=torch.bool)
+    valid[55:70, 55:75] = False  # a beam stop over the first disk
+    fit, ok, _ = disk_model_centre(x, true, 8.0, valid=valid)
+    assert not ok.any() and torch.equal(fit, true)
+    # a radius far from the disk's: the fit runs off and is not counted
+    _, ok, _ = disk_model_centre(x[:1], true[:1], 3.0)
+    assert not ok.any()
+
+
+def test_disk_model_centre_rejects_bad_input():
+    x = torch.rand(2, 1, 32, 32)
+    with pytest.raises(ValueError, match="origins"):
+        disk_model_centre(x, torch.zeros(3, 2), 5.0)
+    with pytest.raises(ValueError, match="radius"):
+        disk_model_centre(x, torch.full((2, 2), 16.0), float("nan"))
+    with pytest.raises(ValueError, match="radius"):
+        disk_model_centre(x, torch.full((2, 2), 16.0), torch.tensor([5.0, -1.0]))
+    with pytest.raises(ValueError, match="iterations"):
+        disk_model_centre(x, torch.full((2, 2), 16.0), 5.0, iterations=0)
+    with pytest.raises(ValueError, match="patterns"):
+        disk_model_centre(x[:, 0], torch.full((2, 2), 16.0), 5.0)
 
 
 def test_blur_correction_is_the_neighbourhood_median_of_edge_centres():
