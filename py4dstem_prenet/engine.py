@@ -146,9 +146,6 @@ OVERLAY_MIN_STROKE = 5
 #: blob (direct beam, Bragg disk), not an annotation stroke.
 _BLOB_SQUARE = 5
 
-#: Patterns per network call on a CPU: small chunks keep the activations in cache
-#: (channels-last, 2 cores, 128 x 128: the denoiser runs 107 patterns/s in chunks of
-#: 8 and 64 in chunks of 64; the ResNets are fastest at 32). A GPU takes the block.
 #: Largest standard error (px) of the bright-field disk fit's centre
 #: (:func:`~py4dstem_prenet.refine.disk_model_centre`) at which the engine takes the
 #: edge-symmetry centre's bias from that fit instead of the edge-blur estimate.
@@ -162,6 +159,9 @@ DISK_MODEL_MIN_BIAS = 0.03
 #: ... and in standard errors of the fit's centre.
 DISK_MODEL_MIN_Z = 3.0
 
+#: Patterns per network call on a CPU: small chunks keep the activations in cache
+#: (channels-last, 2 cores, 128 x 128: the denoiser runs 107 patterns/s in chunks of
+#: 8 and 64 in chunks of 64; the ResNets are fastest at 32). A GPU takes the block.
 _CPU_CHUNK = {"denoiser": 8, "centre": 32, "ellipse": 32}
 
 #: Angular and log-radial samples of the ellipse refinement's log-polar views.
@@ -859,6 +859,28 @@ def _diffuse_behind_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Ten
     return moved, origin
 
 
+#: Radii (times the network's) between which :func:`_block_disk_radius` looks for the
+#: bright-field edge.
+BLOCK_RADIUS_RANGE = (0.5, 2.0)
+
+
+def _block_disk_radius(x: torch.Tensor, origin: torch.Tensor, network_radius: float) -> float:
+    """Bright-field disk radius (px) of a block of patterns, for the disk fit to start from.
+
+    The steepest first fall of the angular median of the patterns' summed log-polar views
+    about their origins (:func:`~py4dstem_prenet.refine.bright_field_radius`), between
+    BLOCK_RADIUS_RANGE times the network's radius; the network's radius where that finds
+    no plateau. The network's radius can be 10-15% off (a dev scan: 9.3 px for a disk of
+    10.7), from which a four-step fit of the disk did not converge.
+    """
+    r_min, r_max = (f * network_radius for f in BLOCK_RADIUS_RANGE)
+    if not (r_min >= 1.0 and len(x)):
+        return network_radius
+    view = log_polar_view(x.float(), origin.to(x.device).float(), r_min, r_max, n_rho=_N_RHO, n_phi=_N_PHI)
+    found = bright_field_radius(view.sum(dim=0).double().cpu().numpy(), r_min, r_max)
+    return network_radius if found is None else found
+
+
 @dataclass(frozen=True)
 class PreNet:
     """The three networks and the physics refinement, applied to blocks of patterns.
@@ -1041,8 +1063,10 @@ class PreNet:
                         # times a smooth interior) measures the whole bias, not its blur part; it is
                         # taken where that bias stands out of the fit's own noise and error
                         fit, ok, fit_sigma = disk_model_centre(xr[i.to(dev)], o[i],
-                                                               float(np.median(out["disk_radius"])),
-                                                               None if v is None else v.to(dev))
+                                                               _block_disk_radius(xr[i.to(dev)], o[i],
+                                                                                  float(np.median(out["disk_radius"]))),
+                                                               None if v is None else v.to(dev),
+                                                               max_sigma=DISK_MODEL_MAX_SIGMA)
                         ok &= (fit_sigma <= DISK_MODEL_MAX_SIGMA) & (torch.linalg.norm(o[i] - fit, dim=1) > torch.clamp(
                             DISK_MODEL_MIN_Z * fit_sigma, min=DISK_MODEL_MIN_BIAS))
                         bias[i] = torch.where(ok[:, None], (o[i] - fit.to(o.dtype)), bias[i])

@@ -485,6 +485,10 @@ DISK_MODEL_RADIUS_RANGE = (0.75, 1.33)
 #: radius far off) fits one anywhere with no step.
 DISK_MODEL_MIN_CONTRAST = 0.2
 
+#: Margin of :func:`disk_model_centre`'s ``max_sigma`` pre-check on the standard error
+#: before the fit.
+DISK_MODEL_PRECHECK = 3.0
+
 _SQRT2 = math.sqrt(2.0)
 _N_SHAPE = 6  # centre (2), radius, log edge width, ellipse (e1, e2)
 
@@ -546,7 +550,7 @@ def _levenberg_marquardt(theta, y, weight, qx, qy, r0, iterations: int) -> tuple
 
 
 def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tensor | float,
-                      valid: torch.Tensor | None = None, iterations: int = 4
+                      valid: torch.Tensor | None = None, iterations: int = 4, max_sigma: float | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Centre of the bright-field disk from a fit of the disk itself: aperture edge times a smooth interior.
 
@@ -583,6 +587,14 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
         dev scan (12 x 12 patterns, 1e5 counts) changed by less than 0.002 px on
         average after 3.
 
+    max_sigma : float, optional
+        The standard error (px) the caller will accept: patterns whose standard error
+        at ``origin`` (before the fit) exceeds DISK_MODEL_PRECHECK times it are not
+        fitted (not ok). The first standard error is that of the counts alone at the
+        first radius and an edge of 1 px; on 9 dev crystal scans (6 x 6 patterns, 3e3 to
+        1e5 counts) the final one was 0.3-0.6 times it in most patterns (0.07-3.3 in
+        all), so a few fits that would have reached ``max_sigma`` are skipped.
+
     Returns
     -------
     centre : torch.Tensor
@@ -604,9 +616,12 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
     ------
     ValueError
         If the patterns, origins or valid map have the wrong type or shape, a radius
-        is not finite and > 0, or ``iterations`` is not an integer >= 1.
+        is not finite and > 0, ``iterations`` is not an integer >= 1 or ``max_sigma``
+        not > 0.
     """
     _check_patterns(x, valid, origin)
+    if max_sigma is not None and not max_sigma > 0:
+        raise ValueError(f"max_sigma must be > 0, got {max_sigma}")
     n, _, h, w = x.shape
     r0 = torch.as_tensor(radius, dtype=torch.float64).reshape(-1).expand(n).clone()
     if not bool(torch.isfinite(r0).all()) or bool((r0 <= 0).any()):
@@ -615,7 +630,7 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     o = origin.detach().to("cpu", torch.float64)
     if n == 0:
-        return o.clone(), torch.zeros(0, dtype=torch.bool)
+        return o.clone(), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
     r0 = r0.to(o.device)
     half = int(math.ceil(float(r0.max()) + DISK_MODEL_MARGIN + 1))
     offs = torch.arange(-half, half + 1)
@@ -637,29 +652,47 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
     theta = torch.stack([o[:, 0], o[:, 1], r0, torch.zeros(n, dtype=torch.float64),
                          torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)], dim=1)
     theta = torch.nan_to_num(theta)
-    theta, res = _levenberg_marquardt(theta, y, weight, qx, qy, r0, iterations)
-    # residuals are in Poisson sigmas; where the model's own misfit is larger (a bright
-    # disk whose edge is not an error function), in units of their robust spread
-    z = res.reshape(weight.shape).abs()
-    spread = torch.nan_to_num(torch.where(seen, z, float("nan")).flatten(1).nanmedian(dim=1).values, nan=1.0)
-    inlier = (z <= DISK_MODEL_OUTLIER * (spread / 0.6745).clamp_min(1.0)[:, None, None]).to(torch.float64)
-    theta, _ = _levenberg_marquardt(theta, y, weight * inlier, qx, qy, r0, iterations)
-    res, beta = _disk_residuals(theta, y, weight * inlier, qx, qy, r0, coefficients=True)
-    jtj, _ = _disk_normal_matrix(theta, res, y, weight * inlier, qx, qy, r0)
-    # residuals in Poisson sigmas: the inverse normal matrix is the covariance, scaled up by
-    # the misfit where the reduced chi-square exceeds 1
-    dof = ((weight * inlier) > 0).sum(dim=(1, 2)).to(torch.float64) - (_N_SHAPE + 7)
-    chi2 = ((res * res).sum(1) / dof.clamp_min(1)).clamp_min(1.0)
+    fit = enough.clone()
+    if max_sigma is not None:
+        # the counts' own standard error at the first centre (no misfit yet: the first
+        # radius and edge are guesses) foretells the fit's: skip the fits that could not
+        # reach max_sigma (low counts), most of the fit's cost there
+        first = _centre_sigma(theta, _disk_residuals(theta, y, weight, qx, qy, r0), y, weight, qx, qy, r0, None)
+        fit &= first <= DISK_MODEL_PRECHECK * max_sigma
+    centre, sigma = o.clone(), torch.full((n,), float("nan"), dtype=torch.float64)
+    ok = torch.zeros(n, dtype=torch.bool)
+    if fit.any():
+        y, weight, qx, qy, r0, theta, seen, o_fit = (t[fit] for t in (y, weight, qx, qy, r0, theta, seen, o))
+        theta, res = _levenberg_marquardt(theta, y, weight, qx, qy, r0, iterations)
+        # residuals are in Poisson sigmas; where the model's own misfit is larger (a bright
+        # disk whose edge is not an error function), in units of their robust spread
+        z = res.reshape(weight.shape).abs()
+        spread = torch.nan_to_num(torch.where(seen, z, float("nan")).flatten(1).nanmedian(dim=1).values, nan=1.0)
+        weight = weight * (z <= DISK_MODEL_OUTLIER * (spread / 0.6745).clamp_min(1.0)[:, None, None])
+        theta, _ = _levenberg_marquardt(theta, y, weight, qx, qy, r0, iterations)
+        res, beta = _disk_residuals(theta, y, weight, qx, qy, r0, coefficients=True)
+        sig = _centre_sigma(theta, res, y, weight, qx, qy, r0, weight > 0)
+        good = (torch.isfinite(theta).all(dim=1) & torch.isfinite(sig)
+                & (beta[:, 1] > DISK_MODEL_MIN_CONTRAST * (beta[:, 0].clamp_min(0) + beta[:, 1]))
+                & (torch.linalg.norm(theta[:, :2] - o_fit, dim=1) <= DISK_MODEL_MAX_MOVE)
+                & (theta[:, 2] >= DISK_MODEL_RADIUS_RANGE[0] * r0) & (theta[:, 2] <= DISK_MODEL_RADIUS_RANGE[1] * r0)
+                & (torch.exp(theta[:, 3]) < 0.25 * theta[:, 2]))
+        i = torch.nonzero(fit)[:, 0][good]
+        centre[i], sigma[i], ok[i] = theta[good, :2], sig[good], True
+    return centre, ok, sigma
+
+
+def _centre_sigma(theta, res, y, weight, qx, qy, r0, used: torch.Tensor | None) -> torch.Tensor:
+    """Standard error (N,) px of the disk fit's centre at theta: residuals in Poisson sigmas,
+    so the inverse normal matrix is the covariance, scaled up by the misfit where the
+    reduced chi-square over the ``used`` pixels exceeds 1 (not scaled: ``used`` None)."""
+    jtj, _ = _disk_normal_matrix(theta, res, y, weight, qx, qy, r0)
+    chi2 = torch.ones(len(theta), dtype=theta.dtype, device=theta.device)
+    if used is not None:
+        dof = used.sum(dim=(1, 2)).to(torch.float64) - (_N_SHAPE + 7)
+        chi2 = ((res * res).sum(1) / dof.clamp_min(1)).clamp_min(1.0)
     cov = torch.linalg.pinv(jtj)[:, :2, :2] * chi2[:, None, None]
-    sigma = torch.sqrt(torch.diagonal(cov, dim1=1, dim2=2).sum(1).clamp_min(0))
-    centre = theta[:, :2]
-    ok = (enough & torch.isfinite(theta).all(dim=1)
-          & (beta[:, 1] > DISK_MODEL_MIN_CONTRAST * (beta[:, 0].clamp_min(0) + beta[:, 1]))
-          & (torch.linalg.norm(centre - o, dim=1) <= DISK_MODEL_MAX_MOVE)
-          & (theta[:, 2] >= DISK_MODEL_RADIUS_RANGE[0] * r0) & (theta[:, 2] <= DISK_MODEL_RADIUS_RANGE[1] * r0)
-          & (torch.exp(theta[:, 3]) < 0.25 * theta[:, 2]))
-    ok &= torch.isfinite(sigma)
-    return torch.where(ok[:, None], centre, o), ok, torch.where(ok, sigma, torch.full_like(sigma, float("nan")))
+    return torch.sqrt(torch.diagonal(cov, dim1=1, dim2=2).sum(1).clamp_min(0))
 
 
 #: Fraction of the detector that the inversion about a refined origin must keep for its

@@ -12,7 +12,7 @@ import py4dstem_prenet as prenet
 from py4dstem_prenet.models import CBAMUNet, ResNetHeatmap, ResNetRegressor
 from py4dstem_prenet.views import ELLIPSE_CHANNELS, ellipse_view, full_view, polar_view
 from py4dstem_prenet.pretrained import WEIGHTS_DIR, WeightsError, load_model
-from py4dstem_prenet.engine import _median3, overlay_mask
+from py4dstem_prenet.engine import PreNet, _median3, overlay_mask
 from py4dstem_prenet.refine import (_dft_grid, _masked_edges, _symmetry_at, _upsampled_peak, disk_model_centre,
                                     edge_blur_bias, edge_map,
                                     gaussian_blur, refine_origin, symmetry_centre)
@@ -284,6 +284,19 @@ def test_disk_model_centre_declines_disks_it_does_not_see_whole():
     # a radius far from the disk's: the fit runs off and is not counted
     _, ok, _ = disk_model_centre(x[:1], true[:1], 3.0)
     assert not ok.any()
+
+
+def test_engine_takes_the_slope_bias_from_the_disk_fit():
+    # a bright-field disk brighter on one side and darker towards its rim, with shipped
+    # weights: the engine's bias estimate is the symmetry centre's own error (0.2 px) within
+    # 0.03 px (from the disk fit; the edge-blur extrapolation leaves about 0.1 px of it)
+    true = np.array([[62.3, 65.1], [66.7, 61.4]])
+    scene = Scene(disk_radius=10.0, edge_width=1.0, spots=[[0, 0]], texture=[[0.6, 0.4, -0.4]])
+    block = np.stack([render(scene, (128, 128), o) * 300 for o in true])
+    out = PreNet(ellipse=False, denoise=False).run(block)
+    err = out["origin"] - true
+    assert np.linalg.norm(err, axis=1).min() > 0.15
+    assert np.all(np.linalg.norm(err - out["origin_blur_bias"], axis=1) < 0.03)
 
 
 def test_disk_model_centre_rejects_bad_input():
