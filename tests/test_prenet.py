@@ -284,6 +284,10 @@ def test_disk_model_centre_declines_disks_it_does_not_see_whole():
     # a radius far from the disk's: the fit runs off and is not counted
     _, ok, _ = disk_model_centre(x[:1], true[:1], 3.0)
     assert not ok.any()
+    # a standard error the caller would not accept: not fitted at all
+    assert disk_model_centre(x[:1], true[:1], 8.0, max_sigma=1.0)[1].all()
+    fit, ok, sigma = disk_model_centre(x[:1], true[:1], 8.0, max_sigma=1e-6)
+    assert not ok.any() and torch.equal(fit, true[:1]) and torch.isnan(sigma).all()
 
 
 def test_engine_takes_the_slope_bias_from_the_disk_fit():
@@ -309,6 +313,8 @@ def test_disk_model_centre_rejects_bad_input():
         disk_model_centre(x, torch.full((2, 2), 16.0), torch.tensor([5.0, -1.0]))
     with pytest.raises(ValueError, match="iterations"):
         disk_model_centre(x, torch.full((2, 2), 16.0), 5.0, iterations=0)
+    with pytest.raises(ValueError, match="max_sigma"):
+        disk_model_centre(x, torch.full((2, 2), 16.0), 5.0, max_sigma=0.0)
     with pytest.raises(ValueError, match="patterns"):
         disk_model_centre(x[:, 0], torch.full((2, 2), 16.0), 5.0)
 
