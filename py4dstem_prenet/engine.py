@@ -1058,12 +1058,13 @@ class PreNet:
                     if edge.any():
                         i = torch.nonzero(edge)[:, 0]
                         v = _valid_for(valid, i)
-                        bias[i] = edge_blur_bias(xr[i.to(dev)], o[i].to(dev).to(xr.dtype), v).cpu().to(o.dtype)
+                        xi = xr[i.to(dev)]
+                        bias[i] = edge_blur_bias(xi, o[i].to(dev).to(xr.dtype), v).cpu().to(o.dtype)
                         # where the bright-field disk is seen whole, a fit of the disk itself (edge
                         # times a smooth interior) measures the whole bias, not its blur part; it is
                         # taken where that bias stands out of the fit's own noise and error
-                        fit, ok, fit_sigma = disk_model_centre(xr[i.to(dev)], o[i],
-                                                               _block_disk_radius(xr[i.to(dev)], o[i],
+                        fit, ok, fit_sigma = disk_model_centre(xi, o[i],
+                                                               _block_disk_radius(xi, o[i],
                                                                                   float(np.median(out["disk_radius"]))),
                                                                None if v is None else v.to(dev),
                                                                max_sigma=DISK_MODEL_MAX_SIGMA)
