@@ -859,26 +859,35 @@ def _diffuse_behind_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Ten
     return moved, origin
 
 
-#: Radii (times the network's) between which :func:`_block_disk_radius` looks for the
+#: Radii (times the network's) between which :func:`_disk_radius` looks for the
 #: bright-field edge.
-BLOCK_RADIUS_RANGE = (0.5, 2.0)
+DISK_RADIUS_RANGE = (0.5, 2.0)
 
 
-def _block_disk_radius(x: torch.Tensor, origin: torch.Tensor, network_radius: float) -> float:
-    """Bright-field disk radius (px) of a block of patterns, for the disk fit to start from.
+def _disk_radius(x: torch.Tensor, origin: torch.Tensor, network_radius: torch.Tensor) -> torch.Tensor:
+    """Bright-field disk radius (px) of each pattern, for the disk fit to start from.
 
-    The steepest first fall of the angular median of the patterns' summed log-polar views
-    about their origins (:func:`~py4dstem_prenet.refine.bright_field_radius`), between
-    BLOCK_RADIUS_RANGE times the network's radius; the network's radius where that finds
-    no plateau. The network's radius can be 10-15% off (a dev scan: 9.3 px for a disk of
-    10.7), from which a four-step fit of the disk did not converge.
+    The steepest first fall of the angular median of each pattern's log-polar view about
+    its origin (:func:`~py4dstem_prenet.refine.bright_field_radius`), between
+    DISK_RADIUS_RANGE times its network radius; the network's radius where that finds no
+    plateau. The network's radius can be 10-15% off (a dev scan: 9.3 px for a disk of
+    10.7), from which a four-step fit of the disk did not converge. Each pattern's own
+    (not a block's sum), so that origins do not depend on the batch size.
     """
-    r_min, r_max = (f * network_radius for f in BLOCK_RADIUS_RANGE)
-    if not (r_min >= 1.0 and len(x)):
-        return network_radius
-    view = log_polar_view(x.float(), origin.to(x.device).float(), r_min, r_max, n_rho=_N_RHO, n_phi=_N_PHI)
-    found = bright_field_radius(view.sum(dim=0).double().cpu().numpy(), r_min, r_max)
-    return network_radius if found is None else found
+    net = network_radius.detach().to("cpu", torch.float64).reshape(-1)
+    found = net.clone()
+    use = torch.nonzero(torch.isfinite(net) & (DISK_RADIUS_RANGE[0] * net >= 1.0))[:, 0]
+    if not len(use):
+        return found
+    r_min, r_max = (f * net[use] for f in DISK_RADIUS_RANGE)
+    dev = use.to(x.device)
+    view = log_polar_view(x[dev].float(), origin[use].to(x.device).float(), r_min.float().to(x.device),
+                          r_max.float().to(x.device), n_rho=_N_RHO, n_phi=_N_PHI).double().cpu().numpy()
+    for k, i in enumerate(use.tolist()):
+        r = bright_field_radius(view[k], float(r_min[k]), float(r_max[k]))
+        if r is not None:
+            found[i] = r
+    return found
 
 
 @dataclass(frozen=True)
@@ -1063,9 +1072,8 @@ class PreNet:
                         # where the bright-field disk is seen whole, a fit of the disk itself (edge
                         # times a smooth interior) measures the whole bias, not its blur part; it is
                         # taken where that bias stands out of the fit's own noise and error
-                        fit, ok, fit_sigma = disk_model_centre(xi, o[i],
-                                                               _block_disk_radius(xi, o[i],
-                                                                                  float(np.median(out["disk_radius"]))),
+                        r_net = torch.from_numpy(np.asarray(out["disk_radius"], np.float64))[i]
+                        fit, ok, fit_sigma = disk_model_centre(xi, o[i], _disk_radius(xi, o[i], r_net),
                                                                None if v is None else v.to(dev),
                                                                max_sigma=DISK_MODEL_MAX_SIGMA)
                         ok &= (fit_sigma <= DISK_MODEL_MAX_SIGMA) & (torch.linalg.norm(o[i] - fit, dim=1) > torch.clamp(

@@ -83,8 +83,17 @@ EDGE_OWN_VARIANCE = 0.49
 BIAS_WINDOW_PX = 0.4
 
 
+def _blur_reach(sigma: float) -> int:
+    """Half-width (px) of :func:`gaussian_blur`'s kernel."""
+    return max(1, int(math.ceil(3 * sigma)))
+
+
+#: Reach (px) of the unit blur that gives :func:`disk_model_centre` its Poisson weights.
+_BLUR_REACH = _blur_reach(1.0)
+
+
 def _gauss_kernel(sigma: float, dtype, device) -> torch.Tensor:
-    r = max(1, int(math.ceil(3 * sigma)))
+    r = _blur_reach(sigma)
     t = torch.arange(-r, r + 1, dtype=dtype, device=device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     return k / k.sum()
@@ -634,12 +643,18 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
         return o.clone(), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
     r0 = r0.to(o.device)
     half = int(math.ceil(float(r0.max()) + DISK_MODEL_MARGIN + 1))
-    offs = torch.arange(-half, half + 1)
+    # the local level (Poisson weights) from a window wider by the blur's reach, so that
+    # no pixel's weight depends on the window's size (the largest radius of the block)
+    pad = _BLUR_REACH
+    offs = torch.arange(-half - pad, half + pad + 1)
     corner = torch.round(torch.nan_to_num(o)).long()
     rows, cols = corner[:, :1] + offs, corner[:, 1:] + offs
-    on = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
     at = (torch.arange(n)[:, None, None], rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :])
     y = x[:, 0].detach().to("cpu", torch.float64)[at].clamp_min(0)
+    level = gaussian_blur(y[:, None], 1.0)[:, 0, pad:-pad, pad:-pad].clamp_min(1.0)
+    y, rows, cols, offs = y[:, pad:-pad, pad:-pad], rows[:, pad:-pad], cols[:, pad:-pad], offs[pad:-pad]
+    on = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    at = (at[0], at[1][:, pad:-pad], at[2][:, :, pad:-pad])
     qx = rows[:, :, None].to(torch.float64).expand(-1, -1, len(offs))
     qy = cols[:, None, :].to(torch.float64).expand(-1, len(offs), -1)
     window = torch.hypot(qx - o[:, :1, None], qy - o[:, 1:, None]) <= (r0 + DISK_MODEL_MARGIN)[:, None, None]
@@ -648,18 +663,18 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
         v = valid.to("cpu")
         seen = seen & (v.expand(n, h, w) if v.dim() == 2 else v)[at]
     enough = seen.sum(dim=(1, 2)) >= DISK_MODEL_MIN_VALID * window.sum(dim=(1, 2))
-    level = gaussian_blur(y[:, None], 1.0)[:, 0].clamp_min(1.0)
     weight = seen.to(torch.float64) / level
     theta = torch.stack([o[:, 0], o[:, 1], r0, torch.zeros(n, dtype=torch.float64),
                          torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)], dim=1)
     theta = torch.nan_to_num(theta)
     fit = enough.clone()
-    if max_sigma is not None:
+    if max_sigma is not None and fit.any():
         # the counts' own standard error at the first centre (no misfit yet: the first
         # radius and edge are guesses) foretells the fit's: skip the fits that could not
         # reach max_sigma (low counts), most of the fit's cost there
-        first = _centre_sigma(theta, _disk_residuals(theta, y, weight, qx, qy, r0), y, weight, qx, qy, r0, None)
-        fit &= first <= DISK_MODEL_PRECHECK * max_sigma
+        k = torch.nonzero(fit)[:, 0]
+        a = (theta[k], y[k], weight[k], qx[k], qy[k], r0[k])
+        fit[k] = _centre_sigma(a[0], _disk_residuals(*a), *a[1:], None) <= DISK_MODEL_PRECHECK * max_sigma
     centre, sigma = o.clone(), torch.full((n,), float("nan"), dtype=torch.float64)
     ok = torch.zeros(n, dtype=torch.bool)
     if fit.any():
@@ -1030,13 +1045,14 @@ def intensity_symmetry_halves(x: torch.Tensor, origin0: torch.Tensor, search: fl
     return tuple(_intensity_peak(g * half, m * half, origin0, search) for half in (even, 1 - even))
 
 
-def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float, r_max: float, n_rho: int = 256,
-                   n_phi: int = 90) -> torch.Tensor:
+def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float | torch.Tensor,
+                   r_max: float | torch.Tensor, n_rho: int = 256, n_phi: int = 90) -> torch.Tensor:
     """Resample patterns on a log-radius x angle grid around their origins.
 
-    Rows are log-spaced radii from ``r_min`` to ``r_max`` (pixels), columns angles
-    in [0, pi), each averaging the rays at phi and phi + pi. A radial stretch by
-    s(phi) becomes a shift by log s(phi) along the rows.
+    Rows are log-spaced radii from ``r_min`` to ``r_max`` (pixels; one value, or (N,)
+    tensors for a band of each pattern's own), columns angles in [0, pi), each
+    averaging the rays at phi and phi + pi. A radial stretch by s(phi) becomes a shift
+    by log s(phi) along the rows.
 
     Returns
     -------
@@ -1044,13 +1060,14 @@ def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float, r_max: f
         (N, n_rho, n_phi) intensities (not normalised).
     """
     n, _, h, w = x.shape
-    rho = torch.linspace(math.log(r_min), math.log(r_max), n_rho, dtype=x.dtype, device=x.device)
-    r = torch.exp(rho)
+    t = torch.linspace(0.0, 1.0, n_rho, dtype=x.dtype, device=x.device)
+    lo, hi = (torch.log(torch.as_tensor(b, dtype=x.dtype, device=x.device)).reshape(-1, 1) for b in (r_min, r_max))
+    r = torch.exp(lo + (hi - lo) * t).expand(n, n_rho)
     phi = torch.arange(n_phi, dtype=x.dtype, device=x.device) * (math.pi / n_phi)
     acc = 0
     for sign in (1.0, -1.0):
-        gx = origin[:, 0, None, None] + sign * r[None, :, None] * torch.cos(phi)[None, None, :]
-        gy = origin[:, 1, None, None] + sign * r[None, :, None] * torch.sin(phi)[None, None, :]
+        gx = origin[:, 0, None, None] + sign * r[:, :, None] * torch.cos(phi)[None, None, :]
+        gy = origin[:, 1, None, None] + sign * r[:, :, None] * torch.sin(phi)[None, None, :]
         grid = torch.stack([2 * gy / max(w - 1, 1) - 1, 2 * gx / max(h - 1, 1) - 1], dim=-1)
         acc = acc + F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return 0.5 * acc[:, 0]

@@ -14,8 +14,8 @@ from py4dstem_prenet.views import ELLIPSE_CHANNELS, ellipse_view, full_view, pol
 from py4dstem_prenet.pretrained import WEIGHTS_DIR, WeightsError, load_model
 from py4dstem_prenet.engine import PreNet, _median3, overlay_mask
 from py4dstem_prenet.refine import (_dft_grid, _masked_edges, _symmetry_at, _upsampled_peak, disk_model_centre,
-                                    edge_blur_bias, edge_map,
-                                    gaussian_blur, refine_origin, symmetry_centre)
+                                    edge_blur_bias, edge_map, gaussian_blur, log_polar_view, refine_origin,
+                                    symmetry_centre)
 from py4dstem_prenet.preprocess import blur_correction
 from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
 from py4dstem_prenet.simulation.detector import beam_stop_mask
@@ -301,6 +301,29 @@ def test_engine_takes_the_slope_bias_from_the_disk_fit():
     err = out["origin"] - true
     assert np.linalg.norm(err, axis=1).min() > 0.15
     assert np.all(np.linalg.norm(err - out["origin_blur_bias"], axis=1) < 0.03)
+
+
+def test_engine_origins_do_not_depend_on_the_block():
+    # two textured disks of different radii (the disk fit's start radius is each pattern's
+    # own): the same origins and bias estimates alone as in one block
+    scenes = [Scene(disk_radius=r, edge_width=1.0, spots=[[0, 0]], texture=[[0.6, 0.4, -0.4]]) for r in (8.0, 13.0)]
+    block = np.stack([render(sc, (128, 128), o) * 300 for sc, o in zip(scenes, ([62.3, 65.1], [66.7, 61.4]))])
+    net = PreNet(ellipse=False, denoise=False)
+    both = net.run(block)
+    for i in range(2):
+        alone = net.run(block[i:i + 1])
+        for key in ("origin", "origin_blur_bias"):
+            assert np.allclose(alone[key][0], both[key][i], rtol=0, atol=1e-6), key
+
+
+def test_log_polar_view_takes_a_band_per_pattern():
+    x = torch.rand(3, 1, 40, 40)
+    o = torch.tensor([[20.0, 19.5], [18.2, 21.0], [21.0, 20.0]])
+    r_min, r_max = torch.tensor([2.0, 3.0, 4.0]), torch.tensor([10.0, 12.0, 15.0])
+    view = log_polar_view(x, o, r_min, r_max, 16, 8)
+    for i in range(3):
+        one = log_polar_view(x[i:i + 1], o[i:i + 1], float(r_min[i]), float(r_max[i]), 16, 8)
+        assert torch.allclose(view[i], one[0], atol=1e-6)
 
 
 def test_disk_model_centre_rejects_bad_input():
