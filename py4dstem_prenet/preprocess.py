@@ -30,7 +30,7 @@ from .engine import (LOW_DOSE_COUNTS, PreNet, add_polar_sums, ellipse_bands, fit
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess", "blur_correction", "descan_shrinkage", "origin_noise", "origin_scatter", "origins_are_noise",
-           "robust_descan_fit", "scan_line_offsets", "scan_ripple", "scan_roughness", "consensus_descan_fit",
+           "robust_descan_fit", "scan_line_offsets", "scan_ripple", "scan_roughness", "consensus_descan_fit", "lattice_descan_fit",
            "tile_descan_model"]
 
 
@@ -340,6 +340,13 @@ def consensus_descan_fit(origin: np.ndarray, scan: tuple[int, int], tol: float =
     if not tol > 0:
         raise ValueError(f"tol must be > 0 px, got {tol}")
     a = _descan_design((nrx, nry))
+    coef, best = _consensus(a, origin, tol, seed)
+    return a @ coef, best
+
+
+def _consensus(a: np.ndarray, origin: np.ndarray, tol: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients of the descan (design ``a``) that most ``origin`` rows lie within ``tol`` of,
+    and those rows (see :func:`consensus_descan_fit`)."""
     k = a.shape[1]
     rng = np.random.default_rng(seed)
     best = np.zeros(len(a), bool)
@@ -355,11 +362,129 @@ def consensus_descan_fit(origin: np.ndarray, scan: tuple[int, int], tol: float =
         if refit.sum() < k:
             break
         best = refit
-    return a @ np.linalg.lstsq(a[best], origin[best], rcond=None)[0], best
+    return np.linalg.lstsq(a[best], origin[best], rcond=None)[0], best
+
+
+#: :func:`lattice_descan_fit` looks for at most this many sets of origins, each of at
+#: least LATTICE_SET_MIN origins and LATTICE_SET_MIN_FRACTION of the scan.
+LATTICE_SETS = 8
+LATTICE_SET_MIN = 5
+LATTICE_SET_MIN_FRACTION = 0.03
+
+#: Radius (px) of a set of :func:`lattice_descan_fit` about its centre, in offsets from
+#: the network's descan. Within a set, offsets scattered by 0.2-0.9 px per axis (std) on
+#: dev scans; lattice points were 6.4 px apart or more.
+LATTICE_SET_RADIUS = 3.0
+
+#: The set taken is then the origins within this distance (px) of its descan; with at
+#: least LATTICE_OWN_FIT times as many origins as the descan has coefficients, that
+#: descan is the fit of its own origins.
+LATTICE_MEMBER_TOL = 2.0
+LATTICE_OWN_FIT = 2
+
+#: :func:`lattice_descan_fit` prefers a set other than the largest only where that set is
+#: at most this fraction as far from the network's descan as the largest (on a dev probe,
+#: 8 x 8, the true set 2.5 px from it, the largest 4.8 px; 0.5 kept the largest).
+LATTICE_PREFER_RATIO = 2 / 3
+
+
+def lattice_descan_fit(origin: np.ndarray, network: np.ndarray, scan: tuple[int, int]
+                       ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Descan that the network's own guesses point to, where origins split over lattice points.
+
+    In a dense lattice of disks as bright as the bright-field disk (a thick crystal, a
+    flat Bragg envelope), every lattice point and half-lattice point is a centre of
+    inversion symmetry: the edge-symmetry refinement takes each pattern to the one
+    nearest the network's guess, and the origins split into sets, each a smooth descan
+    shifted by a lattice vector. The true set need not be the largest: on three dev
+    scans (12 x 12, 1e5 counts, bright disks) it held 5-18% of the scan, the largest
+    23-42%, and the origins ended 5-10 px off on average. The network's guesses scatter
+    by pixels but centre on the true descan: their robust parabolic fit
+    (:func:`robust_descan_fit`) was 1.1-4.6 px (RMS) from it there, the wrong sets'
+    offsets from that fit 5-17 px. The offsets of the origins from that fit are
+    gathered in sets (greedily, each about the densest 3 x 3 px cell of what is left,
+    within LATTICE_SET_RADIUS); the set nearest the fit is taken where it is the largest
+    or at most LATTICE_PREFER_RATIO times as far as the largest. The largest set can
+    hold under half of the scan, which the L1 fit of all origins does not withstand
+    (two dev scans: 40% and 34%). Its descan
+    is the network's fit plus a plane through the set's offsets from it (the fit of the
+    set's own origins where it holds LATTICE_OWN_FIT times as many as the descan has
+    coefficients), its members the origins within LATTICE_MEMBER_TOL of that descan.
+    Where the network itself points to a wrong lattice point (a dev scan at 1e4
+    counts: its origins 7.5 px off on average, and 91% of the refined ones), this
+    cannot help.
+
+    Parameters
+    ----------
+    origin : numpy.ndarray
+        (R_Nx * R_Ny, 2) finite origins in scan order, pixels.
+    network : numpy.ndarray
+        (R_Nx * R_Ny, 2) the centre network's origins (before refinement), pixels.
+    scan : tuple of int
+        (R_Nx, R_Ny).
+
+    Returns
+    -------
+    (fitted, members) or None
+        The descan of the set taken, (R_Nx * R_Ny, 2) pixels, and its (R_Nx * R_Ny,)
+        bool members; None where the offsets hold one set (no lattice points to choose
+        from), or where the network's fit lies between the nearest set and the largest.
+
+    Raises
+    ------
+    ValueError
+        If ``origin`` or ``network`` is not finite (R_Nx * R_Ny, 2).
+    """
+    nrx, nry = (int(v) for v in scan)
+    origin, network = np.asarray(origin, float), np.asarray(network, float)
+    for name, v in (("origin", origin), ("network", network)):
+        if v.shape != (nrx * nry, 2) or not np.all(np.isfinite(v)):
+            raise ValueError(f"{name} must be finite ({nrx * nry}, 2), got {v.shape}")
+    prior = robust_descan_fit(network, (nrx, nry))
+    d = origin - prior
+    need = max(LATTICE_SET_MIN, LATTICE_SET_MIN_FRACTION * len(d))
+    left = np.ones(len(d), bool)
+    sets = []
+    for _ in range(LATTICE_SETS):
+        if left.sum() < need:
+            break
+        cell = np.floor(d[left]).astype(np.int64)
+        lo = cell.min(axis=0)
+        hist = np.zeros(tuple(cell.max(axis=0) - lo + 3), np.int64)
+        np.add.at(hist, tuple((cell - lo + 1).T), 1)
+        dense = sum(np.roll(hist, (a, b), axis=(0, 1)) for a in (-1, 0, 1) for b in (-1, 0, 1))
+        peak = np.array(np.unravel_index(np.argmax(dense), dense.shape)) + lo - 1 + 0.5
+        centre = np.median(d[left & (np.linalg.norm(d - peak, axis=1) <= LATTICE_SET_RADIUS)], axis=0)
+        members = left & (np.linalg.norm(d - centre, axis=1) <= LATTICE_SET_RADIUS)
+        if members.sum() < need:
+            break
+        sets.append((float(np.linalg.norm(centre)), members))
+        left &= ~members
+    if len(sets) < 2:
+        return None
+    largest = max(sets, key=lambda t: int(t[1].sum()))
+    nearest = min(sets, key=lambda t: t[0])
+    if nearest is not largest and nearest[0] > LATTICE_PREFER_RATIO * largest[0]:
+        return None  # the network's fit between the two: no telling
+    # the set's descan: the network's fit plus a plane fitted to the set's offsets from it
+    # (which takes out most of that fit's own error), the set re-drawn about it, twice
+    plane = _descan_design((nrx, nry))[:, :3]
+    members = nearest[1]
+    for _ in range(2):
+        fitted = prior + plane @ np.linalg.lstsq(plane[members], d[members], rcond=None)[0]
+        refit = np.linalg.norm(origin - fitted, axis=1) <= LATTICE_MEMBER_TOL
+        if refit.sum() < need:
+            break
+        members = refit
+    design = _descan_design((nrx, nry))
+    if members.sum() >= LATTICE_OWN_FIT * design.shape[1]:  # enough to fit the set's own descan
+        return design @ np.linalg.lstsq(design[members], origin[members], rcond=None)[0], members
+    return prior + plane @ np.linalg.lstsq(plane[members], d[members], rcond=None)[0], members
 
 
 def _descan_consistency(engine: PreNet, data, bounds, origin: np.ndarray, source: np.ndarray,
-                        scan: tuple[int, int], mask, client) -> tuple[np.ndarray, np.ndarray, int]:
+                        scan: tuple[int, int], mask, client, network: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, int]:
     """Re-measure origins that disagree with the scan's smooth descan.
 
     Descan is a smooth function of the probe position (as py4DSTEM ``fit_origin``
@@ -370,7 +495,11 @@ def _descan_consistency(engine: PreNet, data, bounds, origin: np.ndarray, source
     if it holds at least CONSENSUS_MIN_FRACTION of the scan: on a development crystal
     scan (8 x 8, 1e4 counts, a dense lattice of disks as bright as the bright-field
     disk) 45% of the origins were on half-lattice points 12-22 px away, and the
-    consistency check, which stopped at a third, left them there.
+    consistency check, which stopped at a third, left them there. Where at least
+    LATTICE_SET_MIN_FRACTION of the origins are LATTICE_MEMBER_TOL off that fit and the network's origins
+    (``network``) point to a set other than the largest (:func:`lattice_descan_fit`),
+    that set's descan is taken instead: in flat-envelope lattices the true set can be
+    a small minority.
 
     Returns
     -------
@@ -382,7 +511,13 @@ def _descan_consistency(engine: PreNet, data, bounds, origin: np.ndarray, source
     resid = np.linalg.norm(origin - fitted, axis=1)
     tol = max(1.0, DESCAN_OUTLIER_SIGMAS * 1.4826 * float(np.median(resid)))
     outlier = resid > tol
-    if outlier.mean() > 1 / 3:  # beyond what that fit withstands: the largest consistent set's fit
+    lattice = None
+    if ((resid > LATTICE_MEMBER_TOL).mean() >= LATTICE_SET_MIN_FRACTION and network is not None
+            and np.all(np.isfinite(network))):
+        lattice = lattice_descan_fit(origin, network, scan)
+    if lattice is not None:  # origins over lattice points: the set the network points to
+        fitted, outlier = lattice[0], ~lattice[1]
+    elif outlier.mean() > 1 / 3:  # beyond what that fit withstands: the largest consistent set's fit
         fitted, inliers = consensus_descan_fit(origin, scan, tol)
         if inliers.mean() < CONSENSUS_MIN_FRACTION:
             return origin, source, 0
@@ -1229,7 +1364,7 @@ def preprocess(
             n_pooled, n_model, lines, ripple = _pool_low_dose(engine, data, (nrx, nry), origin, results, mask)
         if center and refine and min(nrx, nry) >= 3:
             origin, source, n_rerefined = _descan_consistency(engine, data, bounds, origin, results["origin_source"],
-                                                              (nrx, nry), mask, client)
+                                                              (nrx, nry), mask, client, results.get("origin_network"))
             results["origin_source"] = source
         correction = None
         if center and refine and "origin_blur_bias" in results:

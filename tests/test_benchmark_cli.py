@@ -5,7 +5,7 @@ import torch
 from py4dstem_prenet.cli import main
 from py4dstem_prenet.evaluation.benchmark import (CLASSICAL_GET_ORIGIN, PRENET_CALIBRATION, PRENET_CENTRE,
                                                   PRENET_DENOISER, PRENET_ELLIPSE, STOP_CONDITION, STOP_RINGS_CONDITION,
-                                                  BenchmarkConfig, BenchmarkResult, run_benchmark)
+                                                  FLAT_LATTICE_CONDITION, BenchmarkConfig, BenchmarkResult, run_benchmark)
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def test_benchmark_tables(quick_result, tmp_path):
     md = quick_result.to_markdown()
     assert "py4DSTEM get_origin" in md and "CRLB" in md and "tensor SVD" in md and "| target | measured | met |" in md
     conditions = {r["data"] for r in quick_result.origin}
-    assert {"bright Bragg disks + hot pixels", STOP_CONDITION, STOP_RINGS_CONDITION} <= conditions
+    assert {"bright Bragg disks + hot pixels", STOP_CONDITION, STOP_RINGS_CONDITION, FLAT_LATTICE_CONDITION} <= conditions
     for r in quick_result.origin:
         assert r["crlb_rms"] > 0 and r["per_second"] > 0 and 0 <= r["fail"] <= 1
     crlb = {r["dose"]: r["crlb_rms"] for r in quick_result.origin}
@@ -100,6 +100,21 @@ def test_benchmark_seed_gives_a_development_set_with_the_same_conditions(quick_r
         with pytest.raises(ValueError, match="seed"):
             run_benchmark(replace(quick_result.config, seed=bad))
     assert main(["benchmark", "--quick", "--seed", "1"]) == 2
+
+
+def test_flat_lattice_scene_is_dense_and_has_no_envelope():
+    from py4dstem_prenet.evaluation.benchmark import FLAT_LATTICE_MIN_SPOTS, flat_lattice_scene
+
+    for seed in range(5):
+        scene = flat_lattice_scene(np.random.default_rng(seed), (96, 96))
+        r = np.hypot(*scene.spots.T)
+        assert r[0] == 0 and scene.spot_intensity[0] == 1.0
+        assert (r < 48).sum() >= FLAT_LATTICE_MIN_SPOTS
+        bragg = scene.spot_intensity[1:]
+        assert bragg.min() >= 0.6 and bragg.max() <= 1.5
+        # no envelope: the outer half of the disks as bright as the inner half
+        inner = bragg[r[1:] < np.median(r[1:])].mean()
+        assert 0.8 < bragg[r[1:] >= np.median(r[1:])].mean() / inner < 1.25
 
 
 def test_benchmark_rejects_unknown_table():

@@ -22,12 +22,12 @@ from .. import __version__
 from ..baselines import (aligned_mean_pattern, ellipse_amorphous_ring, ellipse_fit_1d, ellipse_from_bragg_vectors,
                          fit_origin, gaussian_denoise, get_origin, get_origin_friedel, tensor_svd_denoise)
 from ..preprocess import POOL_BELOW_COUNTS
-from ..simulation import Detector, random_scene, simulate_datacube, simulate_patterns
+from ..simulation import Detector, Scene, random_scene, simulate_datacube, simulate_patterns
 from ..simulation.multislice import simulate_multislice_datacube
 from .metrics import centre_errors, ellipse_errors, mse, psnr
 
 __all__ = ["BenchmarkConfig", "BenchmarkResult", "run_benchmark", "classical_methods", "prenet_methods",
-           "bright_disk_scene"]
+           "bright_disk_scene", "flat_lattice_scene"]
 
 #: Seeds of the benchmark's scans start here; training streams must never use them.
 BENCHMARK_SEED = 10_000_000
@@ -64,6 +64,12 @@ READ_NOISE_CONDITION = "integrating detector, read noise 1 e- per pixel"
 #: offset from each other (0.3 px per axis), each row's first positions lagging by up to
 #: 1 px (flyback), and a 0.3 px mains oscillation.
 ROUGH_DESCAN_CONDITION = "rough descan: scan-line offsets, flyback, mains ripple"
+
+#: A dense lattice of Bragg disks as bright as the bright-field disk at every order
+#: (:func:`flat_lattice_scene`), at least this many disks (the bright-field one included)
+#: within the detector's inscribed circle (a quarter of random crystal scenes).
+FLAT_LATTICE_CONDITION = "bright Bragg disks, flat envelope (dense lattice)"
+FLAT_LATTICE_MIN_SPOTS = 25
 ROUGH_DESCAN = {"line_jitter": 0.3, "flyback": 1.0, "ripple": 0.3}
 
 
@@ -341,6 +347,14 @@ class BenchmarkResult:
         plt.close(fig)
 
 
+def _crystal_scene(rng: np.random.Generator, shape: tuple[int, int], accept) -> Scene:
+    """The first random crystal scene (:func:`~py4dstem_prenet.simulation.random_scene`) that ``accept`` takes."""
+    while True:
+        scene = random_scene(rng, shape, "crystal")
+        if accept(scene):
+            return scene
+
+
 def bright_disk_scene(rng: np.random.Generator, shape: tuple[int, int], brightness: float = 1.5):
     """A crystal scene whose brightest Bragg disk outshines the bright-field disk.
 
@@ -353,13 +367,32 @@ def bright_disk_scene(rng: np.random.Generator, shape: tuple[int, int], brightne
     brightness : float
         Brightest Bragg disk relative to the bright-field disk.
     """
-    while True:
-        scene = random_scene(rng, shape, "crystal")
-        if len(scene.spots) > 4:
-            break
+    scene = _crystal_scene(rng, shape, lambda sc: len(sc.spots) > 4)
     inten = scene.spot_intensity.copy()
     inten[1:] *= brightness / inten[1:].max()
     scene.spot_intensity = inten
+    return scene
+
+
+def flat_lattice_scene(rng: np.random.Generator, shape: tuple[int, int]):
+    """A dense crystal lattice with no intensity envelope: every Bragg disk 0.6-1.5 times as
+    bright as the bright-field disk, whatever its order (a thick crystal).
+
+    Every lattice point and half-lattice point is then a centre of inversion symmetry; only
+    the diffuse background and the scan-wide consistency of the descan single out the origin.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Random source: crystal scenes are drawn until one is dense enough, then the
+        disks' intensities.
+    shape : tuple of int
+        Detector shape, pixels; FLAT_LATTICE_MIN_SPOTS disks must lie within its
+        inscribed circle.
+    """
+    scene = _crystal_scene(rng, shape,
+                           lambda sc: (np.hypot(*sc.spots.T) < 0.5 * min(shape)).sum() >= FLAT_LATTICE_MIN_SPOTS)
+    scene.spot_intensity = np.r_[1.0, rng.uniform(0.6, 1.5, len(scene.spots) - 1)]
     return scene
 
 
@@ -561,25 +594,26 @@ def run_benchmark(
                     for name in ("Au", "MgO")]
         except ImportError:
             say("abtem not installed: no multislice condition")
-    # name -> (detector, force a Bragg disk brighter than the bright-field disk, beam stop, kind,
-    # rough descan)
+    # name -> (detector, scene drawn (None: random_scene of the kind), beam stop, kind, rough descan)
     conditions = {
-        "crystal (random disk brightness)": (Detector(), False, False, "crystal", {}),
-        "bright Bragg disks": (Detector(), True, False, "crystal", {}),
-        "bright Bragg disks + hot pixels": (Detector(hot_fraction=5e-4, hot_level=10.0), True, False, "crystal", {}),
-        STOP_CONDITION: (Detector(), False, True, "crystal", {}),
-        STOP_RINGS_CONDITION: (Detector(), False, True, "amorphous", {}),
-        READ_NOISE_CONDITION: (Detector(gain=10.0, read_noise=10.0), False, False, "crystal", {}),
-        ROUGH_DESCAN_CONDITION: (Detector(), False, False, "crystal", ROUGH_DESCAN),
+        "crystal (random disk brightness)": (Detector(), None, False, "crystal", {}),
+        "bright Bragg disks": (Detector(), bright_disk_scene, False, "crystal", {}),
+        "bright Bragg disks + hot pixels": (Detector(hot_fraction=5e-4, hot_level=10.0), bright_disk_scene, False,
+                                            "crystal", {}),
+        STOP_CONDITION: (Detector(), None, True, "crystal", {}),
+        STOP_RINGS_CONDITION: (Detector(), None, True, "amorphous", {}),
+        READ_NOISE_CONDITION: (Detector(gain=10.0, read_noise=10.0), None, False, "crystal", {}),
+        ROUGH_DESCAN_CONDITION: (Detector(), None, False, "crystal", ROUGH_DESCAN),
+        FLAT_LATTICE_CONDITION: (Detector(), flat_lattice_scene, False, "crystal", {}),
     }
     for di, dose in enumerate(cfg.doses):
-        for ci, (condition, (detector, bright, stop, kind, rough)) in enumerate(conditions.items()):
+        for ci, (condition, (detector, draw, stop, kind, rough)) in enumerate(conditions.items()):
             say(f"origin, {condition}, dose {dose:.0e}")
             cubes = []
             for s in range(cfg.n_scans):
                 seed = cfg.seed + 1000 * di + 100 * ci + s
                 rng = np.random.default_rng(seed)
-                scene = bright_disk_scene(rng, shape) if bright else None
+                scene = draw(rng, shape) if draw is not None else None
                 dc, truth = simulate_datacube(
                     cfg.scan_shape, shape, kind, dose, cfg.ellipse, detector=detector, beam_stop=stop,
                     scene=scene, seed=seed, compute_crlb=True, **rough,
