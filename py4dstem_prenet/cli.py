@@ -337,7 +337,10 @@ dark-subtracted (half of the empty pixels read negative); "rough descan" scans a
 whose descan is also rough in time (the scan is raster order, rows along R_Ny): every row
 offset by 0.3 px per axis, every row's first positions lagging by up to 1 px (flyback,
 decaying over 1.5 positions), and a 0.3 px mains oscillation with a period of 3-20
-positions. The origin label is the geometric centre of the bright-field disk. py4DSTEM's classical methods are run with their
+positions; "stress" scans (added after the targets were set, and kept out of them) are
+dense crystal lattices (at least 25 disks within the detector) whose Bragg disks of every
+order are 0.6-1.5x as bright as the bright-field disk: with no intensity envelope, every
+lattice and half-lattice point is a centre of symmetry. The origin label is the geometric centre of the bright-field disk. py4DSTEM's classical methods are run with their
 defaults and, where a radius is needed, with the true radius (the hand-tuning a user
 does); their failures are results, not crashes. PreNet runs with the shipped weights
 and no hand-set parameter, as `prenet.preprocess` (its refined rows): below 2000 counts
