@@ -30,8 +30,8 @@ from .engine import (LOW_DOSE_COUNTS, PreNet, add_polar_sums, ellipse_bands, fit
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess", "blur_correction", "descan_shrinkage", "origin_noise", "origin_scatter", "origins_are_noise",
-           "robust_descan_fit", "scan_line_offsets", "scan_ripple", "scan_roughness", "consensus_descan_fit", "lattice_descan_fit",
-           "tile_descan_model"]
+           "robust_descan_fit", "scan_line_offsets", "scan_ripple", "scan_roughness", "consensus_descan_fit",
+           "lattice_descan_fit", "tile_descan_model"]
 
 
 def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool, mask: np.ndarray | None) -> dict:
@@ -404,12 +404,12 @@ def lattice_descan_fit(origin: np.ndarray, network: np.ndarray, scan: tuple[int,
     offsets from that fit 5-17 px. The offsets of the origins from that fit are
     gathered in sets (greedily, each about the densest 3 x 3 px cell of what is left,
     within LATTICE_SET_RADIUS); the set nearest the fit is taken where it is the largest
-    or at most LATTICE_PREFER_RATIO times as far as the largest. The largest set can
-    hold under half of the scan, which the L1 fit of all origins does not withstand
-    (two dev scans: 40% and 34%). Its descan
-    is the network's fit plus a plane through the set's offsets from it (the fit of the
-    set's own origins where it holds LATTICE_OWN_FIT times as many as the descan has
-    coefficients), its members the origins within LATTICE_MEMBER_TOL of that descan.
+    or at most LATTICE_PREFER_RATIO times as far as the largest (even the largest can
+    hold under half of the scan, which the L1 fit of all origins does not withstand:
+    two dev scans, 40% and 34%). The descan of the set taken is the network's fit plus
+    a plane through the set's offsets from it (the fit of the set's own origins where it
+    holds LATTICE_OWN_FIT times as many as the descan has coefficients), its members the
+    origins within LATTICE_MEMBER_TOL of that descan.
     Where the network itself points to a wrong lattice point (a dev scan at 1e4
     counts: its origins 7.5 px off on average, and 91% of the refined ones), this
     cannot help.
