@@ -340,13 +340,6 @@ def consensus_descan_fit(origin: np.ndarray, scan: tuple[int, int], tol: float =
     if not tol > 0:
         raise ValueError(f"tol must be > 0 px, got {tol}")
     a = _descan_design((nrx, nry))
-    coef, best = _consensus(a, origin, tol, seed)
-    return a @ coef, best
-
-
-def _consensus(a: np.ndarray, origin: np.ndarray, tol: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Coefficients of the descan (design ``a``) that most ``origin`` rows lie within ``tol`` of,
-    and those rows (see :func:`consensus_descan_fit`)."""
     k = a.shape[1]
     rng = np.random.default_rng(seed)
     best = np.zeros(len(a), bool)
@@ -362,7 +355,7 @@ def _consensus(a: np.ndarray, origin: np.ndarray, tol: float, seed: int) -> tupl
         if refit.sum() < k:
             break
         best = refit
-    return np.linalg.lstsq(a[best], origin[best], rcond=None)[0], best
+    return a @ np.linalg.lstsq(a[best], origin[best], rcond=None)[0], best
 
 
 #: :func:`lattice_descan_fit` looks for at most this many sets of origins, each of at
@@ -468,7 +461,8 @@ def lattice_descan_fit(origin: np.ndarray, network: np.ndarray, scan: tuple[int,
         return None  # the network's fit between the two: no telling
     # the set's descan: the network's fit plus a plane fitted to the set's offsets from it
     # (which takes out most of that fit's own error), the set re-drawn about it, twice
-    plane = _descan_design((nrx, nry))[:, :3]
+    design = _descan_design((nrx, nry))
+    plane = design[:, :3]
     members = nearest[1]
     for _ in range(2):
         fitted = prior + plane @ np.linalg.lstsq(plane[members], d[members], rcond=None)[0]
@@ -476,7 +470,6 @@ def lattice_descan_fit(origin: np.ndarray, network: np.ndarray, scan: tuple[int,
         if refit.sum() < need:
             break
         members = refit
-    design = _descan_design((nrx, nry))
     if members.sum() >= LATTICE_OWN_FIT * design.shape[1]:  # enough to fit the set's own descan
         return design @ np.linalg.lstsq(design[members], origin[members], rcond=None)[0], members
     return prior + plane @ np.linalg.lstsq(plane[members], d[members], rcond=None)[0], members
@@ -496,10 +489,11 @@ def _descan_consistency(engine: PreNet, data, bounds, origin: np.ndarray, source
     scan (8 x 8, 1e4 counts, a dense lattice of disks as bright as the bright-field
     disk) 45% of the origins were on half-lattice points 12-22 px away, and the
     consistency check, which stopped at a third, left them there. Where at least
-    LATTICE_SET_MIN_FRACTION of the origins are LATTICE_MEMBER_TOL off that fit and the network's origins
-    (``network``) point to a set other than the largest (:func:`lattice_descan_fit`),
-    that set's descan is taken instead: in flat-envelope lattices the true set can be
-    a small minority.
+    LATTICE_SET_MIN_FRACTION of the origins are LATTICE_MEMBER_TOL off that fit and
+    the origins split into sets of which the network's origins (``network``) point to
+    one (:func:`lattice_descan_fit`), that set's descan is taken instead: in
+    flat-envelope lattices the true set can be a small minority, and even the largest
+    set can hold less than the L1 fit withstands.
 
     Returns
     -------

@@ -359,7 +359,7 @@ def _crystal_scene(rng: np.random.Generator, shape: tuple[int, int], accept) -> 
             return scene
 
 
-def bright_disk_scene(rng: np.random.Generator, shape: tuple[int, int], brightness: float = 1.5):
+def bright_disk_scene(rng: np.random.Generator, shape: tuple[int, int], brightness: float = 1.5) -> Scene:
     """A crystal scene whose brightest Bragg disk outshines the bright-field disk.
 
     Parameters
@@ -378,7 +378,7 @@ def bright_disk_scene(rng: np.random.Generator, shape: tuple[int, int], brightne
     return scene
 
 
-def flat_lattice_scene(rng: np.random.Generator, shape: tuple[int, int]):
+def flat_lattice_scene(rng: np.random.Generator, shape: tuple[int, int]) -> Scene:
     """A dense crystal lattice with no intensity envelope: every Bragg disk 0.6-1.5 times as
     bright as the bright-field disk, whatever its order (a thick crystal).
 
