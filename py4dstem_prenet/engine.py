@@ -24,14 +24,17 @@ import torch.nn.functional as F
 from ._validation import check_detector_mask
 from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
-from .refine import (LOCAL_MIN_OVERLAP, bright_field_radius, disk_model_centre, edge_blur_bias, edge_curvature_factor,
-                     gaussian_blur, intensity_symmetry_centre, intensity_symmetry_halves, log_polar_view,
-                     refine_ellipse, refine_origin, symmetry_centre, symmetry_centres)
+from .conventions import e12_to_ellipse
+from .refine import (DISK_MODEL_MARGIN, LOCAL_MIN_OVERLAP, _check_radius, _fit_disk_windows, bright_field_radius,
+                     disk_ellipses, disk_model_centre, edge_blur_bias, edge_curvature_factor, gaussian_blur,
+                     intensity_symmetry_centre, intensity_symmetry_halves, log_polar_view, refine_ellipse,
+                     refine_origin, symmetry_centre, symmetry_centres)
 from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
 
-__all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "poisson_noise_fraction",
-           "read_noise_sigma", "dark_level", "measurement_block", "equivalent_counts", "LOW_DOSE_COUNTS"]
+__all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "ring_scan", "disk_offsets",
+           "combine_disk_ellipses", "poisson_noise_fraction", "read_noise_sigma", "dark_level", "measurement_block",
+           "equivalent_counts", "LOW_DOSE_COUNTS"]
 
 #: Below this many counts per pattern the edge refinement reads the denoised pattern;
 #: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
@@ -1195,6 +1198,86 @@ class PreNet:
             return out
 
 
+    def aligned_sum(self, block: np.ndarray, origin: np.ndarray, mask: np.ndarray | None = None
+                    ) -> dict[str, np.ndarray]:
+        """Per-block part of the origin-aligned mean on which :func:`disk_offsets` finds the disks.
+
+        Each pattern (hot pixels removed, masked pixels and annotations left out) is
+        moved by whole pixels so that its origin lands within half a pixel of the
+        detector's centre pixel ``(Q_Nx // 2, Q_Ny // 2)``: no interpolation, so no
+        resampling blur and no ringing.
+
+        Parameters
+        ----------
+        block : numpy.ndarray
+            (N, Q_Nx, Q_Ny) recorded patterns.
+        origin : numpy.ndarray
+            (N, 2) origins (qx0, qy0), pixels.
+        mask : numpy.ndarray, optional
+            As in :meth:`run`.
+
+        Returns
+        -------
+        dict of numpy.ndarray
+            'aligned': (Q_Nx, Q_Ny) float64 sum of the moved patterns; 'aligned cover':
+            how many valid pixels each detector pixel received. Add them over blocks
+            (:func:`add_polar_sums`); their ratio is the mean.
+        """
+        h, w = np.shape(block)[-2:]
+        with torch.inference_mode():
+            _, xm, valid, _, _ = _masked_block(np.asarray(block), mask, torch.device("cpu"))
+            x = _median3(xm)[:, 0].double().numpy()
+        v = np.ones((1, h, w)) if valid is None else valid.numpy().astype(float).reshape(-1, h, w)
+        total, cover = np.zeros((h, w)), np.zeros((h, w))
+        shifts = np.round(np.array([h // 2, w // 2]) - np.asarray(origin, float)).astype(int)
+        for i, (sx, sy) in enumerate(shifts):
+            if abs(sx) >= h or abs(sy) >= w:
+                continue
+            dst = (slice(max(0, sx), h + min(0, sx)), slice(max(0, sy), w + min(0, sy)))
+            src = (slice(max(0, -sx), h + min(0, -sx)), slice(max(0, -sy), w + min(0, -sy)))
+            vi = v[min(i, len(v) - 1)][src]
+            total[dst] += x[i][src] * vi
+            cover[dst] += vi
+        return {"aligned": total, "aligned cover": cover}
+
+    def disk_shapes(self, block: np.ndarray, origin: np.ndarray, offsets: np.ndarray, radius: float,
+                    edge_width: float, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per-block part of the disk-shape ellipse: every listed disk of every pattern fitted.
+
+        Parameters
+        ----------
+        block : numpy.ndarray
+            (N, Q_Nx, Q_Ny) recorded patterns.
+        origin : numpy.ndarray
+            (N, 2) origins (qx0, qy0), pixels; a NaN row leaves its pattern out.
+        offsets : numpy.ndarray
+            (M, 2) disk centres relative to the origin, pixels (from :func:`disk_offsets`).
+        radius, edge_width : float
+            Disk radius and edge width (sigma), pixels (from :func:`disk_offsets`).
+        mask : numpy.ndarray, optional
+            As in :meth:`run`.
+
+        Returns
+        -------
+        dict of numpy.ndarray
+            'disk e12': (K, 2) and 'disk e12 covariance': (K, 2, 2) of the K fits that
+            count (see :func:`~py4dstem_prenet.refine.disk_ellipses`); concatenate
+            them over blocks and pass them to :func:`combine_disk_ellipses`.
+        """
+        h, w = np.shape(block)[-2:]
+        o = np.asarray(origin, float)
+        centre = (o[:, None, :] + np.asarray(offsets, float)[None]).reshape(-1, 2)
+        which = np.repeat(np.arange(len(o)), len(offsets))
+        reach = radius + DISK_MODEL_MARGIN + 1
+        inside = (np.isfinite(centre).all(axis=1) & (centre[:, 0] >= reach) & (centre[:, 0] <= h - 1 - reach)
+                  & (centre[:, 1] >= reach) & (centre[:, 1] <= w - 1 - reach))
+        with torch.inference_mode():
+            _, xm, valid, _, _ = _masked_block(np.asarray(block), mask, torch.device("cpu"))
+            e12, cov, ok = disk_ellipses(_median3(xm), torch.from_numpy(centre[inside]), radius,
+                                         torch.from_numpy(which[inside]), valid, edge_width=edge_width)
+        return {"disk e12": e12[ok].numpy(), "disk e12 covariance": cov[ok].numpy()}
+
+
 def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float | None,
                   margin: float = 2.0) -> dict[str, tuple[float, float]]:
     """Radial bands of the ellipse refinement.
@@ -1251,6 +1334,17 @@ def add_polar_sums(total: dict[str, np.ndarray], part: dict[str, np.ndarray]) ->
         total[key] = total[key] + val if key in total else val
 
 
+def ring_scan(sums: dict[str, np.ndarray]) -> bool:
+    """Whether (nearly) every pattern summed into :meth:`PreNet.polar_sums` is rings only.
+
+    True where more than MIXED_MAX_FRACTION of the patterns counted into the
+    ISOTROPIC band were isotropic (amorphous or polycrystalline rings, no Bragg disks);
+    False without that count.
+    """
+    n_iso, n_all = sums.get(ISOTROPIC + " count", (0.0, 0.0))
+    return bool(n_all > 0 and n_iso > MIXED_MAX_FRACTION * n_all)
+
+
 def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float, float]]
                       ) -> tuple[float, float, float, str] | None:
     """Fit the ellipse on the summed log-polar views (see :func:`refine_ellipse`).
@@ -1284,7 +1378,7 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
     usable = [k for k in bands if k != ISOTROPIC or 1 <= n_iso <= MIXED_MAX_FRACTION * n_all]
     if not usable:
         return None
-    rings = n_all > 0 and n_iso > MIXED_MAX_FRACTION * n_all  # (nearly) every pattern is rings only
+    rings = ring_scan(sums)
     plain = {"bright-field edge"} | ({"full"} if rings else set())
     results = {k: refine_ellipse(sums[k], *bands[k], iterations=4, compress=k not in plain,
                                  neighbour_floor=BF_NEIGHBOUR_FLOOR if k == "bright-field edge" else None)
@@ -1298,3 +1392,131 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
     if band == "bright-field edge":
         ratio = 1.0 + (ratio - 1.0) / edge_curvature_factor(sums[band], *bands[band])
     return ratio, theta, quality, band
+
+
+#: :func:`disk_offsets` keeps, brightest first, at most this many disks of the aligned mean.
+DISK_SHAPE_MAX_DISKS = 24
+
+#: :func:`disk_offsets` keeps the disks that together hold this fraction of the summed
+#: information (inverse variance of e) of the disks fitted on the aligned mean.
+DISK_SHAPE_INFORMATION = 0.95
+
+#: Variance added per component (e1, e2) to every disk fit of
+#: :func:`combine_disk_ellipses`: the pixel sampling's error of one disk at one sub-pixel
+#: phase, which the fit's own covariance does not hold (noise-free simulated crystal
+#: patterns, radius 8 px, edge 0.3 px: 1e-3 to 3e-3 per disk).
+DISK_SHAPE_FLOOR = 2e-3
+
+#: :func:`combine_disk_ellipses` weighs down fits more than this many of their own
+#: standard deviations from the combined value (Huber).
+DISK_SHAPE_HUBER = 3.0
+
+#: Where the whole pattern's log-polar fit looks isotropic although not every pattern
+#: is rings (Bragg disks over diffuse scattering, or a polycrystal's spotty rings),
+#: ``preprocess`` takes the disk shapes only if the aligned mean shows at least this many
+#: Bragg disks: a single crystal's, not a polycrystal's (whose rings are smooth in the mean).
+DISK_SHAPE_MIN_BRAGG = 2
+
+#: Fewest disk fits, and most, that ``preprocess`` uses for the disk-shape ellipse.
+DISK_SHAPE_MIN_FITS = 30
+DISK_SHAPE_MAX_FITS = 3000
+
+
+def disk_offsets(aligned: np.ndarray, cover: np.ndarray, radius: float) -> tuple[np.ndarray, float, float]:
+    """Disks of the origin-aligned mean whose shapes measure the ellipse, and their radius.
+
+    Candidates are the local maxima of the mean convolved with a disk of the given
+    radius (at least 1.2 radii apart, at least 1% of the highest); the brightest
+    DISK_SHAPE_MAX_DISKS are fitted on the mean itself
+    (:func:`~py4dstem_prenet.refine.disk_ellipses`), and those whose fits count are
+    kept, most informative first, until they hold DISK_SHAPE_INFORMATION of the
+    information.
+
+    Parameters
+    ----------
+    aligned, cover : numpy.ndarray
+        (Q_Nx, Q_Ny) summed 'aligned' and 'aligned cover' of :meth:`PreNet.aligned_sum`.
+    radius : float
+        First disk radius, pixels (the bright-field disk's).
+
+    Returns
+    -------
+    offsets : numpy.ndarray
+        (M, 2) disk centres relative to the origin, pixels (M may be 0).
+    radius, edge_width : float
+        The median fitted radius and edge width (sigma) of the kept disks, pixels
+        (``radius`` and 1 where none is kept).
+    """
+    from scipy import ndimage
+
+    h, w = aligned.shape
+    mean = np.where(cover > 0, aligned / np.maximum(cover, 1e-12), 0.0)
+    half = int(math.ceil(radius))
+    g = np.arange(-half, half + 1)
+    kernel = (np.hypot(g[:, None], g[None, :]) <= radius).astype(float)
+    smooth = ndimage.convolve(mean, kernel / kernel.sum(), mode="constant")
+    peak = (smooth == ndimage.maximum_filter(smooth, size=max(3, int(1.2 * radius)))) & (smooth > 0.01 * smooth.max())
+    reach = radius + DISK_MODEL_MARGIN + 1
+    cand = np.argwhere(peak).astype(float)
+    cand = cand[(cand[:, 0] >= reach) & (cand[:, 0] <= h - 1 - reach)
+                & (cand[:, 1] >= reach) & (cand[:, 1] <= w - 1 - reach)]
+    cand = cand[np.argsort(-smooth[tuple(cand.astype(int).T)], kind="stable")][:DISK_SHAPE_MAX_DISKS]
+    none = np.zeros((0, 2)), float(radius), 1.0
+    if not len(cand):
+        return none
+    fit = _fit_disk_windows(torch.from_numpy(mean)[None, None], torch.from_numpy(cand),
+                            _check_radius(radius, len(cand)), torch.zeros(len(cand), dtype=torch.long), None, 4, None)
+    ok = fit.ok.numpy()
+    if not ok.any():
+        return none
+    shape, cov = fit.shape.numpy()[ok], fit.covariance.numpy()[ok]
+    variance = cov[:, 4, 4] + cov[:, 5, 5]
+    order = np.argsort(variance, kind="stable")
+    info = np.cumsum(1 / variance[order])
+    keep = order[: int(np.searchsorted(info, DISK_SHAPE_INFORMATION * info[-1])) + 1]
+    return (shape[keep, :2] - np.array([h // 2, w // 2], float), float(np.median(shape[keep, 2])),
+            float(np.exp(np.median(shape[keep, 3]))))
+
+
+def combine_disk_ellipses(e12: np.ndarray, covariance: np.ndarray) -> tuple[float, float, float]:
+    """One ellipse from many disks' shapes: a robust inverse-covariance mean of their (e1, e2).
+
+    Each fit's covariance gets DISK_SHAPE_FLOOR^2 added per component; fits more than
+    DISK_SHAPE_HUBER of their standard deviations from the mean are weighed down
+    (Huber, iterated). The standard error is scaled up by the scatter where the fits
+    scatter more than their covariances say.
+
+    Parameters
+    ----------
+    e12 : numpy.ndarray
+        (K, 2) per-disk (e1, e2) (see :func:`~py4dstem_prenet.conventions.ellipse_to_e12`).
+    covariance : numpy.ndarray
+        (K, 2, 2) their covariances.
+
+    Returns
+    -------
+    ratio, theta, sigma : float
+        a/b >= 1, theta in radians [0, pi), and the standard error of the combined
+        (e1, e2), per component (root of half the trace of its covariance).
+
+    Raises
+    ------
+    ValueError
+        If the shapes do not match or there are fewer than 2 fits.
+    """
+    e = np.asarray(e12, float)
+    c = np.asarray(covariance, float)
+    if e.ndim != 2 or e.shape[1] != 2 or c.shape != (len(e), 2, 2) or len(e) < 2:
+        raise ValueError(f"need e12 (K, 2) and covariance (K, 2, 2) with K >= 2, got {e.shape} and {c.shape}")
+    inv = np.linalg.inv(c + DISK_SHAPE_FLOOR**2 * np.eye(2))
+    weight = np.ones(len(e))
+    for _ in range(10):
+        info = (inv * weight[:, None, None]).sum(0)
+        mean = np.linalg.solve(info, (inv * weight[:, None, None] @ e[..., None]).sum(0))[:, 0]
+        d = e - mean
+        dist = np.sqrt(np.einsum("ki,kij,kj->k", d, inv, d))
+        weight = np.minimum(1.0, DISK_SHAPE_HUBER / np.maximum(dist, 1e-12))
+    scale = max(1.0, float((weight * dist**2).sum() / max(weight.sum() - 2, 1)))
+    sigma = math.sqrt(0.5 * np.trace(np.linalg.inv(info)) * scale)
+    ratio, theta = e12_to_ellipse(mean)
+    return float(ratio), float(theta), sigma

@@ -25,13 +25,14 @@ from . import __version__
 from ._validation import check_detector_mask
 from .conventions import e12_to_ellipse
 from .distributed import block_bounds, map_blocks
-from .engine import (LOW_DOSE_COUNTS, PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands, measure_disk_radius,
-                     measurement_block)
+from .engine import (DISK_SHAPE_MAX_FITS, DISK_SHAPE_MIN_BRAGG, DISK_SHAPE_MIN_FITS, LOW_DOSE_COUNTS, PreNet,
+                     add_polar_sums, combine_disk_ellipses, disk_offsets, ellipse_bands, fit_ellipse_bands,
+                     measure_disk_radius, measurement_block, ring_scan)
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess", "blur_correction", "descan_shrinkage", "origin_noise", "origin_scatter", "origins_are_noise",
            "robust_descan_fit", "scan_line_offsets", "scan_ripple", "scan_roughness", "consensus_descan_fit",
-           "lattice_descan_fit", "tile_descan_model"]
+           "lattice_descan_fit", "tile_descan_model", "disk_shape_ellipse"]
 
 
 def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool, mask: np.ndarray | None) -> dict:
@@ -1023,6 +1024,69 @@ POOLED_SHARED = 6 / 9
 RADIUS_PATTERNS = 1024
 
 
+
+def disk_shape_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin: np.ndarray, radius: float,
+                       chosen: np.ndarray, mask=None, client=None, min_bragg: int = 0
+                       ) -> tuple[float, float, float, int] | None:
+    """The dataset's ellipse from the shapes of its disks, each fitted in every pattern.
+
+    The disks (the bright-field disk and the Bragg disks) are found on the
+    origin-aligned mean of the ``chosen`` blocks (:meth:`PreNet.aligned_sum`,
+    :func:`~py4dstem_prenet.engine.disk_offsets`); then each of them is fitted in up
+    to DISK_SHAPE_MAX_FITS / (number of disks) patterns spread over the scan
+    (:meth:`PreNet.disk_shapes`) and the fits are combined
+    (:func:`~py4dstem_prenet.engine.combine_disk_ellipses`).
+
+    Parameters
+    ----------
+    engine : PreNet
+        The engine of ``preprocess``.
+    data : array_like
+        (R_Nx, R_Ny, Q_Nx, Q_Ny) recorded patterns.
+    bounds : list of (int, int)
+        Flat scan index ranges of the blocks.
+    origin : numpy.ndarray
+        (R_Nx * R_Ny, 2) origins, pixels.
+    radius : float
+        Bright-field disk radius, pixels.
+    chosen : numpy.ndarray
+        (len(bounds),) bool: the blocks whose aligned mean locates the disks.
+    mask, client
+        As in :func:`preprocess`.
+    min_bragg : int
+        Fewest Bragg disks (disks more than a radius from the origin) the aligned
+        mean must show.
+
+    Returns
+    -------
+    tuple or None
+        (a/b, theta in radians, standard error of (e1, e2) per component, number of
+        fits), or None where the mean shows fewer than ``min_bragg`` Bragg disks or
+        fewer than DISK_SHAPE_MIN_FITS fits count.
+    """
+    total: dict[str, np.ndarray] = {}
+    for _, part in map_blocks(engine, "aligned_sum", data, bounds, lambda i0, i1: (origin[i0:i1], mask),
+                              client=client, skip=~chosen):
+        add_polar_sums(total, part)
+    offsets, radius, edge_width = disk_offsets(total["aligned"], total["aligned cover"], radius)
+    n = len(origin)
+    bragg = int((np.linalg.norm(offsets, axis=1) > radius).sum())
+    if not len(offsets) or bragg < min_bragg or n * len(offsets) < DISK_SHAPE_MIN_FITS:
+        return None
+    use = np.zeros(n, bool)
+    use[np.linspace(0, n - 1, min(n, DISK_SHAPE_MAX_FITS // len(offsets))).round().astype(int)] = True
+    picked = np.where(use[:, None], origin, np.nan)
+    skip = np.array([not use[i0:i1].any() for i0, i1 in bounds])
+    parts = [part for _, part in map_blocks(engine, "disk_shapes", data, bounds,
+                                            lambda i0, i1: (picked[i0:i1], offsets, radius, edge_width, mask),
+                                            client=client, skip=skip)]
+    e12 = np.concatenate([p["disk e12"] for p in parts])
+    if len(e12) < DISK_SHAPE_MIN_FITS:
+        return None
+    ratio, theta, sigma = combine_disk_ellipses(e12, np.concatenate([p["disk e12 covariance"] for p in parts]))
+    return ratio, theta, sigma, len(e12)
+
+
 def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarray, results: dict,
                    mask) -> tuple[int, int, np.ndarray]:
     """Measure the origins of low-count patterns on the sums of their scan neighbourhoods.
@@ -1192,8 +1256,15 @@ def preprocess(
         stretch fit of the origin-aligned mean (which reads the scan twice more: once
         for the bright-field disk radius that places the fit's bands, kept as
         ``ellipse_disk_radius`` in px with ``ellipse_disk_radius_source`` 'measured',
-        or 'network' where no bright-field plateau shows, and once for the bands; the
-        ResNet's median estimate is kept in the metadata as ``ellipse_network``).
+        or 'network' where no bright-field plateau shows, and once for the bands;
+        ``ellipse_refined_band`` and ``ellipse_refined_quality`` say which band and how
+        isotropic it was), or, where no ring region carries it (a crystal), by fitting
+        the shape of every disk, Bragg disks as well as the bright-field disk, in up to
+        DISK_SHAPE_MAX_FITS disk fits over the scan (:func:`disk_shape_ellipse`; twice
+        more over part of the scan; ``ellipse_refined_band`` 'disk shapes',
+        ``ellipse_disk_fits`` and ``ellipse_refined_sigma``, the standard error of
+        (e1, e2) per component). The ResNet's median estimate is kept in the metadata
+        as ``ellipse_network``.
     fit_descan : bool
         Replace the per-pattern origins by a robust smooth (parabolic) descan fit
         (py4DSTEM ``fit_origin``); the measured ones stay in the metadata.
@@ -1462,8 +1533,25 @@ def preprocess(
                     md["ellipse_disk_radius"] = float(r_bf)
                     md["ellipse_disk_radius_source"] = "measured" if measured is not None else "network"
                 bands = ellipse_bands(origin, (h, w), r_bf)
-                est = fit_ellipse_bands(polar_sums(bands), bands)
-                if est is not None:
+                sums = polar_sums(bands)
+                est = fit_ellipse_bands(sums, bands)
+                # no ring region carries the ellipse (a crystal: its log-polar fit is on the
+                # bright-field edge, or on the whole pattern where Bragg disks and diffuse
+                # scattering make it look isotropic enough): the shapes of all its disks, the
+                # Bragg disks as well as the bright-field disk, measure it better (a
+                # polycrystal's spotty rings can fail the isotropy test too: there, the aligned
+                # mean shows no Bragg disk, and the rings' fit stands)
+                full = est is not None and est[3] == "full" and not ring_scan(sums)
+                shapes = (disk_shape_ellipse(engine, data, bounds, origin, r_bf, chosen, mask, client,
+                                             min_bragg=DISK_SHAPE_MIN_BRAGG if full else 0)
+                          if r_bf is not None and (est is None or est[3] == "bright-field edge" or full) else None)
+                if shapes is not None:
+                    ratio, theta, sigma, fits = shapes
+                    md["ellipse_refined_band"] = "disk shapes"
+                    md["ellipse_refined_sigma"] = sigma
+                    md["ellipse_disk_fits"] = fits
+                    md["ellipse_method"] = "refined (disk-shape fits)"
+                elif est is not None:
                     ratio, theta, quality, band = est
                     md["ellipse_refined_quality"] = quality
                     md["ellipse_refined_band"] = band

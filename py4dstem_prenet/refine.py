@@ -19,6 +19,7 @@ disk brighter on one side pulls less, gives the sub-pixel position (see
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 __all__ = ["gaussian_blur", "edge_map", "refine_origin", "edge_blur_bias", "symmetry_centre", "symmetry_centres",
            "intensity_symmetry_centre", "intensity_symmetry_halves", "log_polar_view", "refine_ellipse",
-           "bright_field_radius", "edge_curvature_factor", "disk_model_centre"]
+           "bright_field_radius", "edge_curvature_factor", "disk_model_centre", "disk_ellipses"]
 
 #: Smallest contrast-normalisation floor of :func:`edge_map`, counts per pixel: edges of
 #: features dimmer than this keep square-root weights. Where counts are few, those
@@ -526,15 +527,45 @@ def _disk_residuals(theta, y, weight, qx, qy, r0, coefficients: bool = False):
     return (res, beta[..., 0]) if coefficients else res
 
 
-_FD_STEPS = (1e-4, 1e-4, 1e-4, 1e-4, 1e-5, 1e-5)  # finite-difference steps of the shape parameters
-
-
 def _disk_normal_matrix(theta, res, y, weight, qx, qy, r0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gauss-Newton normal matrix J^T J (N, 6, 6) and the Jacobian J of the residuals at theta."""
-    steps = torch.tensor(_FD_STEPS, dtype=theta.dtype, device=theta.device)
-    eye = torch.eye(_N_SHAPE, dtype=theta.dtype, device=theta.device)
-    jac = torch.stack([(_disk_residuals(theta + steps[k] * eye[k], y, weight, qx, qy, r0) - res) / steps[k]
-                       for k in range(_N_SHAPE)], dim=-1)
+    """Gauss-Newton normal matrix J^T J (N, 6, 6) and the Jacobian J (N, P * P, 6) of the
+    residuals at theta (``res`` is unused: the Jacobian is analytic).
+
+    Variable projection in Kaufman's form: J = -(I - A A^+) dm/dtheta, where A is the
+    weighted linear basis, A^+ its pseudo-inverse and m = A beta the weighted model at the
+    best linear coefficients beta; dm/dtheta is differentiated in closed form. The
+    term Kaufman leaves out is of the order of the residuals and does not move the
+    minimum, only the path to it.
+    """
+    cx, cy, r, log_w, e1, e2 = (t[:, None, None] for t in theta.unbind(1))
+    dx, dy = qx - cx, qy - cy
+    ax, ay = (1 + e1) * dx + e2 * dy, e2 * dx + (1 - e1) * dy
+    rho = torch.sqrt(ax * ax + ay * ay).clamp_min(1e-9)
+    width = torch.exp(log_w)
+    z = (rho - r) / width
+    step = 0.5 * torch.erfc(z / _SQRT2)
+    ux, uy = dx / r0[:, None, None], dy / r0[:, None, None]
+    sw = weight.sqrt()
+    a = (torch.stack([torch.ones_like(step), step, step * ux, step * uy, step * ux * ux, step * ux * uy,
+                      step * uy * uy], dim=-1) * sw[..., None]).flatten(1, 2)
+    ata = a.transpose(1, 2) @ a
+    ata = ata + 1e-9 * torch.diag_embed(torch.diagonal(ata, dim1=1, dim2=2).clamp_min(1e-12))
+    beta = torch.linalg.solve(ata, a.transpose(1, 2) @ (y * sw).flatten(1)[..., None])[..., 0]
+    b1, b2, b3, b4, b5, b6 = (t[:, None, None] for t in beta[:, 1:].unbind(1))
+    poly = b1 + b2 * ux + b3 * uy + b4 * ux * ux + b5 * ux * uy + b6 * uy * uy
+    # d step / d theta = -pdf(z) dz/dtheta, times the interior; the interior's own dependence on c
+    g = -torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * poly / width
+    inv_r0 = 1 / r0[:, None, None]
+    dm = torch.stack([
+        g * -(ax * (1 + e1) + ay * e2) / rho - step * (b2 + 2 * b4 * ux + b5 * uy) * inv_r0,
+        g * -(ax * e2 + ay * (1 - e1)) / rho - step * (b3 + b5 * ux + 2 * b6 * uy) * inv_r0,
+        -g,
+        -g * (rho - r),
+        g * (ax * dx - ay * dy) / rho,
+        g * (ax * dy + ay * dx) / rho,
+    ], dim=-1) * sw[..., None]
+    dm = dm.flatten(1, 2)
+    jac = -(dm - a @ torch.linalg.solve(ata, a.transpose(1, 2) @ dm))
     return jac.transpose(1, 2) @ jac, jac
 
 
@@ -632,16 +663,146 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
     _check_patterns(x, valid, origin)
     if max_sigma is not None and not max_sigma > 0:
         raise ValueError(f"max_sigma must be > 0, got {max_sigma}")
-    n, _, h, w = x.shape
-    r0 = torch.as_tensor(radius, dtype=torch.float64).reshape(-1).expand(n).clone()
+    r0 = _check_radius(radius, x.shape[0])
+    _check_iterations(iterations)
+    fit = _fit_disk_windows(x, origin, r0, torch.arange(x.shape[0]), valid, iterations, max_sigma)
+    return fit.centre, fit.ok, fit.sigma
+
+
+#: Largest |E| (the fitted distortion's traceless part) of a disk fit that
+#: :func:`disk_ellipses` counts: a/b = 1.5; projector distortions are a few percent.
+DISK_ELLIPSE_MAX = 0.2
+
+
+def disk_ellipses(x: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor | float, which: torch.Tensor,
+                  valid: torch.Tensor | None = None, iterations: int = 4, edge_width: float = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Elliptical distortion of each disk's own shape, from the disk fit of :func:`disk_model_centre`.
+
+    Every disk of a diffraction pattern, the bright-field disk and each Bragg disk, is
+    an image of the same round condenser aperture, so the projector's elliptical
+    distortion gives each the same shape: the distortion ``D`` maps a circle about a
+    disk's centre ``c`` onto ``{q : |D^-1 (q - c)| = R}``. The fit's elliptical
+    radius ``|(1 + E)(q - c)|`` (E symmetric, traceless: e1, e2) finds ``1 + E``
+    proportional to ``D^-1``. Unlike the disks' positions (a lattice, which a
+    distortion cannot tell from strain), their shapes measure the distortion alone.
+    Each fit's pixels lie at another sub-pixel phase of its disk, so the pixel
+    sampling's error (a few 1e-3 in e on a sharp edge) averages out over many fits;
+    that of one disk at one phase does not (on the whole-pixel aligned mean of a dev
+    scan at 1e6 counts, single disks were up to 6e-3 off; 2885 fits pattern by
+    pattern, 3e-5). The second pass weighs the pixels by the first pass's model, not
+    by the smoothed counts: at a few counts per pixel, weights from the counts
+    themselves pull e towards 0 (on the same five dev scans, 0.64e-3 to 0.82e-3 off
+    on average, with 2 steps).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (M, 1, H, W) counts (with hot pixels removed).
+    centre : torch.Tensor
+        (N, 2) first centres (qx, qy) of the disks, pixels, within about a pixel.
+    radius : torch.Tensor or float
+        Disk radius, pixels: one value or (N,).
+    which : torch.Tensor
+        (N,) integer: the pattern of ``x`` that holds each disk.
+    valid : torch.Tensor, optional
+        (H, W) or (M, H, W) bool, False on masked pixels.
+    iterations : int
+        Levenberg-Marquardt steps of each of the fit's two passes, from first centres
+        within a few tenths of a pixel and the radius and edge width of the disks
+        (fitted on a scan's aligned mean). On five dev crystal scans (12 x 12 patterns,
+        1e4 counts, a/b = 1.02) the combined (e1, e2) was 0.64e-3 off on average
+        after 2, 0.53e-3 after 4.
+    edge_width : float
+        First edge width (the error function's sigma), pixels, > 0.
+
+    Returns
+    -------
+    e12 : torch.Tensor
+        (N, 2) float64 (e1, e2) of each disk's shape in the wrap-free form of
+        :func:`~py4dstem_prenet.conventions.ellipse_to_e12` (the distortion that
+        ``calibration.set_ellipse`` undoes); nan where not ok.
+    covariance : torch.Tensor
+        (N, 2, 2) its covariance from the fit (counts' noise, scaled up by the misfit);
+        nan where not ok.
+    ok : torch.Tensor
+        (N,) bool: the fit counts (the checks of :func:`disk_model_centre`, a/b at
+        most 1.5 (DISK_ELLIPSE_MAX) and a finite, positive-definite covariance).
+
+    Raises
+    ------
+    ValueError
+        If the patterns, centres, indices, radius, valid map or ``iterations`` are
+        malformed.
+    """
+    _check_patterns(x, valid)
+    if not isinstance(centre, torch.Tensor) or centre.dim() != 2 or centre.shape[1] != 2:
+        raise ValueError(f"centres must be a tensor (N, 2), got {tuple(getattr(centre, 'shape', ()))}")
+    if (not isinstance(which, torch.Tensor) or which.is_floating_point() or which.dtype == torch.bool
+            or tuple(which.shape) != (len(centre),)):
+        raise ValueError(f"which must be an integer tensor ({len(centre)},), got "
+                         f"{getattr(which, 'dtype', type(which).__name__)} {tuple(getattr(which, 'shape', ()))}")
+    if len(which) and (int(which.min()) < 0 or int(which.max()) >= x.shape[0]):
+        raise ValueError(f"which must index the {x.shape[0]} patterns, got {int(which.min())}..{int(which.max())}")
+    r0 = _check_radius(radius, len(centre))
+    _check_iterations(iterations)
+    if not (isinstance(edge_width, (int, float)) and math.isfinite(edge_width) and edge_width > 0):
+        raise ValueError(f"edge_width must be finite and > 0, got {edge_width!r}")
+    fit = _fit_disk_windows(x, centre, r0, which.long(), valid, iterations, None, float(edge_width), True)
+    eps = fit.shape[:, 4:6]
+    m = torch.linalg.norm(eps, dim=1).clamp_max(0.5)
+    # a/b = (1 + m) / (1 - m) along -eps: e12 = -eps (a/b - 1) / m = -2 eps / (1 - m)
+    e12 = -2 * eps / (1 - m)[:, None]
+    u = eps / m.clamp_min(1e-12)[:, None]
+    jac = -2 / (1 - m)[:, None, None] * (torch.eye(2, dtype=eps.dtype) + (m / (1 - m))[:, None, None]
+                                        * u[:, :, None] * u[:, None, :])
+    covariance = jac @ fit.covariance[:, 4:6, 4:6] @ jac.transpose(1, 2)
+    ok = (fit.ok & (m <= DISK_ELLIPSE_MAX) & torch.isfinite(covariance).flatten(1).all(dim=1)
+          & (torch.linalg.det(covariance) > 0))
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    return torch.where(ok[:, None], e12, nan), torch.where(ok[:, None, None], covariance, nan), ok
+
+
+def _check_radius(radius: torch.Tensor | float, n: int) -> torch.Tensor:
+    """(n,) float64 radii from one value or (n,), each finite and > 0 (else a clear error)."""
+    r0 = torch.as_tensor(radius, dtype=torch.float64).reshape(-1)
+    if r0.numel() not in (1, n):
+        raise ValueError(f"radius must be one value or {n} values, got {r0.numel()}")
     if not bool(torch.isfinite(r0).all()) or bool((r0 <= 0).any()):
         raise ValueError(f"radius must be finite and > 0, got {radius}")
+    return r0.expand(n).clone()
+
+
+def _check_iterations(iterations) -> None:
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+
+
+class _DiskFits(NamedTuple):
+    """Results of :func:`_fit_disk_windows`, one row per disk."""
+
+    centre: torch.Tensor  # (N, 2) fitted centres where ok, else the first ones
+    ok: torch.Tensor  # (N,) bool: the fit counts (see disk_model_centre)
+    sigma: torch.Tensor  # (N,) standard error of the centre, px; nan where not ok
+    shape: torch.Tensor  # (N, 6) shape parameters (c, R, log s, e1, e2); nan where not ok
+    covariance: torch.Tensor  # (N, 6, 6) their covariance; nan where not ok
+
+
+def _fit_disk_windows(x: torch.Tensor, origin: torch.Tensor, r0: torch.Tensor, which: torch.Tensor,
+                      valid: torch.Tensor | None, iterations: int, max_sigma: float | None,
+                      edge_width: float = 1.0, model_weights: bool = False) -> _DiskFits:
+    """Fit the disk model of :func:`disk_model_centre` to the disk at ``origin[k]`` (N, 2) of
+    pattern ``x[which[k]]``, radius ``r0[k]`` (N,), from an edge ``edge_width`` px wide;
+    arguments as there, already checked. With ``model_weights`` the second pass weighs
+    the pixels by the first pass's model instead of the smoothed counts (see
+    :func:`disk_ellipses`)."""
+    n, (h, w) = len(origin), x.shape[2:]
     o = origin.detach().to("cpu", torch.float64)
+    nan = torch.full((n, _N_SHAPE), float("nan"), dtype=torch.float64)
     if n == 0:
-        return o.clone(), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
-    r0 = r0.to(o.device)
+        return _DiskFits(o.clone(), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64),
+                         nan, nan[..., None].expand(-1, -1, _N_SHAPE).clone())
+    which = which.to("cpu")
     half = int(math.ceil(float(r0.max()) + DISK_MODEL_MARGIN + 1))
     # the local level (Poisson weights) from a window wider by the blur's reach, so that
     # no pixel's weight depends on the window's size (the largest radius of the block)
@@ -649,7 +810,7 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
     offs = torch.arange(-half - pad, half + pad + 1)
     corner = torch.round(torch.nan_to_num(o)).long()
     rows, cols = corner[:, :1] + offs, corner[:, 1:] + offs
-    at = (torch.arange(n)[:, None, None], rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :])
+    at = (which[:, None, None], rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :])
     y = x[:, 0].detach().to("cpu", torch.float64)[at].clamp_min(0)
     level = gaussian_blur(y[:, None], 1.0)[:, 0, pad:-pad, pad:-pad].clamp_min(1.0)
     y, rows, cols, offs = y[:, pad:-pad, pad:-pad], rows[:, pad:-pad], cols[:, pad:-pad], offs[pad:-pad]
@@ -661,10 +822,10 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
     seen = window & on
     if valid is not None:
         v = valid.to("cpu")
-        seen = seen & (v.expand(n, h, w) if v.dim() == 2 else v)[at]
+        seen = seen & (v.expand(x.shape[0], h, w) if v.dim() == 2 else v)[at]
     enough = seen.sum(dim=(1, 2)) >= DISK_MODEL_MIN_VALID * window.sum(dim=(1, 2))
     weight = seen.to(torch.float64) / level
-    theta = torch.stack([o[:, 0], o[:, 1], r0, torch.zeros(n, dtype=torch.float64),
+    theta = torch.stack([o[:, 0], o[:, 1], r0, torch.full((n,), math.log(edge_width), dtype=torch.float64),
                          torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)], dim=1)
     theta = torch.nan_to_num(theta)
     fit = enough.clone()
@@ -677,6 +838,7 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
         fit[k] = _centre_sigma(a[0], _disk_residuals(*a), *a[1:], None) <= DISK_MODEL_PRECHECK * max_sigma
     centre, sigma = o.clone(), torch.full((n,), float("nan"), dtype=torch.float64)
     ok = torch.zeros(n, dtype=torch.bool)
+    shape, covariance = nan.clone(), nan[..., None].expand(-1, -1, _N_SHAPE).clone()
     if fit.any():
         y, weight, qx, qy, r0, theta, seen, o_fit = (t[fit] for t in (y, weight, qx, qy, r0, theta, seen, o))
         theta, res = _levenberg_marquardt(theta, y, weight, qx, qy, r0, iterations)
@@ -684,10 +846,16 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
         # disk whose edge is not an error function), in units of their robust spread
         z = res.reshape(weight.shape).abs()
         spread = torch.nan_to_num(torch.where(seen, z, float("nan")).flatten(1).nanmedian(dim=1).values, nan=1.0)
-        weight = weight * (z <= DISK_MODEL_OUTLIER * (spread / 0.6745).clamp_min(1.0)[:, None, None])
+        keep = z <= DISK_MODEL_OUTLIER * (spread / 0.6745).clamp_min(1.0)[:, None, None]
+        if model_weights:
+            _, beta = _disk_residuals(theta, y, weight, qx, qy, r0, coefficients=True)
+            model = (_disk_basis(theta, qx, qy, r0) * beta[:, None, None, :]).sum(-1)
+            weight = seen.to(torch.float64) / model.clamp_min(1.0)
+        weight = weight * keep
         theta, _ = _levenberg_marquardt(theta, y, weight, qx, qy, r0, iterations)
         res, beta = _disk_residuals(theta, y, weight, qx, qy, r0, coefficients=True)
-        sig = _centre_sigma(theta, res, y, weight, qx, qy, r0, weight > 0)
+        cov = _shape_covariance(theta, res, y, weight, qx, qy, r0, weight > 0)
+        sig = torch.sqrt(torch.diagonal(cov[:, :2, :2], dim1=1, dim2=2).sum(1).clamp_min(0))
         good = (torch.isfinite(theta).all(dim=1) & torch.isfinite(sig)
                 & (beta[:, 1] > DISK_MODEL_MIN_CONTRAST * (beta[:, 0].clamp_min(0) + beta[:, 1]))
                 & (torch.linalg.norm(theta[:, :2] - o_fit, dim=1) <= DISK_MODEL_MAX_MOVE)
@@ -695,20 +863,26 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
                 & (torch.exp(theta[:, 3]) < 0.25 * theta[:, 2]))
         i = torch.nonzero(fit)[:, 0][good]
         centre[i], sigma[i], ok[i] = theta[good, :2], sig[good], True
-    return centre, ok, sigma
+        shape[i], covariance[i] = theta[good], cov[good]
+    return _DiskFits(centre, ok, sigma, shape, covariance)
 
 
-def _centre_sigma(theta, res, y, weight, qx, qy, r0, used: torch.Tensor | None) -> torch.Tensor:
-    """Standard error (N,) px of the disk fit's centre at theta: residuals in Poisson sigmas,
-    so the inverse normal matrix is the covariance, scaled up by the misfit where the
-    reduced chi-square over the ``used`` pixels exceeds 1 (not scaled: ``used`` None)."""
+def _shape_covariance(theta, res, y, weight, qx, qy, r0, used: torch.Tensor | None) -> torch.Tensor:
+    """Covariance (N, 6, 6) of the disk fit's shape parameters at theta: residuals in Poisson
+    sigmas, so the inverse normal matrix, scaled up by the misfit where the reduced
+    chi-square over the ``used`` pixels exceeds 1 (not scaled: ``used`` None)."""
     jtj, _ = _disk_normal_matrix(theta, res, y, weight, qx, qy, r0)
     chi2 = torch.ones(len(theta), dtype=theta.dtype, device=theta.device)
     if used is not None:
         dof = used.sum(dim=(1, 2)).to(torch.float64) - (_N_SHAPE + 7)
         chi2 = ((res * res).sum(1) / dof.clamp_min(1)).clamp_min(1.0)
-    cov = torch.linalg.pinv(jtj)[:, :2, :2] * chi2[:, None, None]
-    return torch.sqrt(torch.diagonal(cov, dim1=1, dim2=2).sum(1).clamp_min(0))
+    return torch.linalg.pinv(jtj) * chi2[:, None, None]
+
+
+def _centre_sigma(theta, res, y, weight, qx, qy, r0, used: torch.Tensor | None) -> torch.Tensor:
+    """Standard error (N,) px of the disk fit's centre at theta (see :func:`_shape_covariance`)."""
+    cov = _shape_covariance(theta, res, y, weight, qx, qy, r0, used)
+    return torch.sqrt(torch.diagonal(cov[:, :2, :2], dim1=1, dim2=2).sum(1).clamp_min(0))
 
 
 #: Fraction of the detector that the inversion about a refined origin must keep for its
