@@ -121,6 +121,7 @@ def test_preprocess_takes_a_crystals_ellipse_from_its_disk_shapes():
     assert abs(a / b - 1.03) < 0.002 and np.degrees(angle_difference(theta, 1.0)) < 1
 
 
+@pytest.mark.slow
 def test_a_crystal_behind_a_beam_stop_gets_its_ellipse_from_the_bragg_disks():
     # the stop hides the bright-field disk: the log-polar fit had no edge to fit (the network's
     # a/b = 1.011, 18 degrees off, on this scan); the Bragg disks' shapes still carry the ellipse
