@@ -32,9 +32,9 @@ from .refine import (DISK_MODEL_MARGIN, LOCAL_MIN_OVERLAP, _check_radius, _fit_d
 from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
 
-__all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "ring_scan", "disk_offsets",
-           "combine_disk_ellipses", "poisson_noise_fraction", "read_noise_sigma", "dark_level", "measurement_block",
-           "equivalent_counts", "LOW_DOSE_COUNTS"]
+__all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "ring_scan",
+           "disk_offsets", "combine_disk_ellipses", "poisson_noise_fraction", "read_noise_sigma", "dark_level",
+           "measurement_block", "equivalent_counts", "LOW_DOSE_COUNTS"]
 
 #: Below this many counts per pattern the edge refinement reads the denoised pattern;
 #: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
@@ -1427,8 +1427,8 @@ def disk_offsets(aligned: np.ndarray, cover: np.ndarray, radius: float) -> tuple
 
     Candidates are the local maxima of the mean convolved with a disk of the given
     radius (at least 1.2 radii apart, at least 1% of the highest); the brightest
-    DISK_SHAPE_MAX_DISKS are fitted on the mean itself
-    (:func:`~py4dstem_prenet.refine.disk_ellipses`), and those whose fits count are
+    DISK_SHAPE_MAX_DISKS are fitted on the mean itself with the disk model of
+    :func:`~py4dstem_prenet.refine.disk_model_centre`, and those whose fits count are
     kept, most informative first, until they hold DISK_SHAPE_INFORMATION of the
     information.
 
@@ -1446,9 +1446,22 @@ def disk_offsets(aligned: np.ndarray, cover: np.ndarray, radius: float) -> tuple
     radius, edge_width : float
         The median fitted radius and edge width (sigma) of the kept disks, pixels
         (``radius`` and 1 where none is kept).
+
+    Raises
+    ------
+    ValueError
+        If ``aligned`` and ``cover`` are not finite 2-D arrays of one shape or the
+        radius is not finite and > 0.
     """
     from scipy import ndimage
 
+    aligned, cover = np.asarray(aligned, float), np.asarray(cover, float)
+    if (aligned.ndim != 2 or aligned.shape != cover.shape
+            or not (np.isfinite(aligned).all() and np.isfinite(cover).all())):
+        raise ValueError(f"aligned and cover must be finite 2-D arrays of one shape, got {aligned.shape} and "
+                         f"{cover.shape}")
+    if not (np.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius must be finite and > 0, got {radius}")
     h, w = aligned.shape
     mean = np.where(cover > 0, aligned / np.maximum(cover, 1e-12), 0.0)
     half = int(math.ceil(radius))
@@ -1502,12 +1515,14 @@ def combine_disk_ellipses(e12: np.ndarray, covariance: np.ndarray) -> tuple[floa
     Raises
     ------
     ValueError
-        If the shapes do not match or there are fewer than 2 fits.
+        If the shapes do not match, there are fewer than 2 fits, or a value is not finite.
     """
     e = np.asarray(e12, float)
     c = np.asarray(covariance, float)
     if e.ndim != 2 or e.shape[1] != 2 or c.shape != (len(e), 2, 2) or len(e) < 2:
         raise ValueError(f"need e12 (K, 2) and covariance (K, 2, 2) with K >= 2, got {e.shape} and {c.shape}")
+    if not (np.isfinite(e).all() and np.isfinite(c).all()):
+        raise ValueError("e12 and covariance must be finite (pass only the fits that count)")
     inv = np.linalg.inv(c + DISK_SHAPE_FLOOR**2 * np.eye(2))
     weight = np.ones(len(e))
     for _ in range(10):

@@ -713,8 +713,9 @@ def disk_ellipses(x: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor | 
     scan at 1e6 counts, single disks were up to 6e-3 off; 2885 fits pattern by
     pattern, 3e-5). The second pass weighs the pixels by the first pass's model, not
     by the smoothed counts: at a few counts per pixel, weights from the counts
-    themselves pull e towards 0 (on the same five dev scans, 0.64e-3 to 0.82e-3 off
-    on average, with 2 steps).
+    themselves pull e towards 0 (on the five dev scans below, with 2 steps, the
+    combined (e1, e2) was 0.82e-3 off on average with the counts' weights, 0.64e-3
+    with the model's).
 
     Parameters
     ----------

@@ -92,6 +92,8 @@ def test_combine_disk_ellipses_weighs_down_stray_fits():
         combine_disk_ellipses(e12[:1], cov[:1])
     with pytest.raises(ValueError, match="covariance"):
         combine_disk_ellipses(e12, cov[:, :1])
+    with pytest.raises(ValueError, match="finite"):
+        combine_disk_ellipses(np.where(np.arange(200)[:, None] == 3, np.nan, e12), cov)
 
 
 def test_disk_offsets_find_the_disks_on_the_aligned_mean():
@@ -108,6 +110,10 @@ def test_disk_offsets_find_the_disks_on_the_aligned_mean():
     assert abs(radius - 9.0) < 0.3 and 0.2 < width < 1.5
     empty = disk_offsets(np.zeros((64, 64)), np.zeros((64, 64)), 8.0)
     assert len(empty[0]) == 0
+    with pytest.raises(ValueError, match="one shape"):
+        disk_offsets(part["aligned"], part["aligned cover"][:-1], 8.0)
+    with pytest.raises(ValueError, match="radius"):
+        disk_offsets(part["aligned"], part["aligned cover"], 0.0)
 
 
 def test_preprocess_takes_a_crystals_ellipse_from_its_disk_shapes():
