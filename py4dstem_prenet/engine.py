@@ -1212,7 +1212,7 @@ class PreNet:
         block : numpy.ndarray
             (N, Q_Nx, Q_Ny) recorded patterns.
         origin : numpy.ndarray
-            (N, 2) origins (qx0, qy0), pixels.
+            (N, 2) origins (qx0, qy0), pixels; a NaN row leaves its pattern out.
         mask : numpy.ndarray, optional
             As in :meth:`run`.
 
@@ -1229,9 +1229,12 @@ class PreNet:
             x = _median3(xm)[:, 0].double().numpy()
         v = np.ones((1, h, w)) if valid is None else valid.numpy().astype(float).reshape(-1, h, w)
         total, cover = np.zeros((h, w)), np.zeros((h, w))
-        shifts = np.round(np.array([h // 2, w // 2]) - np.asarray(origin, float)).astype(int)
+        o = np.asarray(origin, float)
+        finite = np.isfinite(o).all(axis=1)
+        shifts = np.zeros((len(o), 2), int)
+        shifts[finite] = np.round(np.array([h // 2, w // 2]) - o[finite]).astype(int)
         for i, (sx, sy) in enumerate(shifts):
-            if abs(sx) >= h or abs(sy) >= w:
+            if not finite[i] or abs(sx) >= h or abs(sy) >= w:
                 continue
             dst = (slice(max(0, sx), h + min(0, sx)), slice(max(0, sy), w + min(0, sy)))
             src = (slice(max(0, -sx), h + min(0, -sx)), slice(max(0, -sy), w + min(0, -sy)))

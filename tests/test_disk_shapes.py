@@ -102,6 +102,9 @@ def test_disk_offsets_find_the_disks_on_the_aligned_mean():
     engine = PreNet(denoise=False, center=False, ellipse=False)
     part = engine.aligned_sum(patterns, origin)
     assert part["aligned cover"].max() == len(origin)
+    lost = origin.copy()
+    lost[0] = np.nan  # a pattern without an origin is left out
+    assert engine.aligned_sum(patterns, lost)["aligned cover"].max() == len(origin) - 1
     offsets, radius, width = disk_offsets(part["aligned"], part["aligned cover"], 8.0)
     true = SPOTS @ distortion_matrix(ratio, theta).T
     # every disk found, each within a pixel (the whole-pixel alignment blurs by up to half a pixel)
