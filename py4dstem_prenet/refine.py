@@ -899,7 +899,11 @@ def _shape_covariance(theta, res, y, weight, qx, qy, r0, used: torch.Tensor | No
     if used is not None:
         dof = used.sum(dim=(1, 2)).to(torch.float64) - (_N_SHAPE + 7)
         chi2 = ((res * res).sum(1) / dof.clamp_min(1)).clamp_min(1.0)
-    return torch.linalg.pinv(jtj) * chi2[:, None, None]
+    # a fit that left the finite numbers (a window with no edge to hold it) gets no covariance
+    finite = torch.isfinite(jtj).flatten(1).all(dim=1)
+    eye = torch.eye(_N_SHAPE, dtype=jtj.dtype, device=jtj.device)
+    cov = torch.linalg.pinv(torch.where(finite[:, None, None], jtj, eye)) * chi2[:, None, None]
+    return torch.where(finite[:, None, None], cov, torch.full_like(cov, float("nan")))
 
 
 def _centre_sigma(theta, res, y, weight, qx, qy, r0, used: torch.Tensor | None) -> torch.Tensor:
