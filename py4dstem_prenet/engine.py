@@ -25,8 +25,8 @@ from ._validation import check_detector_mask
 from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
 from .conventions import e12_to_ellipse
-from .refine import (DISK_MODEL_MARGIN, LOCAL_MIN_OVERLAP, _check_radius, _fit_disk_windows, bright_field_radius,
-                     disk_ellipses, disk_model_centre, edge_blur_bias, edge_curvature_factor, gaussian_blur,
+from .refine import (DISK_MODEL_MARGIN, LOCAL_MIN_OVERLAP, bright_field_radius, disk_ellipses, disk_fits,
+                     disk_model_centre, edge_blur_bias, edge_curvature_factor, gaussian_blur,
                      intensity_symmetry_centre, intensity_symmetry_halves, log_polar_view, refine_ellipse,
                      refine_origin, symmetry_centre, symmetry_centres)
 from .training import E12_SCALE
@@ -1480,8 +1480,8 @@ def disk_offsets(aligned: np.ndarray, cover: np.ndarray, radius: float) -> tuple
     none = np.zeros((0, 2)), float(radius), 1.0
     if not len(cand):
         return none
-    fit = _fit_disk_windows(torch.from_numpy(mean)[None, None], torch.from_numpy(cand),
-                            _check_radius(radius, len(cand)), torch.zeros(len(cand), dtype=torch.long), None, 4, None)
+    fit = disk_fits(torch.from_numpy(mean)[None, None], torch.from_numpy(cand), radius,
+                    torch.zeros(len(cand), dtype=torch.long))
     ok = fit.ok.numpy()
     if not ok.any():
         return none

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 __all__ = ["gaussian_blur", "edge_map", "refine_origin", "edge_blur_bias", "symmetry_centre", "symmetry_centres",
            "intensity_symmetry_centre", "intensity_symmetry_halves", "log_polar_view", "refine_ellipse",
-           "bright_field_radius", "edge_curvature_factor", "disk_model_centre", "disk_ellipses"]
+           "bright_field_radius", "edge_curvature_factor", "disk_model_centre", "disk_fits", "DiskFits",
+           "disk_ellipses"]
 
 #: Smallest contrast-normalisation floor of :func:`edge_map`, counts per pixel: edges of
 #: features dimmer than this keep square-root weights. Where counts are few, those
@@ -690,6 +691,77 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
     return fit.centre, fit.ok, fit.sigma
 
 
+class DiskFits(NamedTuple):
+    """Disk fits of :func:`disk_fits`, one row per disk; float64 tensors on the CPU."""
+
+    #: (N, 2) fitted centres (qx, qy), pixels, where ok; elsewhere the first centres.
+    centre: torch.Tensor
+    #: (N,) bool: the fit counts (the checks of :func:`disk_model_centre`).
+    ok: torch.Tensor
+    #: (N,) standard error of the centre, pixels; nan where not ok.
+    sigma: torch.Tensor
+    #: (N, 6) shape parameters (qx, qy, radius R px, log edge width log s, e1, e2 of the
+    #: fit's elliptical radius |(1 + E)(q - c)|); nan where not ok.
+    shape: torch.Tensor
+    #: (N, 6, 6) their covariance (counts' noise, scaled up by the misfit); nan where not ok.
+    covariance: torch.Tensor
+
+
+def disk_fits(x: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor | float, which: torch.Tensor,
+              valid: torch.Tensor | None = None, iterations: int = 4, edge_width: float = 1.0,
+              shape_fit: bool = False) -> DiskFits:
+    """Fit the disk model of :func:`disk_model_centre` to any disks, each in its own pattern.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (M, 1, H, W) counts (with hot pixels removed).
+    centre : torch.Tensor
+        (N, 2) first centres (qx, qy) of the disks, pixels, within about a pixel.
+    radius : torch.Tensor or float
+        First disk radius, pixels: one value or (N,).
+    which : torch.Tensor
+        (N,) integer: the pattern of ``x`` that holds each disk.
+    valid : torch.Tensor, optional
+        (H, W) or (M, H, W) bool, False on masked pixels.
+    iterations : int
+        Levenberg-Marquardt steps of each of the fit's two passes.
+    edge_width : float
+        First edge width (the error function's sigma), pixels, > 0.
+    shape_fit : bool
+        Fit for the disks' shapes (:func:`disk_ellipses`): the second pass weighs the
+        pixels by the first pass's model instead of the smoothed counts, and the
+        Jacobian is Kaufman's closed form. False: as :func:`disk_model_centre`.
+
+    Returns
+    -------
+    DiskFits
+        Centres, ok, centre standard errors, shape parameters and their covariance.
+
+    Raises
+    ------
+    ValueError
+        If the patterns, centres, indices, radius, valid map, ``iterations``,
+        ``edge_width`` or ``shape_fit`` are malformed.
+    """
+    _check_patterns(x, valid)
+    if not isinstance(centre, torch.Tensor) or centre.dim() != 2 or centre.shape[1] != 2:
+        raise ValueError(f"centres must be a tensor (N, 2), got {tuple(getattr(centre, 'shape', ()))}")
+    if (not isinstance(which, torch.Tensor) or which.is_floating_point() or which.dtype == torch.bool
+            or tuple(which.shape) != (len(centre),)):
+        raise ValueError(f"which must be an integer tensor ({len(centre)},), got "
+                         f"{getattr(which, 'dtype', type(which).__name__)} {tuple(getattr(which, 'shape', ()))}")
+    if len(which) and (int(which.min()) < 0 or int(which.max()) >= x.shape[0]):
+        raise ValueError(f"which must index the {x.shape[0]} patterns, got {int(which.min())}..{int(which.max())}")
+    r0 = _check_radius(radius, len(centre))
+    _check_iterations(iterations)
+    if not (isinstance(edge_width, (int, float)) and math.isfinite(edge_width) and edge_width > 0):
+        raise ValueError(f"edge_width must be finite and > 0, got {edge_width!r}")
+    if not isinstance(shape_fit, bool):
+        raise ValueError(f"shape_fit must be True or False, got {shape_fit!r}")
+    return _fit_disk_windows(x, centre, r0, which.long(), valid, iterations, None, float(edge_width), shape_fit)
+
+
 #: Largest |E| (the fitted distortion's traceless part) of a disk fit that
 #: :func:`disk_ellipses` counts: a/b = 1.5; projector distortions are a few percent.
 DISK_ELLIPSE_MAX = 0.2
@@ -757,20 +829,7 @@ def disk_ellipses(x: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor | 
         If the patterns, centres, indices, radius, valid map or ``iterations`` are
         malformed.
     """
-    _check_patterns(x, valid)
-    if not isinstance(centre, torch.Tensor) or centre.dim() != 2 or centre.shape[1] != 2:
-        raise ValueError(f"centres must be a tensor (N, 2), got {tuple(getattr(centre, 'shape', ()))}")
-    if (not isinstance(which, torch.Tensor) or which.is_floating_point() or which.dtype == torch.bool
-            or tuple(which.shape) != (len(centre),)):
-        raise ValueError(f"which must be an integer tensor ({len(centre)},), got "
-                         f"{getattr(which, 'dtype', type(which).__name__)} {tuple(getattr(which, 'shape', ()))}")
-    if len(which) and (int(which.min()) < 0 or int(which.max()) >= x.shape[0]):
-        raise ValueError(f"which must index the {x.shape[0]} patterns, got {int(which.min())}..{int(which.max())}")
-    r0 = _check_radius(radius, len(centre))
-    _check_iterations(iterations)
-    if not (isinstance(edge_width, (int, float)) and math.isfinite(edge_width) and edge_width > 0):
-        raise ValueError(f"edge_width must be finite and > 0, got {edge_width!r}")
-    fit = _fit_disk_windows(x, centre, r0, which.long(), valid, iterations, None, float(edge_width), True)
+    fit = disk_fits(x, centre, radius, which, valid, iterations, edge_width, shape_fit=True)
     eps = fit.shape[:, 4:6]
     m = torch.linalg.norm(eps, dim=1).clamp_max(0.5)
     # a/b = (1 + m) / (1 - m) along -eps: e12 = -eps (a/b - 1) / m = -2 eps / (1 - m)
@@ -800,19 +859,9 @@ def _check_iterations(iterations) -> None:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
 
 
-class _DiskFits(NamedTuple):
-    """Results of :func:`_fit_disk_windows`, one row per disk."""
-
-    centre: torch.Tensor  # (N, 2) fitted centres where ok, else the first ones
-    ok: torch.Tensor  # (N,) bool: the fit counts (see disk_model_centre)
-    sigma: torch.Tensor  # (N,) standard error of the centre, px; nan where not ok
-    shape: torch.Tensor  # (N, 6) shape parameters (c, R, log s, e1, e2); nan where not ok
-    covariance: torch.Tensor  # (N, 6, 6) their covariance; nan where not ok
-
-
 def _fit_disk_windows(x: torch.Tensor, origin: torch.Tensor, r0: torch.Tensor, which: torch.Tensor,
                       valid: torch.Tensor | None, iterations: int, max_sigma: float | None,
-                      edge_width: float = 1.0, shape_fit: bool = False) -> _DiskFits:
+                      edge_width: float = 1.0, shape_fit: bool = False) -> DiskFits:
     """Fit the disk model of :func:`disk_model_centre` to the disk at ``origin[k]`` (N, 2) of
     pattern ``x[which[k]]``, radius ``r0[k]`` (N,), from an edge ``edge_width`` px wide;
     arguments as there, already checked. With ``shape_fit`` (:func:`disk_ellipses`) the
@@ -822,7 +871,7 @@ def _fit_disk_windows(x: torch.Tensor, origin: torch.Tensor, r0: torch.Tensor, w
     o = origin.detach().to("cpu", torch.float64)
     nan = torch.full((n, _N_SHAPE), float("nan"), dtype=torch.float64)
     if n == 0:
-        return _DiskFits(o.clone(), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64),
+        return DiskFits(o.clone(), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64),
                          nan, nan[..., None].expand(-1, -1, _N_SHAPE).clone())
     which = which.to("cpu")
     half = int(math.ceil(float(r0.max()) + DISK_MODEL_MARGIN + 1))
@@ -886,7 +935,7 @@ def _fit_disk_windows(x: torch.Tensor, origin: torch.Tensor, r0: torch.Tensor, w
         i = torch.nonzero(fit)[:, 0][good]
         centre[i], sigma[i], ok[i] = theta[good, :2], sig[good], True
         shape[i], covariance[i] = theta[good], cov[good]
-    return _DiskFits(centre, ok, sigma, shape, covariance)
+    return DiskFits(centre, ok, sigma, shape, covariance)
 
 
 def _shape_covariance(theta, res, y, weight, qx, qy, r0, used: torch.Tensor | None,

@@ -7,7 +7,7 @@ import torch
 import py4dstem_prenet as prenet
 from py4dstem_prenet.conventions import angle_difference, distortion_matrix, ellipse_to_e12
 from py4dstem_prenet.engine import DISK_SHAPE_FLOOR, PreNet, combine_disk_ellipses, disk_offsets
-from py4dstem_prenet.refine import disk_ellipses
+from py4dstem_prenet.refine import disk_ellipses, disk_fits
 from py4dstem_prenet.simulation import Detector, Scene, render, simulate_datacube
 
 SPOTS = np.array([[0.0, 0.0], [30.0, 5.0], [-10.0, 28.0], [25.0, -27.0], [-31.0, -6.0]])
@@ -41,6 +41,24 @@ def test_disk_ellipses_measure_the_distortion_from_every_disk():
     est_ratio, est_theta, sigma = combine_disk_ellipses(e12.numpy(), cov.numpy())
     assert abs(est_ratio - ratio) < 0.002 and np.degrees(angle_difference(est_theta, theta)) < 1
     assert 0 < sigma < 0.001
+
+
+def test_disk_fits_recover_each_disks_centre_radius_and_edge():
+    patterns, origin = _scan(1.0, 0.0, n=4, dose=4000.0, seed=5)
+    centre = (origin[:, None] + SPOTS).reshape(-1, 2)
+    which = torch.from_numpy(np.repeat(np.arange(len(origin)), len(SPOTS)))
+    first = torch.from_numpy(centre + 0.4)
+    for shape_fit in (False, True):
+        fit = disk_fits(torch.from_numpy(patterns)[:, None], first, 8.0, which, edge_width=1.0, shape_fit=shape_fit)
+        assert bool(fit.ok.all()) and torch.equal(first, torch.from_numpy(centre + 0.4))
+        err = np.linalg.norm(fit.centre.numpy() - centre, axis=1)
+        assert err.max() < 4 * fit.sigma.max() and fit.sigma.max() < 0.05, (err, fit.sigma)
+        assert np.allclose(fit.shape[:, 2].numpy(), 9.0, atol=0.1)  # the true radius, from a first 8 px
+        # the simulated edge, a linear ramp 0.5 px wide: an error function of sigma 0.5 / sqrt(12)
+        assert np.all(np.abs(np.exp(fit.shape[:, 3].numpy()) - 0.5 / np.sqrt(12)) < 0.05)
+        assert fit.covariance.shape == (len(centre), 6, 6)
+    with pytest.raises(ValueError, match="shape_fit"):
+        disk_fits(torch.from_numpy(patterns)[:, None], first, 8.0, which, shape_fit=1)
 
 
 def test_disk_ellipses_of_round_disks_are_round():
