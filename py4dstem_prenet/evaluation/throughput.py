@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import os
 import platform
-import time
-import tracemalloc
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .. import __version__
+from .timing import timed_call
 
 __all__ = ["ThroughputConfig", "run_throughput_benchmark", "throughput_datacube", "throughput_markdown"]
 
@@ -87,19 +86,20 @@ def _device_name(device: torch.device) -> str:
 
 
 def _time_call(fn, device: torch.device) -> tuple[object, float, float, float]:
-    """Run ``fn``; its result, seconds, the peak traced Python heap (MB) and peak GPU memory (MB, NaN on the CPU)."""
+    """Run ``fn``; its result, seconds, the peak host memory (MB, see
+    :func:`~py4dstem_prenet.evaluation.timing.timed_call`) and peak GPU memory (MB, NaN on the CPU)."""
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    tracemalloc.start()
-    t0 = time.perf_counter()
-    out = fn()
-    if gpu:
-        torch.cuda.synchronize(device)
-    dt = time.perf_counter() - t0
-    host = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
+
+    def call():
+        out = fn()
+        if gpu:
+            torch.cuda.synchronize(device)
+        return out
+
+    out, dt, host = timed_call(call)
     return out, dt, host, torch.cuda.max_memory_allocated(device) / 2**20 if gpu else float("nan")
 
 
@@ -118,9 +118,10 @@ def run_throughput_benchmark(datacube, cfg: ThroughputConfig, log=lambda m: None
     Returns
     -------
     dict
-        'rows': one dict per run (method, device, batch, patterns_per_s, host_mb (peak
-        traced Python heap), gpu_mb (peak GPU memory of torch, NaN on the CPU), origin_diff_px and ratio_diff against the CPU run of the same stages, NaN for
-        the CPU runs themselves); 'patterns', 'detector', 'devices' (names), 'version'.
+        'rows': one dict per run (method, device, batch, patterns_per_s, host_mb (rise of the
+        peak resident memory, see :func:`~py4dstem_prenet.evaluation.timing.timed_call`),
+        gpu_mb (peak GPU memory of torch, NaN on the CPU), origin_diff_px and ratio_diff
+        against the CPU run of the same stages, NaN for the CPU runs themselves); 'patterns', 'detector', 'devices' (names), 'version'.
 
     Raises
     ------
@@ -181,8 +182,8 @@ def throughput_markdown(res: dict) -> str:
     lines = [
         f"{res['patterns']} patterns of {res['detector'][0]}x{res['detector'][1]} px; py4dstem-prenet "
         f"{res['version']}, torch {torch.__version__}; {res['cpu_count']} CPU cores; devices: "
-        + "; ".join(res["devices"]) + ". Peak memory: the traced Python heap (host) and the GPU memory "
-        "torch allocated. Difference: largest origin difference (px) and a/b difference of the ellipse "
+        + "; ".join(res["devices"]) + ". Patterns/s untraced; peak memory: the rise of the process's peak resident memory over "
+        "the call (host: numpy and torch alike) and the GPU memory torch allocated. Difference: largest origin difference (px) and a/b difference of the ellipse "
         "from the CPU run of the same stages.",
         "",
         "| method | device | batch | patterns/s | peak host MB | peak GPU MB | difference from CPU |",
@@ -193,5 +194,5 @@ def throughput_markdown(res: dict) -> str:
             f"origin {r['origin_diff_px']:.1e} px, a/b {r['ratio_diff']:.1e}")
         gpu = "-" if np.isnan(r["gpu_mb"]) else f"{r['gpu_mb']:.0f}"
         lines.append(f"| {r['method']} | {r['device']} | {r['batch'] or '-'} | {r['patterns_per_s']:.1f} | "
-                     f"{r['host_mb']:.0f} | {gpu} | {diff} |")
+                     f"{'-' if np.isnan(r['host_mb']) else format(r['host_mb'], '.0f')} | {gpu} | {diff} |")
     return "\n".join(lines) + "\n"
