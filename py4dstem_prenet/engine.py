@@ -953,6 +953,18 @@ class PreNet:
         parts = [model(x[i:i + n].contiguous(memory_format=torch.channels_last)) for i in range(0, len(x), n)]
         return torch.cat(parts).contiguous() if parts else model(x)
 
+    def _denoised(self, x: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output on the ``select`` (N,) patterns of ``x`` (N, 1, H, W), the
+        input elsewhere: the denoiser runs only where its output is used (at 1e6 counts per
+        pattern, none: it took half the time of a run with denoising on this CPU)."""
+        idx = torch.nonzero(select)[:, 0].to(x.device)
+        if len(idx) == len(x):
+            return self._apply("denoiser", x)
+        y = x.clone()
+        if len(idx):
+            y[idx] = self._apply("denoiser", x[idx]).to(x.dtype)
+        return y
+
     def run(self, block: np.ndarray, origin: np.ndarray | None = None, mask: np.ndarray | None = None
             ) -> dict[str, np.ndarray]:
         """Process one block of patterns.
@@ -1016,11 +1028,8 @@ class PreNet:
             x, xm, valid, counts, floor = _masked_block(block, mask, dev)
             out["counts"] = counts.numpy()
             out["detector_floor"] = floor
-            y = self._apply("denoiser", x) if self.denoise else x
-            if self.denoise:
-                # where the recording is already better than the denoiser's own error, keep it
-                high = (counts > DENOISE_MAX_COUNTS).to(dev)
-                y = torch.where(high[:, None, None, None], x, y)
+            # where the recording is already better than the denoiser's own error, keep it
+            y = self._denoised(x, counts <= DENOISE_MAX_COUNTS) if self.denoise else x
             out["data"] = y[:, 0].float().cpu().numpy()
             if self.center:
                 # the calibrators were trained on recorded (noisy) patterns: they see x
@@ -1123,7 +1132,8 @@ class PreNet:
             return {"origin": out}
         with torch.inference_mode():
             x, xm, valid, counts, _ = _masked_block(np.asarray(block)[sel], mask, dev)
-            y = self._apply("denoiser", x) if self.denoise else None
+            # the refinement takes the denoised patterns only below LOW_DOSE_COUNTS
+            y = self._denoised(x, counts < LOW_DOSE_COUNTS) if self.denoise else None
             o = torch.from_numpy(np.asarray(out[sel], np.float32)).to(dev)
             out[sel] = refine_origin(_refinement_input(xm, y, counts), o, search=2.0, valid=valid).cpu().numpy()
         return {"origin": out}

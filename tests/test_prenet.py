@@ -988,18 +988,32 @@ def test_noise_alone_gets_the_network_ellipse_not_a_fit_of_noise():
     np.testing.assert_allclose(a / b, md["ellipse_network"][0])
 
 
-def test_denoiser_leaves_high_dose_patterns_as_recorded(tiny_weights):
+def test_denoiser_leaves_high_dose_patterns_as_recorded(tiny_weights, monkeypatch):
     import py4DSTEM
 
-    from py4dstem_prenet.engine import DENOISE_MAX_COUNTS
+    from py4dstem_prenet.engine import DENOISE_MAX_COUNTS, PreNet
 
     rng = np.random.default_rng(2)
     high = rng.poisson(2 * DENOISE_MAX_COUNTS / (32 * 32), (1, 1, 32, 32)).astype(np.float32)
     low = rng.poisson(0.5, (1, 1, 32, 32)).astype(np.float32)
+    seen = []
+    real_apply = PreNet._apply
+
+    def counting_apply(self, name, x):
+        if name == "denoiser":
+            seen.append(len(x))
+        return real_apply(self, name, x)
+
+    monkeypatch.setattr(PreNet, "_apply", counting_apply)
     out = prenet.preprocess(py4DSTEM.DataCube(data=np.concatenate([high, low], axis=1)), center=False,
                             ellipse=False, weights_dir=tiny_weights, progress=False)
     np.testing.assert_array_equal(out.data[0, 0], high[0, 0])
     assert not np.array_equal(out.data[0, 1], low[0, 0])
+    assert seen == [1]  # the denoiser ran on the low-dose pattern alone
+    seen.clear()
+    out = prenet.preprocess(py4DSTEM.DataCube(data=np.concatenate([high, high], axis=1)), center=False,
+                            ellipse=False, weights_dir=tiny_weights, progress=False)
+    assert seen == [] and np.array_equal(out.data[0, 1], high[0, 0])
 
 
 def test_tile_descan_model_follows_the_descan_at_100_counts():
