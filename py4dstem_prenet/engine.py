@@ -958,11 +958,12 @@ class PreNet:
         input elsewhere: the denoiser runs only where its output is used (at 1e6 counts per
         pattern, nowhere: it had taken a third of a run with denoising on this CPU)."""
         idx = torch.nonzero(select)[:, 0].to(x.device)
+        if len(idx) == 0:
+            return x
         if len(idx) == len(x):
             return self._apply("denoiser", x)
         y = x.clone()
-        if len(idx):
-            y[idx] = self._apply("denoiser", x[idx]).to(x.dtype)
+        y[idx] = self._apply("denoiser", x[idx]).to(x.dtype)
         return y
 
     def run(self, block: np.ndarray, origin: np.ndarray | None = None, mask: np.ndarray | None = None

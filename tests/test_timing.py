@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from py4dstem_prenet.evaluation.timing import peak_memory_supported, timed_call
+from py4dstem_prenet.evaluation.timing import format_mb, peak_memory_supported, timed_call
 
 
 def test_timed_call_returns_the_result_and_the_wall_time():
@@ -37,3 +37,7 @@ def test_peak_is_nan_where_the_system_does_not_report_it(monkeypatch):
     monkeypatch.setattr(timing, "_CLEAR_REFS", "/nonexistent/clear_refs")
     out, _, peak = timed_call(lambda: 3)
     assert out == 3 and math.isnan(peak)
+
+
+def test_format_mb_writes_whole_megabytes_and_a_dash_where_not_measured():
+    assert format_mb(354.4) == "354" and format_mb(float("nan")) == "-"

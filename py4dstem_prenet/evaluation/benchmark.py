@@ -24,7 +24,7 @@ from ..preprocess import POOL_BELOW_COUNTS
 from ..simulation import Detector, Scene, random_scene, simulate_datacube, simulate_patterns
 from ..simulation.multislice import simulate_multislice_datacube
 from .metrics import centre_errors, ellipse_errors, mse, psnr
-from .timing import timed_call
+from .timing import format_mb, timed_call
 
 __all__ = ["BenchmarkConfig", "BenchmarkResult", "run_benchmark", "classical_methods", "prenet_methods",
            "bright_disk_scene", "flat_lattice_scene"]
@@ -253,7 +253,7 @@ class BenchmarkResult:
             lines.append(
                 f"| {r['method']} | {r['data']} | {r['dose']:.0e} | {r['mean']:.3f} | {r['median']:.3f} | {r['p99']:.2f} | "
                 f"{r['rms']:.3f} | {r['crlb_rms']:.4f} | {r['rms'] / r['crlb_rms']:.1f} | {100 * r['fail']:.1f}% | "
-                f"{r['per_second']:.0f} | {_mb(r['peak_mb'])} |"
+                f"{r['per_second']:.0f} | {format_mb(r['peak_mb'])} |"
             )
         lines += [
             "",
@@ -480,10 +480,6 @@ def prenet_methods(weights_dir: str | None = None) -> dict[str, dict]:
         },
         "denoise": {PRENET_DENOISER: denoise},
     }
-
-
-def _mb(value: float) -> str:
-    return "-" if np.isnan(value) else f"{value:.0f}"
 
 
 def _timed(fn, *args):

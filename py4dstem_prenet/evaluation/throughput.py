@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .timing import timed_call
+from .timing import format_mb, timed_call
 
 __all__ = ["ThroughputConfig", "run_throughput_benchmark", "throughput_datacube", "throughput_markdown"]
 
@@ -121,7 +121,8 @@ def run_throughput_benchmark(datacube, cfg: ThroughputConfig, log=lambda m: None
         'rows': one dict per run (method, device, batch, patterns_per_s, host_mb (rise of the
         peak resident memory, see :func:`~py4dstem_prenet.evaluation.timing.timed_call`),
         gpu_mb (peak GPU memory of torch, NaN on the CPU), origin_diff_px and ratio_diff
-        against the CPU run of the same stages, NaN for the CPU runs themselves); 'patterns', 'detector', 'devices' (names), 'version'.
+        against the CPU run of the same stages, NaN for the CPU runs themselves);
+        'patterns', 'detector', 'devices' (names), 'version'.
 
     Raises
     ------
@@ -182,8 +183,9 @@ def throughput_markdown(res: dict) -> str:
     lines = [
         f"{res['patterns']} patterns of {res['detector'][0]}x{res['detector'][1]} px; py4dstem-prenet "
         f"{res['version']}, torch {torch.__version__}; {res['cpu_count']} CPU cores; devices: "
-        + "; ".join(res["devices"]) + ". Patterns/s untraced; peak memory: the rise of the process's peak resident memory over "
-        "the call (host: numpy and torch alike) and the GPU memory torch allocated. Difference: largest origin difference (px) and a/b difference of the ellipse "
+        + "; ".join(res["devices"]) + ". Patterns/s untraced; peak memory: the rise of the process's "
+        "peak resident memory over the call (host: numpy and torch alike) and the GPU memory torch "
+        "allocated. Difference: largest origin difference (px) and a/b difference of the ellipse "
         "from the CPU run of the same stages.",
         "",
         "| method | device | batch | patterns/s | peak host MB | peak GPU MB | difference from CPU |",
@@ -192,7 +194,6 @@ def throughput_markdown(res: dict) -> str:
     for r in res["rows"]:
         diff = "-" if np.isnan(r["origin_diff_px"]) else (
             f"origin {r['origin_diff_px']:.1e} px, a/b {r['ratio_diff']:.1e}")
-        gpu = "-" if np.isnan(r["gpu_mb"]) else f"{r['gpu_mb']:.0f}"
         lines.append(f"| {r['method']} | {r['device']} | {r['batch'] or '-'} | {r['patterns_per_s']:.1f} | "
-                     f"{'-' if np.isnan(r['host_mb']) else format(r['host_mb'], '.0f')} | {gpu} | {diff} |")
+                     f"{format_mb(r['host_mb'])} | {format_mb(r['gpu_mb'])} | {diff} |")
     return "\n".join(lines) + "\n"

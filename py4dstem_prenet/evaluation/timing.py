@@ -19,7 +19,7 @@ import math
 import time
 from typing import Any, Callable
 
-__all__ = ["peak_memory_supported", "timed_call"]
+__all__ = ["format_mb", "peak_memory_supported", "timed_call"]
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -89,3 +89,8 @@ def timed_call(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     peak = _status_kb("VmHWM") if start is not None else None
     peak_mb = math.nan if peak is None or start is None else max(peak - start, 0) / 1024
     return out, seconds, peak_mb
+
+
+def format_mb(value: float) -> str:
+    """A memory figure in MB for the benchmark tables: whole MB, '-' where not measured (NaN)."""
+    return "-" if math.isnan(value) else f"{value:.0f}"
