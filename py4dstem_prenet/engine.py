@@ -1471,7 +1471,7 @@ def disk_offsets(aligned: np.ndarray, cover: np.ndarray, radius: float) -> tuple
         If ``aligned`` and ``cover`` are not finite 2-D arrays of one shape or the
         radius is not finite and > 0.
     """
-    from scipy import ndimage
+    from scipy import ndimage, signal
 
     aligned, cover = np.asarray(aligned, float), np.asarray(cover, float)
     if (aligned.ndim != 2 or aligned.shape != cover.shape
@@ -1485,7 +1485,8 @@ def disk_offsets(aligned: np.ndarray, cover: np.ndarray, radius: float) -> tuple
     half = int(math.ceil(radius))
     g = np.arange(-half, half + 1)
     kernel = (np.hypot(g[:, None], g[None, :]) <= radius).astype(float)
-    smooth = ndimage.convolve(mean, kernel / kernel.sum(), mode="constant")
+    # by FFT: a direct convolution costs radius^2 per pixel (15 s for one 1024^2 pattern)
+    smooth = signal.fftconvolve(mean, kernel / kernel.sum(), mode="same")
     peak = (smooth == ndimage.maximum_filter(smooth, size=max(3, int(1.2 * radius)))) & (smooth > 0.01 * smooth.max())
     reach = radius + DISK_MODEL_MARGIN + 1
     cand = np.argwhere(peak).astype(float)
