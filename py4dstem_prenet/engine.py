@@ -25,8 +25,8 @@ from ._validation import check_detector_mask
 from .beamstop import detect_beam_stop, origin_behind_stop
 from .pretrained import load_model, model_card
 from .conventions import e12_to_ellipse
-from .refine import (DISK_MODEL_MARGIN, LOCAL_MIN_OVERLAP, bright_field_radius, disk_ellipses, disk_fits,
-                     disk_model_centre, edge_blur_bias, edge_curvature_factor, gaussian_blur,
+from .refine import (DISK_MODEL_MARGIN, LOCAL_MIN_OVERLAP, beam_stop_radius, bright_field_radius, disk_ellipses,
+                     disk_fits, disk_model_centre, edge_blur_bias, edge_curvature_factor, gaussian_blur,
                      intensity_symmetry_centre, intensity_symmetry_halves, log_polar_view, refine_ellipse,
                      refine_origin, symmetry_centre, symmetry_centres)
 from .training import E12_SCALE
@@ -1297,7 +1297,7 @@ class PreNet:
 
 
 def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float | None,
-                  margin: float = 2.0) -> dict[str, tuple[float, float]]:
+                  margin: float = 2.0, stop_radius: float | None = None) -> dict[str, tuple[float, float]]:
     """Radial bands of the ellipse refinement.
 
     Parameters
@@ -1311,6 +1311,10 @@ def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float
         Bright-field disk radius in pixels (the centre network's median), or None.
     margin : float
         Pixels kept between the band and the detector edge.
+    stop_radius : float, optional
+        Radius of a beam stop over the bright-field disk, pixels
+        (:func:`~py4dstem_prenet.refine.beam_stop_radius`): the bands then start
+        STOP_BAND_GAIN times beyond it, and there is no bright-field band.
 
     Returns
     -------
@@ -1325,25 +1329,40 @@ def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float
     o = np.asarray(origin, float).reshape(-1, 2)
     edge = float(min(o[:, 0].min(), h - 1 - o[:, 0].max(), o[:, 1].min(), w - 1 - o[:, 1].max())) - margin
     known = disk_radius is not None and np.isfinite(disk_radius)
-    bands = {"full": (2.0, edge)}
-    if known:
+    start = 2.0 if stop_radius is None else STOP_BAND_GAIN * stop_radius + 2
+    bands = {"full": (start, edge)}
+    if known and stop_radius is None:
         bands["bright-field edge"] = (max(1.0, 0.4 * disk_radius), min(edge, 1.2 * disk_radius + 2))
-    bands[ISOTROPIC] = (max(2.0, 1.5 * disk_radius + 2) if known else 2.0, edge)
+    bands[ISOTROPIC] = (max(start, 1.5 * disk_radius + 2) if known else start, edge)
     return {k: v for k, v in bands.items() if v[1] > 2 * v[0] and v[1] > 4}
 
 
 def measure_disk_radius(band_sums: Callable[[dict[str, tuple[float, float]]], dict[str, np.ndarray]],
-                        origin: np.ndarray, shape: tuple[int, int], margin: float = 2.0) -> float | None:
-    """Bright-field disk radius (px) for :func:`ellipse_bands`, measured on the aligned mean.
+                        origin: np.ndarray, shape: tuple[int, int], margin: float = 2.0
+                        ) -> tuple[float | None, float | None]:
+    """Bright-field disk radius (px) for :func:`ellipse_bands`, measured on the aligned mean,
+    or the radius of a beam stop that hides it.
 
     ``band_sums(bands)`` returns the summed :meth:`PreNet.polar_sums` of the patterns
     to measure on; it is called once, with the radius-free 'full' band of
-    :func:`ellipse_bands` (``origin``, ``shape``, ``margin`` as there). None where that
-    band is too narrow or :func:`~py4dstem_prenet.refine.bright_field_radius` finds no
-    plateau (the network's radius is then the one to use).
+    :func:`ellipse_bands` (``origin``, ``shape``, ``margin`` as there).
+
+    Returns
+    -------
+    disk_radius : float or None
+        None where that band is too narrow or
+        :func:`~py4dstem_prenet.refine.bright_field_radius` finds no plateau (the
+        network's radius is then the one to use).
+    stop_radius : float or None
+        Where there is no plateau, the radius of a dark centre
+        (:func:`~py4dstem_prenet.refine.beam_stop_radius`), else None.
     """
     full = {k: v for k, v in ellipse_bands(origin, shape, None, margin).items() if k == "full"}
-    return bright_field_radius(band_sums(full)["full"], *full["full"]) if full else None
+    if not full:
+        return None, None
+    polar_sum = band_sums(full)["full"]
+    radius = bright_field_radius(polar_sum, *full["full"])
+    return radius, beam_stop_radius(polar_sum, *full["full"]) if radius is None else None
 
 
 def add_polar_sums(total: dict[str, np.ndarray], part: dict[str, np.ndarray]) -> None:
@@ -1411,6 +1430,10 @@ def fit_ellipse_bands(sums: dict[str, np.ndarray], bands: dict[str, tuple[float,
         ratio = 1.0 + (ratio - 1.0) / edge_curvature_factor(sums[band], *bands[band])
     return ratio, theta, quality, band
 
+
+#: :func:`ellipse_bands` starts its bands this many times a beam stop's radius from the
+#: origin (plus 2 px), clear of the stop's edge and of the diffuse glow just outside it.
+STOP_BAND_GAIN = 1.2
 
 #: :func:`disk_offsets` keeps, brightest first, at most this many disks of the aligned mean.
 DISK_SHAPE_MAX_DISKS = 24

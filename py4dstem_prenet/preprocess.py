@@ -1526,13 +1526,15 @@ def preprocess(
                 chosen = np.zeros(len(bounds), bool)
                 chosen[np.linspace(0, len(bounds) - 1, min(len(bounds), -(-RADIUS_PATTERNS // int(batch_size))))
                        .round().astype(int)] = True
-                measured = measure_disk_radius(lambda b: polar_sums(b, skip=~chosen), origin, (h, w))
+                measured, stop = measure_disk_radius(lambda b: polar_sums(b, skip=~chosen), origin, (h, w))
                 if measured is not None:
                     r_bf = measured
                 if r_bf is not None:
                     md["ellipse_disk_radius"] = float(r_bf)
                     md["ellipse_disk_radius_source"] = "measured" if measured is not None else "network"
-                bands = ellipse_bands(origin, (h, w), r_bf)
+                if stop is not None:  # a beam stop hides the bright-field disk: the bands start beyond it
+                    md["ellipse_stop_radius"] = stop
+                bands = ellipse_bands(origin, (h, w), r_bf, stop_radius=stop)
                 sums = polar_sums(bands)
                 est = fit_ellipse_bands(sums, bands)
                 # no ring region carries the ellipse (a crystal: its log-polar fit is on the

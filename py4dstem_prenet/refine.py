@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 __all__ = ["gaussian_blur", "edge_map", "refine_origin", "edge_blur_bias", "symmetry_centre", "symmetry_centres",
            "intensity_symmetry_centre", "intensity_symmetry_halves", "log_polar_view", "refine_ellipse",
-           "bright_field_radius", "edge_curvature_factor", "disk_model_centre", "disk_fits", "DiskFits",
-           "disk_ellipses"]
+           "bright_field_radius", "beam_stop_radius", "edge_curvature_factor", "disk_model_centre", "disk_fits",
+           "DiskFits", "disk_ellipses"]
 
 #: Smallest contrast-normalisation floor of :func:`edge_map`, counts per pixel: edges of
 #: features dimmer than this keep square-root weights. Where counts are few, those
@@ -1398,6 +1398,58 @@ def bright_field_radius(polar_sum: np.ndarray, r_min: float, r_max: float) -> fl
     if not len(inside) or not len(outside) or np.median(inside) <= BF_PLATEAU_CONTRAST * max(outside.min(), 0.0):
         return None
     return float(r[i])
+
+
+#: :func:`beam_stop_radius`: a centre reading below this fraction of the profile's highest
+#: level is dark (a bright-field disk reads at the top) ...
+STOP_DARK_FRACTION = 0.25
+
+#: ... and the stop's edge is the first radius at which the profile reads this many times
+#: the centre's level, and at least STOP_FLOOR_FRACTION of the highest (the diffuse glow just
+#: outside a stop can be under 1% of a bright ring further out).
+STOP_RISE = 4.0
+STOP_FLOOR_FRACTION = 0.002
+
+
+def beam_stop_radius(polar_sum: np.ndarray, r_min: float, r_max: float) -> float | None:
+    """Radius of a dark centre (a beam stop over the direct beam) on the scan's aligned mean.
+
+    Where a stop hides the bright-field disk, its round edge is the sharpest edge of
+    the pattern, and it is not stretched by the projector's ellipse (the stop sits
+    in front of the detector): fitted as an ellipse it pulls a/b towards 1. The
+    median over angles of the log-polar sum drops the stop's rod (few angles). The
+    centre is dark where the profile's first row reads below STOP_DARK_FRACTION of
+    its highest level; the stop's edge is then the first radius at which it reads
+    STOP_RISE times that first row and at least STOP_FLOOR_FRACTION of the highest.
+
+    Parameters
+    ----------
+    polar_sum : numpy.ndarray
+        (n_rho, n_phi) sum of :func:`log_polar_view` over the scan, rows log-spaced
+        from ``r_min`` to ``r_max``.
+    r_min, r_max : float
+        Radii of the first and last rows, pixels.
+
+    Returns
+    -------
+    float or None
+        The stop's radius, pixels (to the row spacing); None where the centre is not
+        dark (a bright-field disk, an empty sum).
+
+    Raises
+    ------
+    ValueError
+        If ``polar_sum`` is not 2-D or the radii are not 0 < r_min < r_max.
+    """
+    polar_sum = np.asarray(polar_sum, float)
+    if polar_sum.ndim != 2 or not 0 < r_min < r_max:
+        raise ValueError(f"need a 2-D polar sum and 0 < r_min < r_max, got {polar_sum.shape}, {r_min}, {r_max}")
+    profile = np.median(polar_sum, axis=1)
+    top = profile.max()
+    if not (np.all(np.isfinite(profile)) and top > 0) or profile[0] > STOP_DARK_FRACTION * top:
+        return None
+    i = int(np.argmax(profile >= max(STOP_RISE * profile[0], STOP_FLOOR_FRACTION * top)))
+    return float(np.exp(np.linspace(math.log(r_min), math.log(r_max), len(profile))[i])) if i > 0 else None
 
 
 #: A blur applied after the distortion moves an edge towards its centre of curvature, by

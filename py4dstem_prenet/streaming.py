@@ -222,12 +222,12 @@ def stream(frames: Iterable[np.ndarray], *, scan_shape: tuple[int, int] | None =
             if bands is None:
                 # fixed bands from the first block, with 4 px of room for the descan to come; the
                 # bright-field radius measured on its aligned mean where it shows (as preprocess)
-                radius = float(np.nanmedian(res["disk_radius"]))
+                radius, stop = float(np.nanmedian(res["disk_radius"])), None
                 if inside.any():
-                    measured = measure_disk_radius(lambda b: engine.polar_sums(block[inside], origin[inside], b),
-                                                   origin, (h, w), margin=6.0)
+                    measured, stop = measure_disk_radius(
+                        lambda b: engine.polar_sums(block[inside], origin[inside], b), origin, (h, w), margin=6.0)
                     radius = radius if measured is None else measured
-                bands = ellipse_bands(origin, (h, w), radius, margin=6.0)
+                bands = ellipse_bands(origin, (h, w), radius, margin=6.0, stop_radius=stop)
             if bands and inside.any():
                 part = engine.polar_sums(block[inside], origin[inside], bands)
                 add_polar_sums(sums, part)

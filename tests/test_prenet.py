@@ -671,6 +671,36 @@ def test_bright_field_radius_among_touching_and_bright_bragg_disks(radius, spaci
     assert bright_field_radius(np.zeros_like(lp), *band) is None
 
 
+@pytest.mark.parametrize("radius,spacing,brightness", [(4.0, 9.0, 1.5), (10.0, 24.0, 0.3)])
+def test_beam_stop_radius_of_a_dark_centre_and_none_for_a_bright_field_disk(radius, spacing, brightness):
+    from py4dstem_prenet.refine import beam_stop_radius
+
+    lp, band = _lattice_sum(radius, 1.0, 1.02, 0.4, spacing, brightness, hide_centre=True)
+    step = np.log(band[1] / band[0]) / (len(lp) - 1)  # the log-spaced rows' spacing
+    stop = radius + 3  # the hidden centre's radius
+    assert abs(np.log(beam_stop_radius(lp, *band) / stop)) <= 2 * step + 1 / stop
+    lp, band = _lattice_sum(radius, 1.0, 1.02, 0.4, spacing, brightness)
+    assert beam_stop_radius(lp, *band) is None
+    assert beam_stop_radius(np.zeros_like(lp), *band) is None
+    with pytest.raises(ValueError, match="0 < r_min < r_max"):
+        beam_stop_radius(lp, band[1], band[0])
+
+
+def test_ellipse_of_one_selected_area_pattern_with_a_beam_stop_is_measured_beyond_the_stop():
+    # the stop's round edge is not stretched by the projector: fitted with the rings it pulled
+    # a/b from 1.02 to 1.003 (1024 px) and theta 6 degrees off (512 px)
+    import py4DSTEM
+
+    from py4dstem_prenet.simulation import simulate_datacube
+
+    dc, _ = simulate_datacube((1, 1), (512, 512), "polycrystalline", 1e7, (1.02, 0.5), seed=31000512, beam_stop=True)
+    out = prenet.preprocess(py4DSTEM.DataCube(data=dc.data.astype(np.uint16)), progress=False)
+    a, b, theta = out.calibration.get_ellipse()
+    md = out.metadata["prenet"]
+    assert md["ellipse_stop_radius"] > 0 and md["ellipse_refined_band"] == "full"
+    assert abs(a / b - 1.02) <= 0.002 and abs(np.degrees((theta - 0.5 + np.pi / 2) % np.pi - np.pi / 2)) <= 1.0
+
+
 @pytest.mark.parametrize("angle,brightness", [(0.35, 0.4), (1.3, 0.2)])
 def test_ellipse_leaves_out_the_angles_where_a_bragg_disk_touches_the_bright_field_edge(angle, brightness):
     # one Friedel pair of Bragg disks 2.12 radii out lays its rising edge over the bright-field
