@@ -780,6 +780,28 @@ def test_preprocess_places_the_ellipse_bands_at_the_measured_disk_radius():
     assert md["ellipse_disk_radius_source"] == "network"
 
 
+def test_ellipse_bands_start_beyond_a_beam_stop_and_measure_disk_radius_reports_it():
+    from py4dstem_prenet.engine import ISOTROPIC, STOP_BAND_GAIN, ellipse_bands, measure_disk_radius
+
+    o = np.full((4, 2), 64.0)
+    plain = ellipse_bands(o, (128, 128), 8.0)
+    assert set(plain) == {"full", "bright-field edge", ISOTROPIC} and plain["full"][0] == 2.0
+    stopped = ellipse_bands(o, (128, 128), 8.0, stop_radius=12.0)
+    assert "bright-field edge" not in stopped  # the bright-field edge is behind the stop
+    assert stopped["full"] == (STOP_BAND_GAIN * 12.0 + 2, plain["full"][1])
+    assert stopped[ISOTROPIC][0] >= stopped["full"][0]
+    assert ellipse_bands(o, (128, 128), 8.0, stop_radius=40.0) == {}  # no room left beyond it
+    # on a dark centre: no bright-field radius, the stop's; on a bright disk: the disk's, no stop
+    for hide, expect in ((True, (None, 13.0)), (False, (10.0, None))):
+        lp, band = _lattice_sum(10.0, 1.0, 1.02, 0.4, 24.0, 0.3, hide_centre=hide)
+        at = np.full((1, 2), band[1] + 2)  # an origin whose full band is the sum's
+        calls = []
+        radius, stop = measure_disk_radius(lambda b: calls.append(b) or {"full": lp}, at, (128, 128))
+        assert calls == [{"full": band}]
+        for got, want in zip((radius, stop), expect):
+            assert (got is None) if want is None else abs(got - want) < 0.15 * want
+
+
 def test_ellipse_bands_weighting_follows_the_content(monkeypatch):
     # the bright-field edge is fitted on intensities, clear of touching Bragg disks; the full
     # band on intensities too when (nearly) every pattern is rings only, and on square roots
