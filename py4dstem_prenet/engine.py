@@ -1320,9 +1320,9 @@ def ellipse_bands(origin: np.ndarray, shape: tuple[int, int], disk_radius: float
     -------
     dict
         'full': everything inside the detector; 'bright-field edge': the band of
-        the bright-field disk edge (when a radius is known); ISOTROPIC: outside the
-        bright-field disk, summed over isotropic patterns only (see
-        :meth:`PreNet.polar_sums`). Bands too narrow to fit are left out, so the
+        the bright-field disk edge (when a radius is known and no stop hides the disk);
+        ISOTROPIC: outside the bright-field disk, summed over isotropic patterns only
+        (see :meth:`PreNet.polar_sums`). Bands too narrow to fit are left out, so the
         dict can be empty.
     """
     h, w = shape

@@ -1256,7 +1256,9 @@ def preprocess(
         stretch fit of the origin-aligned mean (which reads the scan twice more: once
         for the bright-field disk radius that places the fit's bands, kept as
         ``ellipse_disk_radius`` in px with ``ellipse_disk_radius_source`` 'measured',
-        or 'network' where no bright-field plateau shows, and once for the bands;
+        or 'network' where no bright-field plateau shows; where a beam stop hides the
+        disk, ``ellipse_stop_radius`` in px, beyond which the bands start; and once for
+        the bands;
         ``ellipse_refined_band`` and ``ellipse_refined_quality`` say which band and how
         isotropic it was), or, where no ring region carries it (a crystal), by fitting
         the shape of every disk, Bragg disks as well as the bright-field disk, in up to
