@@ -1343,10 +1343,16 @@ def _shifts(profiles: np.ndarray, reference: np.ndarray, max_shift: int) -> tupl
     return lags[k] + frac, c
 
 
+def _band_radii(n_rho: int, r_min: float, r_max: float) -> np.ndarray:
+    """Radii (px) of the ``n_rho`` log-spaced rows of a :func:`log_polar_view` band from
+    ``r_min`` to ``r_max``."""
+    return np.exp(np.linspace(math.log(r_min), math.log(r_max), n_rho))
+
+
 def _radial_fall(profile: np.ndarray, r_min: float, r_max: float) -> tuple[np.ndarray, np.ndarray]:
-    """Radii r (px) of the log-spaced rows of a :func:`log_polar_view` band from ``r_min``
-    to ``r_max``, and the fall -d(profile)/dr of a radial profile over them."""
-    r = np.exp(np.linspace(math.log(r_min), math.log(r_max), len(profile)))
+    """Radii r (px) of the rows of a band (:func:`_band_radii`), and the fall
+    -d(profile)/dr of a radial profile over them."""
+    r = _band_radii(len(profile), r_min, r_max)
     return r, -np.gradient(profile, r)
 
 
@@ -1449,7 +1455,7 @@ def beam_stop_radius(polar_sum: np.ndarray, r_min: float, r_max: float) -> float
     if not (np.all(np.isfinite(profile)) and top > 0) or profile[0] > STOP_DARK_FRACTION * top:
         return None
     i = int(np.argmax(profile >= max(STOP_RISE * profile[0], STOP_FLOOR_FRACTION * top)))
-    return float(np.exp(np.linspace(math.log(r_min), math.log(r_max), len(profile))[i])) if i > 0 else None
+    return float(_band_radii(len(profile), r_min, r_max)[i]) if i > 0 else None
 
 
 #: A blur applied after the distortion moves an edge towards its centre of curvature, by
