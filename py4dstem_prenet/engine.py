@@ -34,7 +34,7 @@ from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detec
 
 __all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "ring_scan",
            "disk_offsets", "combine_disk_ellipses", "poisson_noise_fraction", "read_noise_sigma", "dark_level",
-           "measurement_block", "equivalent_counts", "LOW_DOSE_COUNTS"]
+           "measurement_block", "equivalent_counts", "count_quantum", "whole_counts", "LOW_DOSE_COUNTS"]
 
 #: Below this many counts per pattern the edge refinement reads the denoised pattern;
 #: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
@@ -324,6 +324,92 @@ def _detector_floor(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return level, dark, read_noise_sigma(dark)
 
 
+#: A pattern holds whole counts stored in units of q (a counting detector's counts
+#: normalised, or scaled by a constant) where at least this fraction of its non-zero
+#: pixels are whole multiples of q ...
+QUANTUM_WHOLE_FRACTION = 0.99
+#: ... q being the smallest non-zero value divided by 1 to this many (a pattern whose
+#: dimmest pixels hold several counts) ...
+QUANTUM_DIVISORS = 4
+#: ... and the pattern having at least this many non-zero pixels.
+QUANTUM_MIN_PIXELS = 16
+
+
+def whole_counts(n: np.ndarray) -> np.ndarray:
+    """True where values n >= 0 (counts) are whole numbers to within 0.02 and the
+    rounding of float32 data divided by a float32 unit (4e-7 of the value)."""
+    n = np.asarray(n, np.float64)
+    return np.abs(n - np.round(n)) <= 0.02 + 4e-7 * n
+
+
+def count_quantum(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The value of one count in each pattern: the data's unit of counting, where it shows.
+
+    Counting detectors record whole electrons, but the data reaching a notebook may be
+    those counts in other units: normalised (divided by the sum, the maximum or the
+    dose) or multiplied by a constant. The dose thresholds (LOW_DOSE_COUNTS,
+    GLOBAL_MIN_COUNTS, DENOISE_MAX_COUNTS, pooling) and the Poisson weights of the
+    refinement are in electrons; such patterns are read as their counts divided by q,
+    the value of one count, found as the smallest non-zero value divided by 1 to
+    QUANTUM_DIVISORS of which at least QUANTUM_WHOLE_FRACTION of the non-zero pixels
+    are whole multiples (:func:`whole_counts`). Patterns of whole
+    counts give q = 1 (their dimmest pixels hold one count); continuous values (an
+    integrating detector, a noise-free simulation, flat-field-corrected counts) find
+    no unit and get q = 1, i.e. are read as counts, as before.
+
+    Parameters
+    ----------
+    x : torch.Tensor or numpy.ndarray
+        (N, 1, H, W) or (N, H, W) cleaned patterns (finite, >= 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        (N,) float64 q > 0, data units per count.
+
+    Raises
+    ------
+    ValueError
+        If ``x`` is not 3D or 4D with one channel, or holds negative or non-finite values.
+    """
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.ndim == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 3:
+        raise ValueError(f"patterns must be (N, H, W) or (N, 1, H, W), got shape {a.shape}")
+    flat = a.reshape(len(a), -1)
+    if flat.size and not (np.isfinite(flat).all() and flat.min() >= 0):
+        raise ValueError("patterns must be finite and >= 0 (cleaned)")
+    q = np.ones(len(flat))
+    for i, row in enumerate(flat):
+        v = row[row > 0].astype(np.float64)
+        if len(v) < QUANTUM_MIN_PIXELS or v.min() == 1.0:
+            continue  # too few values to tell, or whole counts (their dimmest pixels hold one)
+        for k in range(1, QUANTUM_DIVISORS + 1):
+            n = v * (k / v.min())
+            if np.mean(whole_counts(n)) >= QUANTUM_WHOLE_FRACTION:
+                q[i] = v.min() / k
+                break
+    return q
+
+
+def _in_counts(x: torch.Tensor, quantum: np.ndarray) -> torch.Tensor:
+    """Patterns (N, 1, H, W) divided by their :func:`count_quantum` (N,); ``x`` itself where all are 1."""
+    if np.all(quantum == 1.0):
+        return x
+    return x / torch.from_numpy(quantum).to(x.device, x.dtype)[:, None, None, None]
+
+
+def _counting_quantum(x: torch.Tensor, sigma: np.ndarray) -> np.ndarray:
+    """:func:`count_quantum` of cleaned patterns x without a read-noise floor (``sigma`` (N,) 0); 1
+    where one shows (an integrating detector: :func:`equivalent_counts` finds its gain)."""
+    quantum = np.ones(len(sigma))
+    counting = np.flatnonzero(np.asarray(sigma) == 0)
+    if len(counting):
+        quantum[counting] = count_quantum(x[torch.from_numpy(counting).to(x.device)])
+    return quantum
+
+
 def _above_read_noise(x: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
     """Cleaned patterns (N, 1, H, W) less READ_NOISE_SIGMAS x their read noise ``sigma`` (N,), clipped at 0."""
     if not np.any(sigma > 0):
@@ -403,7 +489,8 @@ def measurement_block(block: np.ndarray) -> torch.Tensor:
     """(N, H, W) patterns -> (N, 1, H, W) float32 counts on which origins are measured.
 
     The cleaned patterns (:func:`_clean_block`) less READ_NOISE_SIGMAS times their
-    read noise (:func:`read_noise_sigma`), clipped at 0; counting data unchanged.
+    read noise (:func:`read_noise_sigma`), clipped at 0; counting data divided by the
+    value of one count (:func:`count_quantum`; 1 for whole counts, which stay unchanged).
 
     Raises
     ------
@@ -411,7 +498,8 @@ def measurement_block(block: np.ndarray) -> torch.Tensor:
         If ``block`` is not 3D.
     """
     _, dark, sigma = _detector_floor(block)
-    return _above_read_noise(_clean_block(dark), sigma)
+    x = _clean_block(dark)
+    return _above_read_noise(_in_counts(x, _counting_quantum(x, sigma)), sigma)
 
 
 def _clean_block(block: np.ndarray) -> torch.Tensor:
@@ -497,23 +585,27 @@ def overlay_mask(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, np.ndarray]:
-    """Cleaned block on ``dev`` with masked pixels set to 0, its measurement copy, the valid pixels, the counts,
-    and the detector floor.
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, np.ndarray, np.ndarray]:
+    """Cleaned block on ``dev`` in counts with masked pixels set to 0, its measurement copy, the valid
+    pixels, the counts, the detector floor and the value of one count.
 
     Masked are the pixels False in ``mask`` (a beam stop, dead regions) and burned-in
-    annotations (:func:`overlay_mask`). The measurement copy is the cleaned block less
-    its read-noise floor (:func:`measurement_block`; the same tensor for counting
+    annotations (:func:`overlay_mask`). Counting data are divided by the value of one
+    count (:func:`count_quantum`, returned (N,) in the data's units; 1 for whole counts
+    and for data with a read-noise floor). The measurement copy is the cleaned block
+    less its read-noise floor (:func:`measurement_block`; the same tensor for counting
     data). The valid map is (H, W) when it is the same for every pattern, (N, H, W)
     when annotations make it differ, None when all pixels are valid. The counts (N,),
     on the host, are :func:`equivalent_counts` of the measurement copy; the floor (N, 2)
-    the :func:`dark_level` and :func:`read_noise_sigma` of the patterns, counts.
+    the :func:`dark_level` and :func:`read_noise_sigma` of the patterns, in the data's units.
     """
     if mask is not None:
         check_detector_mask(mask, np.shape(block)[-2:])
     x = _clean_block(block).to(dev)
     level, dark, sigma = _detector_floor(block)
-    xm = _above_read_noise(x if dark is block else _clean_block(dark).to(dev), sigma)
+    quantum = _counting_quantum(x, sigma)
+    x = _in_counts(x, quantum)
+    xm = _above_read_noise(x if dark is block else _in_counts(_clean_block(dark).to(dev), quantum), sigma)
     valid = None if mask is None else torch.from_numpy(np.asarray(mask, bool))
     overlay = overlay_mask(x)
     if overlay is not None:
@@ -523,7 +615,7 @@ def _masked_block(block: np.ndarray, mask: np.ndarray | None, dev: torch.device
         keep = valid if valid.dim() == 2 else valid[:, None]
         xk = x * keep
         x, xm = xk, xk if xm is x else xm * keep
-    return x, xm, valid, equivalent_counts(dark, xm, sigma, valid), np.stack([level, sigma], axis=1)
+    return x, xm, valid, equivalent_counts(dark, xm, sigma, valid), np.stack([level, sigma], axis=1), quantum
 
 
 def _median3(x: torch.Tensor) -> torch.Tensor:
@@ -987,13 +1079,15 @@ class PreNet:
         Returns
         -------
         dict of numpy.ndarray
-            'data' (N, Q_Nx, Q_Ny) float32, denoised when the denoiser runs (patterns
-            above DENOISE_MAX_COUNTS stay as recorded), else the cleaned input;
-            'counts' (N,) the cleaned patterns' total counts above their read-noise floor,
-            in electrons where that floor shows an integrating detector
-            (:func:`equivalent_counts`); 'detector_floor' (N, 2) their dark level
-            (:func:`dark_level`) and read noise (:func:`read_noise_sigma`), counts (0 for
-            counting data); with the centre stage
+            'data' (N, Q_Nx, Q_Ny) float32 in the input's units, denoised when the
+            denoiser runs (patterns above DENOISE_MAX_COUNTS stay as recorded), else the
+            cleaned input; 'counts' (N,) the cleaned patterns' total counts above their
+            read-noise floor, in electrons where that floor shows an integrating detector
+            (:func:`equivalent_counts`) and in counts where the data hold counts in other
+            units; 'count_quantum' (N,) the value of one count (:func:`count_quantum`;
+            1 for whole counts and continuous data); 'detector_floor' (N, 2) their dark
+            level (:func:`dark_level`) and read noise (:func:`read_noise_sigma`), in the
+            input's units (0 for counting data); with the centre stage
             'origin' (N, 2) (network + refinement), 'origin_network' (N, 2),
             'origin_sigma' (N,) px and 'disk_radius' (N,) px; with refinement also
             'origin_symmetry' (N,), the
@@ -1026,12 +1120,13 @@ class PreNet:
         h, w = int(block.shape[-2]), int(block.shape[-1])
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
-            x, xm, valid, counts, floor = _masked_block(block, mask, dev)
+            x, xm, valid, counts, floor, quantum = _masked_block(block, mask, dev)
             out["counts"] = counts.numpy()
             out["detector_floor"] = floor
+            out["count_quantum"] = quantum
             # where the recording is already better than the denoiser's own error, keep it
             y = self._denoised(x, counts <= DENOISE_MAX_COUNTS) if self.denoise else x
-            out["data"] = y[:, 0].float().cpu().numpy()
+            out["data"] = _in_counts(y, 1 / quantum)[:, 0].float().cpu().numpy()  # in the input's units
             if self.center:
                 # the calibrators were trained on recorded (noisy) patterns: they see x
                 pred = self._apply("centre", full_view(x)).float().cpu()
@@ -1136,7 +1231,7 @@ class PreNet:
         if not sel.any():
             return {"origin": out}
         with torch.inference_mode():
-            x, xm, valid, counts, _ = _masked_block(np.asarray(block)[sel], mask, dev)
+            x, xm, valid, counts, _, _ = _masked_block(np.asarray(block)[sel], mask, dev)
             # the refinement takes the denoised patterns only below LOW_DOSE_COUNTS
             y = self._denoised(x, counts < LOW_DOSE_COUNTS) if self.denoise else None
             o = torch.from_numpy(np.asarray(out[sel], np.float32)).to(dev)
@@ -1169,7 +1264,7 @@ class PreNet:
         """
         dev = self.torch_device
         with torch.inference_mode():
-            _, xm, valid, counts, _ = _masked_block(np.asarray(block), mask, dev)
+            _, xm, valid, counts, _, _ = _masked_block(np.asarray(block), mask, dev)
             o = torch.from_numpy(np.asarray(origin, np.float32)).to(dev)
             halves = intensity_symmetry_halves(_refinement_input(xm, None, counts), o, 2.0, valid)
         return tuple(h.cpu().numpy().astype(np.float64) for h in halves)
@@ -1196,7 +1291,8 @@ class PreNet:
         """
         dev = self.torch_device
         with torch.inference_mode():
-            x = _median3(_clean_block(block))
+            x = _clean_block(block)
+            x = _median3(_in_counts(x, count_quantum(x)))  # the hot-pixel test is in counts
             x = (x / x.mean(dim=(2, 3), keepdim=True).clamp_min(1e-6)).to(dev)
             o = torch.from_numpy(np.asarray(origin, np.float32)).to(dev)
             out = {}
@@ -1240,7 +1336,7 @@ class PreNet:
         """
         h, w = np.shape(block)[-2:]
         with torch.inference_mode():
-            _, xm, valid, _, _ = _masked_block(np.asarray(block), mask, torch.device("cpu"))
+            _, xm, valid, *_ = _masked_block(np.asarray(block), mask, torch.device("cpu"))
             x = _median3(xm)[:, 0].double().numpy()
         v = np.ones((1, h, w)) if valid is None else valid.numpy().astype(float).reshape(-1, h, w)
         total, cover = np.zeros((h, w)), np.zeros((h, w))
@@ -1290,7 +1386,7 @@ class PreNet:
         inside = (np.isfinite(centre).all(axis=1) & (centre[:, 0] >= reach) & (centre[:, 0] <= h - 1 - reach)
                   & (centre[:, 1] >= reach) & (centre[:, 1] <= w - 1 - reach))
         with torch.inference_mode():
-            _, xm, valid, _, _ = _masked_block(np.asarray(block), mask, torch.device("cpu"))
+            _, xm, valid, *_ = _masked_block(np.asarray(block), mask, torch.device("cpu"))
             e12, cov, ok = disk_ellipses(_median3(xm), torch.from_numpy(centre[inside]), radius,
                                          torch.from_numpy(which[inside]), valid, edge_width=edge_width)
         return {"disk e12": e12[ok].numpy(), "disk e12 covariance": cov[ok].numpy()}

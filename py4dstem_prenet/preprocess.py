@@ -26,8 +26,8 @@ from ._validation import check_detector_mask
 from .conventions import e12_to_ellipse
 from .distributed import block_bounds, map_blocks
 from .engine import (DISK_SHAPE_MAX_FITS, DISK_SHAPE_MIN_BRAGG, DISK_SHAPE_MIN_FITS, LOW_DOSE_COUNTS, PreNet,
-                     add_polar_sums, combine_disk_ellipses, disk_offsets, ellipse_bands, fit_ellipse_bands,
-                     measure_disk_radius, measurement_block, ring_scan)
+                     add_polar_sums, combine_disk_ellipses, count_quantum, disk_offsets, ellipse_bands,
+                     fit_ellipse_bands, measure_disk_radius, measurement_block, ring_scan, whole_counts)
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess", "blur_correction", "descan_shrinkage", "origin_noise", "origin_scatter", "origins_are_noise",
@@ -660,7 +660,10 @@ def origin_noise(engine: PreNet, data, origin: np.ndarray, source: np.ndarray, c
     if by_sectors:
         o1, o2 = engine.intensity_halves_at(x, origin[pick], mask=mask)
         return _robust_rms(o1 - o2) / 2
-    if not (np.all(np.isfinite(x)) and x.min() >= 0 and np.mean(x == np.round(x)) >= NOISE_COUNTS_FRACTION):
+    if not (np.all(np.isfinite(x)) and x.min() >= 0):
+        return None
+    x = x / count_quantum(x)[:, None, None]  # counts stored in other units, as counts
+    if np.mean(whole_counts(x)) < NOISE_COUNTS_FRACTION:
         return None
     x = np.round(x)  # the few other pixels (stuck hot pixels), to the nearest count
     half = np.random.default_rng(seed).binomial(x.astype(np.int64), 0.5)
@@ -1294,7 +1297,11 @@ def preprocess(
         float32 data in the input's units (expected counts), with
         ``calibration.get_origin()`` -> (qx0, qy0) maps in pixels and
         ``calibration.get_ellipse()`` -> (a/b, 1, theta), and
-        ``metadata['prenet']`` holding model versions, options, ``origin_sigma``
+        ``metadata['prenet']`` holding model versions, options, the detector's
+        ``detector_dark_level`` and ``detector_read_noise`` (input units; 0 for
+        counting data) and ``detector_count_unit`` (the value of one count in input
+        units, :func:`~py4dstem_prenet.engine.count_quantum`: 1 for whole counts and
+        continuous data; the measurement reads the data in counts), ``origin_sigma``
         (px: the centre network's predicted uncertainty of its own estimate, the
         window the refinement searches; the refined origins are far more precise,
         and their measured noise is ``origin_noise``, below), the network-only
@@ -1472,6 +1479,8 @@ def preprocess(
         if "detector_floor" in results:  # (absent from outputs resumed from an earlier version)
             md["detector_dark_level"] = float(np.median(results["detector_floor"][:, 0]))
             md["detector_read_noise"] = float(np.median(results["detector_floor"][:, 1]))
+        if "count_quantum" in results:
+            md["detector_count_unit"] = float(np.median(results["count_quantum"]))
         origin_cal = ellipse_cal = None
         if center:
             qx0 = origin[:, 0].reshape(nrx, nry)

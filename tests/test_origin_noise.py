@@ -404,8 +404,12 @@ def test_origin_noise_by_binomial_thinning_scales_with_dose():
         if dose == 1e4:  # the measured origins scatter about the truth by about the noise
             assert 0.3 * np.sqrt(np.mean(err**2)) < found[dose] < 3 * np.sqrt(np.mean(err**2))
     assert found[1e4] > 4 * found[1e6]  # sqrt(100) = 10 if the estimator were efficient at both
-    # not counts (a gain-scaled recording), or too few patterns: no estimate (res: the 1e6 scan)
-    assert origin_noise(engine, 1.37 * dc.data, res["origin"], res["origin_source"], res["counts"]) is None
+    # counts in other units (a scaled recording) are split as counts; not counts (continuous
+    # values: flat-fielded), or too few patterns: no estimate (res: the 1e6 scan)
+    assert origin_noise(engine, np.float32(1.37) * dc.data, res["origin"], res["origin_source"],
+                        res["counts"]) == pytest.approx(found[1e6], rel=1e-6)
+    flat = dc.data * np.random.default_rng(0).uniform(0.95, 1.05, dc.data.shape[2:]).astype(np.float32)
+    assert origin_noise(engine, flat, res["origin"], res["origin_source"], res["counts"]) is None
     assert origin_noise(engine, dc.data[:2], res["origin"][:10], res["origin_source"][:10], res["counts"][:10]) is None
     with pytest.raises(ValueError, match="one entry per pattern|for its N patterns"):
         origin_noise(engine, dc.data, res["origin"][:10], res["origin_source"], res["counts"])

@@ -1,0 +1,92 @@
+"""Counts stored in other units (normalised, or scaled by a constant) are read as counts."""
+
+import numpy as np
+import pytest
+import torch
+
+import py4dstem_prenet as prenet
+from py4dstem_prenet.engine import PreNet, count_quantum, measurement_block, whole_counts
+from py4dstem_prenet.simulation import simulate_datacube
+
+
+def _counts(seed=0, shape=(3, 32, 32), lam=0.8):
+    return np.random.default_rng(seed).poisson(lam, shape).astype(np.float32)
+
+
+def test_whole_counts_allows_float32_rounding_only():
+    assert whole_counts(np.array([0.0, 3.0, 7.01, 1e5 + 0.03])).all()  # 4e-7 of 1e5 is 0.04
+    assert not whole_counts(np.array([0.5, 3.1, 1e5 + 0.2])).any()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1 / 7, 50.0, 2.5e6])
+def test_count_quantum_finds_the_value_of_one_count(scale):
+    x = (_counts() * np.float32(scale)).astype(np.float32)
+    before = x.copy()
+    np.testing.assert_allclose(count_quantum(x), scale, rtol=1e-6)
+    np.testing.assert_allclose(count_quantum(torch.from_numpy(x)[:, None]), scale, rtol=1e-6)
+    np.testing.assert_array_equal(x, before)  # input unchanged
+
+
+def test_count_quantum_when_the_dimmest_pixel_holds_several_counts():
+    x = _counts(lam=40.0)
+    x[:, 0, :4] = 3  # the dimmest pixels hold 3 counts
+    np.testing.assert_allclose(count_quantum(x * np.float32(0.25)), 0.25, rtol=1e-6)
+    np.testing.assert_array_equal(count_quantum(x), 1.0)
+
+
+@pytest.mark.parametrize("case", ["continuous", "few pixels", "empty", "stray pixels"])
+def test_count_quantum_is_one_where_no_unit_shows(case):
+    rng = np.random.default_rng(2)
+    if case == "continuous":  # an integrating detector, a noise-free simulation, flat-fielded counts
+        x = rng.gamma(2.0, 3.0, (2, 32, 32)).astype(np.float32)
+    elif case == "few pixels":
+        x = np.zeros((2, 32, 32), np.float32)
+        x[:, 0, :5] = 0.37 * np.arange(1, 6)
+    elif case == "empty":
+        x = np.zeros((2, 32, 32), np.float32)
+    else:  # scaled counts, but 5% of the lit pixels hold other values
+        x = _counts(shape=(2, 32, 32)) * np.float32(0.01)
+        lit = np.argwhere(x[0] > 0)[::20]
+        x[0][tuple(lit.T)] += 0.0043
+        x[1] = x[0]
+    np.testing.assert_array_equal(count_quantum(x), 1.0)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((32, 32)), np.zeros((2, 2, 8, 8)), -np.ones((1, 8, 8)),
+                                 np.full((1, 8, 8), np.nan)])
+def test_count_quantum_rejects_bad_input(bad):
+    with pytest.raises(ValueError, match="patterns must be"):
+        count_quantum(bad)
+
+
+def test_measurement_block_is_in_counts():
+    x = _counts()
+    np.testing.assert_allclose(measurement_block(x * np.float32(1e-3))[:, 0].numpy(), x, rtol=1e-5)
+
+
+def test_engine_counts_and_output_units_of_scaled_counts():
+    dc, _ = simulate_datacube((2, 2), (64, 64), "crystal", 3e3, None, seed=44_000_001)
+    block = np.asarray(dc.data, np.float32).reshape(4, 64, 64)
+    engine = PreNet(denoise=True, center=False, ellipse=False, refine=False)
+    ref = engine.run(block)
+    out = engine.run(block * np.float32(1e-3))
+    np.testing.assert_allclose(out["counts"], ref["counts"], rtol=1e-5)  # electrons, not 1e-3 of them
+    np.testing.assert_allclose(out["count_quantum"], 1e-3, rtol=1e-6)
+    np.testing.assert_array_equal(ref["count_quantum"], 1.0)
+    np.testing.assert_allclose(out["data"], 1e-3 * ref["data"], rtol=1e-4, atol=1e-9)  # the input's units
+
+
+def test_preprocess_reads_normalised_counts_as_counts():
+    import py4DSTEM
+
+    dc, truth = simulate_datacube((4, 4), (128, 128), "crystal", 1e4, (1.02, 0.5), seed=44_000_002)
+    ref = prenet.preprocess(dc, progress=False)
+    scaled = py4DSTEM.DataCube(data=(np.asarray(dc.data) / np.float32(1e4)).astype(np.float32))
+    before = np.array(scaled.data)
+    out = prenet.preprocess(scaled, progress=False)
+    np.testing.assert_array_equal(scaled.data, before)
+    for a, b in zip(out.calibration.get_origin(), ref.calibration.get_origin()):
+        np.testing.assert_allclose(a, b, atol=2e-3)
+    np.testing.assert_allclose(out.calibration.get_ellipse(), ref.calibration.get_ellipse(), atol=2e-4)
+    assert out.metadata["prenet"]["detector_count_unit"] == pytest.approx(1e-4, rel=1e-5)
+    assert ref.metadata["prenet"]["detector_count_unit"] == 1.0
