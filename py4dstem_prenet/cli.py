@@ -226,6 +226,21 @@ def _cmd_benchmark_strain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark_units(args: argparse.Namespace) -> int:
+    from .evaluation.units import UnitsConfig, run_units_benchmark, units_markdown
+
+    cfg = UnitsConfig.quick() if args.quick else UnitsConfig()
+    rows = run_units_benchmark(cfg, progress=lambda m: print(f"[benchmark-units] {m}", file=sys.stderr))
+    table = units_markdown(rows, cfg)
+    print(table)
+    if args.out:
+        command = "prenet benchmark-units" + (" --quick" if args.quick else "") + f" --out {args.out}"
+        _write_section(args.out, "units", "## Units of the data: counts normalised or scaled, noise-free patterns\n\n"
+                       "Regenerate with:\n\n```\n" + command + "\n```\n\n" + table)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 _VERDICT_INTRO = """\
 Worst of e_xx, e_yy, e_xy (RMS). "added by": the false strain a route's calibration adds
 to the exact route's floor, sqrt(RMS^2 - floor^2). Calibration matters where the
@@ -432,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--quick", action="store_true", help="small configuration (a minute)")
     st.add_argument("--out", default=None, help="write the table (section 'strain') and pictures next to this file")
     st.set_defaults(func=_cmd_benchmark_strain)
+
+    un = sub.add_parser("benchmark-units", help="the same scans as counts, normalised, scaled and noise-free")
+    un.add_argument("--quick", action="store_true", help="small configuration (seconds)")
+    un.add_argument("--out", default=None, help="write the table into this markdown file (section 'units')")
+    un.set_defaults(func=_cmd_benchmark_units)
 
     tp = sub.add_parser("benchmark-throughput",
                         help="patterns/s and peak memory of preprocess on the CPU and a device, next to get_origin")

@@ -13,6 +13,7 @@ radial bands), :func:`fit_ellipse_bands` the reduction.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -334,8 +335,11 @@ QUANTUM_OFF_GRID_LIT = 0.5
 #: ... q being the smallest non-zero value divided by 1 to this many (a pattern whose
 #: dimmest pixels hold several counts) ...
 QUANTUM_DIVISORS = 4
-#: ... and the pattern having at least this many non-zero pixels.
+#: ... and the pattern having at least this many non-zero pixels; no pixel may hold more
+#: than this many units (float32 values are all whole multiples of a small enough power
+#: of two: a pattern shifted to a minimum of 0 had its smallest value 2^-19 apart from it).
 QUANTUM_MIN_PIXELS = 16
+QUANTUM_MAX_COUNTS = 2**20
 #: Continuous data are read as at most this many equivalent counts per pattern (a
 #: noise-free pattern shows almost no pixel noise: simulated 128 x 128 patterns read
 #: 5e5 (polycrystalline), 2e7 (amorphous) and this bound (crystals)).
@@ -343,10 +347,10 @@ QUANTUM_MAX_EQUIVALENT = 1e9
 
 
 def whole_counts(n: np.ndarray) -> np.ndarray:
-    """True where values n >= 0 (counts) are whole numbers to within 1e-3 and the
-    rounding of float32 data divided by a float32 unit (4e-7 of the value)."""
+    """True where values n >= 0 (counts) are whole numbers to within 1e-4 and the
+    rounding of float32 data divided by a float32 unit (3e-7 of the value)."""
     n = np.asarray(n, np.float64)
-    return np.abs(n - np.round(n)) <= 1e-3 + 4e-7 * n
+    return np.abs(n - np.round(n)) <= 1e-4 + 3e-7 * n
 
 
 def count_quantum(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -357,14 +361,15 @@ def count_quantum(x: torch.Tensor | np.ndarray) -> np.ndarray:
     dose) or multiplied by a constant. The dose thresholds (LOW_DOSE_COUNTS,
     GLOBAL_MIN_COUNTS, DENOISE_MAX_COUNTS, pooling) and the Poisson weights of the
     refinement are in electrons; such patterns are read as their counts divided by q,
-    the value of one count: the smallest non-zero value divided by 1 to
-    QUANTUM_DIVISORS (a pattern whose dimmest pixels hold several counts) of which
-    the non-zero pixels are whole multiples (:func:`whole_counts`; but for at most
-    QUANTUM_OFF_GRID of the pixels and QUANTUM_OFF_GRID_LIT of the non-zero ones:
-    hot pixels, burned-in labels); else, where they are whole numbers, the greatest
-    common divisor of the 8 smallest values that occur more than once (stray values
-    are bright or occur once), if they are multiples of it: 1 for counts, 50 for
-    counts times 50 whose dimmest pixels hold more than 4. Continuous values find
+    the value of one count: the largest unit of which the non-zero pixels are whole
+    multiples (:func:`whole_counts`; but for at most QUANTUM_OFF_GRID of the pixels
+    and QUANTUM_OFF_GRID_LIT of the non-zero ones: hot pixels, burned-in labels,
+    interpolated dead pixels), among 1, the greatest common divisor of the 8 smallest
+    whole values that occur more than once (stray values are bright or occur once)
+    and each of the 3 smallest non-zero values (the smallest may be a stray) divided
+    by 1 to QUANTUM_DIVISORS (a pattern whose dimmest pixels hold several counts): 1
+    for counts (even with a stray value below one count, of which they are also
+    multiples), 50 for counts times 50, 1e-3 for counts divided by 1000. Continuous values find
     no unit: where their pixel noise per unit of intensity g (:func:`_noise_per_count`:
     robust, so that edges do not count) is below that of counts (g < 1: a noise-free
     simulation, an average of frames, counts in units smaller than one), q = g, the
@@ -400,24 +405,32 @@ def count_quantum(x: torch.Tensor | np.ndarray) -> np.ndarray:
         v = row[row > 0].astype(np.float64)
         if len(v) < QUANTUM_MIN_PIXELS or v.min() == 1.0:
             continue  # too few values to tell, or whole counts (their dimmest pixels hold one)
-
-        def on_grid(whole: np.ndarray) -> bool:
-            off = len(whole) - np.count_nonzero(whole)
-            return off <= QUANTUM_OFF_GRID * len(row) and off <= QUANTUM_OFF_GRID_LIT * len(whole)
-
-        for k in range(1, QUANTUM_DIVISORS + 1):
-            if on_grid(whole_counts(v * (k / v.min()))):
-                q[i] = v.min() / k
-                break
-        else:
+        units = []  # every unit of which the pixels are whole multiples; the largest is the count
+        if _on_grid(v, 1.0, len(row)):  # whole numbers: 1, or the common divisor of the dimmest repeated ones
+            units.append(1.0)
             whole = whole_counts(v) & (v > 0.5)
-            if on_grid(whole):  # whole numbers: in units of the greatest common divisor of the dimmest repeated ones
-                values, seen = np.unique(np.round(v[whole]).astype(np.int64), return_counts=True)
-                g = float(np.gcd.reduce(values[seen > 1][:8])) if np.any(seen > 1) else 1.0
-                q[i] = g if g > 1 and on_grid(whole_counts(v / g)) else 1.0
-            else:  # continuous: less noisy than counts at face value?
-                q[i] = min(1.0, max(_noise_per_count(a[i]), float(v.sum()) / QUANTUM_MAX_EQUIVALENT))
+            values, seen = np.unique(np.round(v[whole]).astype(np.int64), return_counts=True)
+            g = float(np.gcd.reduce(values[seen > 1][:8])) if np.any(seen > 1) else 1.0
+            if g > 1 and _on_grid(v, g, len(row)):
+                units.append(g)
+        for base, k in itertools.product(np.unique(v)[:3], range(1, QUANTUM_DIVISORS + 1)):
+            if base / k > max(units, default=0.0) and _on_grid(v, base / k, len(row)):
+                units.append(base / k)
+        if units:
+            q[i] = max(units)
+        else:  # continuous: less noisy than counts at face value?
+            q[i] = min(1.0, max(_noise_per_count(a[i]), float(v.sum()) / QUANTUM_MAX_EQUIVALENT))
     return q
+
+
+def _on_grid(v: np.ndarray, unit: float, n_pixels: int) -> bool:
+    """Whether a pattern of ``n_pixels`` whose non-zero pixels are ``v`` is on a grid of whole
+    counts of ``unit`` (see :func:`count_quantum`)."""
+    n = v / unit
+    if n.max() > QUANTUM_MAX_COUNTS:
+        return False
+    off = len(v) - np.count_nonzero(whole_counts(n) & (n > 0.5))
+    return off <= QUANTUM_OFF_GRID * n_pixels and off <= QUANTUM_OFF_GRID_LIT * len(v)
 
 
 def _noise_per_count(x: np.ndarray) -> float:

@@ -24,13 +24,6 @@ def test_benchmark_tables(quick_result, tmp_path):
         assert r["crlb_rms"] > 0 and r["per_second"] > 0 and 0 <= r["fail"] <= 1
     crlb = {r["dose"]: r["crlb_rms"] for r in quick_result.origin}
     assert crlb[1e5] < crlb[1e3]  # the bound falls with dose
-    assert "### Units of the data" in md
-    units = quick_result.units
-    assert {r["data"] for r in units} == {"counts (as recorded)", "counts / dose (normalised, float32)", "counts x 50",
-                                         "noise-free (expected counts)", "noise-free, normalised to sum 1"}
-    for dose in quick_result.config.units_doses:  # the same recording in other units
-        means = {r["mean"] for r in units if r["dose"] == dose and r["data"].startswith("counts")}
-        assert len(means) == 1 or np.ptp(list(means)) < 1e-3
     quick_result.plot(str(tmp_path / "b.png"))
     assert (tmp_path / "b.png").stat().st_size > 1000
 

@@ -14,8 +14,8 @@ def _counts(seed=0, shape=(3, 32, 32), lam=0.8):
 
 
 def test_whole_counts_allows_float32_rounding_only():
-    assert whole_counts(np.array([0.0, 3.0, 7.0005, 1e5 + 0.03])).all()  # 4e-7 of 1e5 is 0.04
-    assert not whole_counts(np.array([0.5, 3.01, 1e5 + 0.2])).any()
+    assert whole_counts(np.array([0.0, 3.0, 7.00005, 1e5 + 0.02])).all()  # 3e-7 of 1e5 is 0.03
+    assert not whole_counts(np.array([0.5, 3.001, 1e5 + 0.2])).any()
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-3, 1 / 7, 50.0, 2.5e6])
@@ -38,11 +38,24 @@ def test_count_quantum_when_the_dimmest_pixel_holds_several_counts():
     np.testing.assert_array_equal(count_quantum(50 * high), 50.0)  # whole numbers: their common divisor
 
 
-@pytest.mark.parametrize("case", ["continuous", "few pixels", "empty"])
+@pytest.mark.parametrize("stray", [0.5, 0.8001, 0.25])
+def test_count_quantum_of_counts_with_a_stray_value_below_one_count(stray):
+    # hot pixels, dead pixels replaced by their neighbours' mean: the counts are multiples of
+    # the stray's fraction too, but the largest unit is one count
+    x = _counts(lam=0.3)
+    x[:, 5, :4] = stray
+    np.testing.assert_array_equal(count_quantum(x), 1.0)
+    np.testing.assert_allclose(count_quantum(x * np.float32(1e-3)), 1e-3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["continuous", "float32 grid", "few pixels", "empty"])
 def test_count_quantum_is_one_where_no_unit_shows(case):
     rng = np.random.default_rng(2)
     if case == "continuous":  # noisier than counts: an integrating detector, flat-fielded counts
         x = rng.gamma(2.0, 3.0, (2, 32, 32)).astype(np.float32)
+    elif case == "float32 grid":  # float32 values below 32 are all multiples of 2^-19, not counts of it
+        x = np.abs(rng.normal(20.0, 10.0, (2, 32, 32))).astype(np.float32)
+        x[:, 0, 0] = 2.0**-19
     elif case == "few pixels":
         x = np.zeros((2, 32, 32), np.float32)
         x[:, 0, :5] = 0.37 * np.arange(1, 6)
@@ -115,3 +128,23 @@ def test_preprocess_reads_noise_free_patterns_at_any_scale_as_high_dose():
         found.append(np.stack(out.calibration.get_origin(), axis=-1))
     np.testing.assert_allclose(found[0], found[1], atol=2e-3)
     assert np.mean(np.linalg.norm(found[0] - truth.origin, axis=-1)) < 0.05
+
+
+def test_units_benchmark_quick_writes_its_section(tmp_path):
+    from py4dstem_prenet.cli import main
+    from py4dstem_prenet.evaluation.units import COUNTS_VARIANTS, UnitsConfig, run_units_benchmark
+
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\nkept\n")
+    assert main(["benchmark-units", "--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "kept" in text and "<!-- begin units -->" in text and "noise-free, normalised to sum 1" in text
+    assert "prenet benchmark-units --quick --out" in text
+    with pytest.raises(ValueError, match="doses"):
+        run_units_benchmark(UnitsConfig(doses=()))
+    with pytest.raises(ValueError, match="doses"):
+        run_units_benchmark(UnitsConfig(doses=(-1.0,)))
+    rows = run_units_benchmark(UnitsConfig.quick())
+    for method in {r["method"] for r in rows}:  # the same recording in any units: the same origins
+        means = [r["mean"] for r in rows if r["method"] == method and r["data"] in COUNTS_VARIANTS]
+        assert len(means) == 3 and np.ptp(means) < 1e-3

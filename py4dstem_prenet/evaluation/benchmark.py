@@ -101,10 +101,6 @@ class BenchmarkConfig:
         k x 180 deg / ellipse_scans, so that the angles cover the half-turn.
     ellipse_dose : float
         Electrons per pattern of the ellipse scans.
-    units_doses : tuple of float
-        Electrons per pattern of the crystal scans recorded again in other units
-        (normalised by the dose, times 50) for the units table; its first dose also
-        gives the noise-free scans (expected counts, and normalised to sum 1).
     multislice : bool
         Add an abTEM multislice condition (held-out structures Au and MgO) when
         abtem is installed.
@@ -124,7 +120,6 @@ class BenchmarkConfig:
     ellipses: tuple = ((1.01, 2.0), (1.02, 0.6), (1.04, 1.2))
     ellipse_scans: int = 4
     ellipse_dose: float = 1e4
-    units_doses: tuple = (1e3, 1e4, 1e5)
     multislice: bool = True
     seed: int = BENCHMARK_SEED
 
@@ -132,7 +127,7 @@ class BenchmarkConfig:
     def quick(cls) -> "BenchmarkConfig":
         """A small configuration for tests and smoke runs (seconds)."""
         return cls(doses=(1e3, 1e5), scan_shape=(4, 4), n_scans=1, detector_shape=(96, 96), sim_patterns=200,
-                   ellipses=((1.03, 0.4),), ellipse_scans=1, units_doses=(1e4,), multislice=False)
+                   ellipses=((1.03, 0.4),), ellipse_scans=1, multislice=False)
 
 
 @dataclass
@@ -143,7 +138,6 @@ class BenchmarkResult:
     origin: list = field(default_factory=list)
     ellipse: list = field(default_factory=list)
     denoise: list = field(default_factory=list)
-    units: list = field(default_factory=list)
     simulation: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
@@ -298,23 +292,6 @@ class BenchmarkResult:
                 f"| {r['method']} | {r['data']} | {r['true_ratio']:.3f} | {np.degrees(r['true_theta']):.1f} | "
                 f"{r['ratio']:.4f} | {r['d_ratio']:.4f} | {r['d_theta_deg']:.2f} | {r['seconds']:.2f} |"
             )
-        if self.units:
-            lines += [
-                "",
-                "### Units of the data: counts normalised or scaled, noise-free patterns",
-                "",
-                f"Crystal scans of {self.config.scan_shape} patterns (a/b = {self.config.ellipse[0]:g}), "
-                "the same recording in other units; noise-free: the expected counts without noise, as simulated "
-                "and normalised to sum 1 per pattern (as abTEM gives them). PreNet as a user runs it "
-                "(`preprocess(datacube)`, denoising on); its origin and ellipse.",
-                "",
-                "| method | data | dose (e-/pattern) | mean | p99 | > 1 px | a/b | abs d(theta) deg |",
-                "|---|---|---|---|---|---|---|---|",
-            ]
-            for r in self.units:
-                ell = (f"{r['ratio']:.4f} | {r['d_theta_deg']:.2f}" if "ratio" in r else "- | -")
-                lines.append(f"| {r['method']} | {r['data']} | {r['dose']:.0e} | {r['mean']:.3f} | {r['p99']:.2f} | "
-                             f"{100 * r['fail']:.1f}% | {ell} |")
         lines += [
             "",
             "### Denoising (crystal scans; MSE against the clean expected counts)",
@@ -559,40 +536,6 @@ def _denoise_rows(methods: dict, cubes: list, dose: float) -> list[dict]:
     return rows
 
 
-def _units_rows(methods: dict, cfg: BenchmarkConfig, shape: tuple[int, int], say: Callable[[str], None]
-                ) -> list[dict]:
-    """Rows of the units table: get_origin's and PreNet's origins (and PreNet's ellipse) on
-    crystal scans recorded again in other units (see :class:`BenchmarkConfig`)."""
-    import py4DSTEM
-
-    origin = {k: methods["origin"][k] for k in (CLASSICAL_GET_ORIGIN, PRENET_CENTRE) if k in methods["origin"]}
-    ellipse = methods["ellipse"].get(PRENET_ELLIPSE, (None,))[0]
-    rows = []
-    for di, dose in enumerate(cfg.units_doses):
-        dc, truth = simulate_datacube(cfg.scan_shape, shape, "crystal", dose, cfg.ellipse, detector=Detector(),
-                                      seed=cfg.seed + 700_000 + di)
-        counts = np.asarray(dc.data, np.float32)
-        variants = {"counts (as recorded)": counts, "counts / dose (normalised, float32)": counts / np.float32(dose),
-                    "counts x 50": counts * np.float32(50)}
-        if di == 0:
-            clean = np.asarray(truth.clean, np.float32)
-            variants["noise-free (expected counts)"] = clean
-            variants["noise-free, normalised to sum 1"] = clean / clean.sum(axis=(2, 3), keepdims=True)
-        for variant, data in variants.items():
-            say(f"units, {variant}, dose {dose:.0e}")
-            cube = py4DSTEM.DataCube(data=data)
-            ctx = {"disk_radius": truth.disk_radius, "mask": None}
-            for name, fn in origin.items():
-                qx0, qy0 = fn(cube, ctx)
-                row = {"method": name, "data": variant, "dose": dose,
-                       **centre_errors(np.stack([qx0, qy0], -1).reshape(-1, 2), truth.origin.reshape(-1, 2))}
-                if name == PRENET_CENTRE and ellipse is not None:
-                    ratio, theta = ellipse(cube, ctx)
-                    row.update(ratio=ratio, **ellipse_errors(ratio, theta, truth.ratio, truth.theta))
-                rows.append(row)
-    return rows
-
-
 def run_benchmark(
     config: BenchmarkConfig | None = None,
     extra_methods: dict[str, dict] | None = None,
@@ -691,8 +634,6 @@ def run_benchmark(
                     seed=int(rng.integers(2**31)), compute_crlb=True))
             res.origin.extend(_origin_rows(methods["origin"], cubes, "abTEM multislice, 0-300 A, held-out structures",
                                            dose))
-
-    res.units = _units_rows(methods, cfg, shape, say)
 
     for (ei, (ratio, theta0)), (ki, data_kind), rep in itertools.product(
             enumerate(cfg.ellipses), enumerate(("polycrystalline", "amorphous", "crystal")), range(cfg.ellipse_scans)):
