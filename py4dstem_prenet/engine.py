@@ -335,10 +335,11 @@ QUANTUM_OFF_GRID_LIT = 0.5
 #: ... q being the smallest non-zero value divided by 1 to this many (a pattern whose
 #: dimmest pixels hold several counts) ...
 QUANTUM_DIVISORS = 4
-#: ... and the pattern having at least this many non-zero pixels; no pixel may hold more
-#: than this many units (float32 values are all whole multiples of a small enough power
-#: of two: a pattern shifted to a minimum of 0 had its smallest value 2^-19 apart from it).
+#: ... the pattern having at least this many non-zero pixels ...
 QUANTUM_MIN_PIXELS = 16
+#: ... and none of them more than this many units (float32 values are all whole multiples
+#: of a small enough power of two: a pattern shifted to a minimum of 0 had its smallest
+#: value 2^-19 apart from it).
 QUANTUM_MAX_COUNTS = 2**20
 #: Continuous data are read as at most this many equivalent counts per pattern (a
 #: noise-free pattern shows almost no pixel noise: simulated 128 x 128 patterns read
@@ -441,7 +442,7 @@ def _noise_per_count(x: np.ndarray) -> float:
     so a noise-free pattern gives ~0. inf where fewer than 2 QUANTUM_MIN_PIXELS pixels
     are lit."""
     x = x.astype(np.float64)
-    near = 0.25 * (x[:-2, 1:-1] + x[2:, 1:-1] + x[1:-1, :-2] + x[1:-1, 2:])
+    near = _four_neighbour_mean(x)
     lit = near > 0
     if np.count_nonzero(lit) < 2 * QUANTUM_MIN_PIXELS:
         return math.inf
@@ -705,13 +706,17 @@ def _valid_for(valid: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | 
     return valid[idx.to(valid.device)] if valid is not None and valid.dim() == 3 else valid
 
 
+def _four_neighbour_mean(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Mean of the four nearest neighbours of each inner pixel (the last two axes lose their
+    border), of a numpy array or a torch tensor."""
+    return 0.25 * (x[..., :-2, 1:-1] + x[..., 2:, 1:-1] + x[..., 1:-1, :-2] + x[..., 1:-1, 2:])
+
+
 def _neighbour_noise_variance(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) summed pixel noise variance of patterns (N, 1, H, W): the squared residuals of the
     inner pixels against the mean of their four nearest neighbours, / 1.25 (a white noise's
     residual variance is 1.25 sigma^2), each times ``weight`` (N, 1, H - 2, W - 2) if given."""
-    inner = x[..., 1:-1, 1:-1]
-    near = 0.25 * (x[..., :-2, 1:-1] + x[..., 2:, 1:-1] + x[..., 1:-1, :-2] + x[..., 1:-1, 2:])
-    sq = (inner - near).pow(2)
+    sq = (x[..., 1:-1, 1:-1] - _four_neighbour_mean(x)).pow(2)
     return (sq if weight is None else sq * weight).sum(dim=(1, 2, 3)) / 1.25
 
 
