@@ -25,9 +25,9 @@ from . import __version__
 from ._validation import check_detector_mask
 from .conventions import e12_to_ellipse
 from .distributed import block_bounds, map_blocks
-from .engine import (DISK_SHAPE_MAX_FITS, DISK_SHAPE_MIN_BRAGG, DISK_SHAPE_MIN_FITS, LOW_DOSE_COUNTS, PreNet,
-                     add_polar_sums, combine_disk_ellipses, count_quantum, disk_offsets, ellipse_bands,
-                     fit_ellipse_bands, measure_disk_radius, measurement_block, ring_scan, whole_counts)
+from .engine import (DISK_SHAPE_MAX_FITS, DISK_SHAPE_MIN_BRAGG, DISK_SHAPE_MIN_FITS, ISOTROPIC, LOW_DOSE_COUNTS,
+                     STOP_BAND_GAIN, PreNet, add_polar_sums, combine_disk_ellipses, count_quantum, disk_offsets,
+                     ellipse_bands, fit_ellipse_bands, measure_disk_radius, measurement_block, ring_scan, whole_counts)
 from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess", "blur_correction", "descan_shrinkage", "origin_noise", "origin_scatter", "origins_are_noise",
@@ -1090,6 +1090,105 @@ def disk_shape_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], orig
     return ratio, theta, sigma, len(e12)
 
 
+#: :func:`ring_fit_ellipse` bins the aligned mean to at most this many pixels per side
+#: (a 1024 px pattern 4 x 4): the fit's cost grows with the pixels, its precision
+#: hardly (the rings are many pixels wide).
+RING_FIT_MAX_PX = 256
+
+#: :func:`ring_fit_ellipse` keeps its fit only where the standard error of (e1, e2)
+#: per component is at most this: a profile with no ring to fit (noise alone) gives
+#: much more.
+RING_FIT_MAX_SIGMA = 2e-3
+
+#: ... where its profile stands out of the noise by at least this
+#: (:attr:`~py4dstem_prenet.rings.RingFit.contrast`; noise alone: 1-7, one 256 px
+#: amorphous pattern 15 at 1e4 counts, whose fit is then no better than the network,
+#: and over 100 at 1e6; the aligned mean of a 12 x 12 ring scan at 1e4: thousands)...
+RING_FIT_MIN_CONTRAST = 30.0
+
+#: ... and where the fitted centre is within this many pixels of the aligned mean's
+#: centre pixel, on which every pattern's origin was placed to half a pixel.
+RING_FIT_MAX_SHIFT_PX = 3.0
+
+
+def ring_fit_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin: np.ndarray, chosen: np.ndarray,
+                     e12_start: np.ndarray, stop_radius: float | None = None, mask=None, client=None
+                     ) -> tuple[float, float, float, float] | None:
+    """The ellipse of a ring scan from a fit of its origin-aligned mean with a free radial profile.
+
+    The ``chosen`` blocks' patterns, each moved by whole pixels onto the detector's
+    centre pixel (:meth:`PreNet.aligned_sum`: no resampling blur), are summed; the
+    pixels that every pattern covered, binned to at most RING_FIT_MAX_PX per side and
+    outside STOP_BAND_GAIN times a beam stop's radius (plus 2 px; the stop's round
+    edge is not stretched by the projector), are fitted by
+    :func:`~py4dstem_prenet.rings.fit_rings`: all rings, at every angle, with their
+    centre free. On dev ring scans (12 x 12 patterns, 1e4 counts, a/b 1.01-1.04) this
+    took the mean |d(a/b)| and |d(theta)| of the log-polar stretch fit from 0.0008 and
+    1.3 degrees to 0.0005 and 0.7 (amorphous), 0.0004 and 0.8 to 0.0002 and 0.2
+    (polycrystalline), 0.0042 and 2.8 to 0.0008 and 1.2 (amorphous behind a beam stop).
+
+    Parameters
+    ----------
+    engine : PreNet
+        The engine of ``preprocess``.
+    data : array_like
+        (R_Nx, R_Ny, Q_Nx, Q_Ny) recorded patterns.
+    bounds : list of (int, int)
+        Flat scan index ranges of the blocks.
+    origin : numpy.ndarray
+        (R_Nx * R_Ny, 2) origins, pixels.
+    chosen : numpy.ndarray
+        (len(bounds),) bool: the blocks to sum.
+    e12_start : numpy.ndarray
+        (2,) starting (e1, e2) (the networks' median).
+    stop_radius : float, optional
+        Radius of a beam stop over the bright-field disk, pixels.
+    mask, client
+        As in :func:`preprocess`.
+
+    Returns
+    -------
+    tuple or None
+        (a/b, theta in radians, standard error of (e1, e2) per component, speckle
+        share of :class:`~py4dstem_prenet.rings.RingFit`), or None where the fit did
+        not converge, its standard error exceeds RING_FIT_MAX_SIGMA, its contrast is
+        below RING_FIT_MIN_CONTRAST or its centre left the centre pixel by more than
+        RING_FIT_MAX_SHIFT_PX.
+    """
+    from .rings import fit_rings
+
+    total: dict[str, np.ndarray] = {}
+    for _, part in map_blocks(engine, "aligned_sum", data, bounds, lambda i0, i1: (origin[i0:i1], mask),
+                              client=client, skip=~chosen):
+        add_polar_sums(total, part)
+    cover = total["aligned cover"]
+    if not cover.max() > 0:
+        return None
+    h, w = cover.shape
+    full = cover >= cover.max() - 0.5
+    if stop_radius is not None:
+        qx, qy = np.meshgrid(np.arange(h) - h // 2, np.arange(w) - w // 2, indexing="ij")
+        full &= np.hypot(qx, qy) > STOP_BAND_GAIN * stop_radius + 2
+    image = np.where(full, total["aligned"], 0.0).clip(min=0)
+    f = -(-max(h, w) // RING_FIT_MAX_PX)
+    if f > 1:  # bin f x f: a bin is valid where all its pixels are
+        hb, wb = h // f, w // f
+        image = image[:hb * f, :wb * f].reshape(hb, f, wb, f).sum(axis=(1, 3))
+        full = full[:hb * f, :wb * f].reshape(hb, f, wb, f).all(axis=(1, 3))
+    centre = (np.array([h // 2, w // 2], float) - (f - 1) / 2) / f  # the centre pixel in binned pixels
+    try:
+        fit = fit_rings(image, full, centre, e12_start)
+    except ValueError:  # too few pixels left
+        return None
+    sigma = float(np.sqrt(0.5 * (fit.covariance[2, 2] + fit.covariance[3, 3])))
+    shift = float(np.hypot(*(fit.origin - centre))) * f
+    if not (fit.converged and sigma <= RING_FIT_MAX_SIGMA and fit.contrast >= RING_FIT_MIN_CONTRAST
+            and shift <= RING_FIT_MAX_SHIFT_PX):
+        return None
+    ratio, theta = e12_to_ellipse(fit.e12)
+    return float(ratio), float(theta), sigma, float(fit.speckle)
+
+
 def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarray, results: dict,
                    mask) -> tuple[int, int, np.ndarray]:
     """Measure the origins of low-count patterns on the sums of their scan neighbourhoods.
@@ -1263,7 +1362,12 @@ def preprocess(
         disk, ``ellipse_stop_radius`` in px, beyond which the bands start; and once for
         the bands;
         ``ellipse_refined_band`` and ``ellipse_refined_quality`` say which band and how
-        isotropic it was), or, where no ring region carries it (a crystal), by fitting
+        isotropic it was); in a scan of rings only (amorphous or polycrystalline, and
+        where no band fit reaches its quality but some patterns are rings), by a fit
+        of the aligned mean with a free radial profile and its centre free
+        (:func:`ring_fit_ellipse`; ``ellipse_refined_band`` 'rings',
+        ``ellipse_refined_sigma`` and ``ellipse_ring_speckle``); or, where no ring region
+        carries it (a crystal), by fitting
         the shape of every disk, Bragg disks as well as the bright-field disk, in up to
         DISK_SHAPE_MAX_FITS disk fits over the scan (:func:`disk_shape_ellipse`; twice
         more over part of the scan; ``ellipse_refined_band`` 'disk shapes',
@@ -1547,7 +1651,10 @@ def preprocess(
                     md["ellipse_stop_radius"] = stop
                 bands = ellipse_bands(origin, (h, w), r_bf, stop_radius=stop)
                 sums = polar_sums(bands)
-                est = fit_ellipse_bands(sums, bands)
+                # a scan of rings only: the ring fit of the aligned mean, where it is precise
+                rings = (ring_fit_ellipse(engine, data, bounds, origin, chosen, np.median(e12, axis=0), stop, mask,
+                                          client) if ring_scan(sums) else None)
+                est = fit_ellipse_bands(sums, bands) if rings is None else None
                 # no ring region carries the ellipse (a crystal: its log-polar fit is on the
                 # bright-field edge, or on the whole pattern where Bragg disks and diffuse
                 # scattering make it look isotropic enough): the shapes of all its disks, the
@@ -1557,8 +1664,24 @@ def preprocess(
                 full = est is not None and est[3] == "full" and not ring_scan(sums)
                 shapes = (disk_shape_ellipse(engine, data, bounds, origin, r_bf, chosen, mask, client,
                                              min_bragg=DISK_SHAPE_MIN_BRAGG if full else 0)
-                          if r_bf is not None and (est is None or est[3] == "bright-field edge" or full) else None)
-                if shapes is not None:
+                          if rings is None and r_bf is not None
+                          and (est is None or est[3] == "bright-field edge" or full) else None)
+                some_rings = sums.get(ISOTROPIC + " count", (0, 0))[0] >= 1
+                if rings is None and shapes is None and est is None and some_rings:
+                    # no band fit reached its quality and no disk fit counts, but some patterns
+                    # are rings: a ring scan whose speckle failed most patterns' isotropy test
+                    # (amorphous films at 1e4 counts behind a stop). Not where a band fit stands:
+                    # on crystal dev scans whose Bragg disks the disk-shape fits missed, the
+                    # ring fit of the aligned mean was 0.006-0.012 off in a/b, the band fit 0.001
+                    rings = ring_fit_ellipse(engine, data, bounds, origin, chosen, np.median(e12, axis=0), stop,
+                                             mask, client)
+                if rings is not None:
+                    ratio, theta, sigma, speckle = rings
+                    md["ellipse_refined_band"] = "rings"
+                    md["ellipse_refined_sigma"] = sigma
+                    md["ellipse_ring_speckle"] = speckle
+                    md["ellipse_method"] = "refined (ring fit of the aligned mean)"
+                elif shapes is not None:
                     ratio, theta, sigma, fits = shapes
                     md["ellipse_refined_band"] = "disk shapes"
                     md["ellipse_refined_sigma"] = sigma
