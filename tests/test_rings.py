@@ -90,3 +90,17 @@ def test_ring_scan_ellipse_comes_from_the_ring_fit():
     a, b, th = out.calibration.get_ellipse()
     assert abs(a / b - 1.02) <= 0.002 and np.degrees(angle_difference(th, theta)) <= 1.5
     assert 0 < md["ellipse_refined_sigma"] <= 2e-3
+
+
+def test_rings_keep_their_centre_against_the_symmetry_centre_of_an_unmasked_beam_stop_rod():
+    """One 256 px amorphous pattern, its beam stop not masked: the detector-wide symmetry centre lay on the
+    stop's rod (a straight edge has a line of inversion centres), 83 px from the rings' centre, and replaced
+    the origin; the rings are isotropic about their own centre only."""
+    import py4dstem_prenet as prenet
+    from py4dstem_prenet.simulation import simulate_datacube
+
+    dc, t = simulate_datacube((1, 1), (256, 256), "amorphous", 1e6, beam_stop=True, seed=30_000_002,
+                              descan_amplitude=0)
+    out = prenet.preprocess(dc, progress=False, denoise=False, ellipse=False)
+    found = np.array([float(v[0, 0]) for v in out.calibration.get_origin()])
+    assert np.linalg.norm(found - t.origin[0, 0]) < 1.0
