@@ -1113,7 +1113,7 @@ RING_FIT_MAX_SHIFT_PX = 3.0
 
 def ring_fit_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin: np.ndarray, chosen: np.ndarray,
                      e12_start: np.ndarray, stop_radius: float | None = None, mask=None, client=None
-                     ) -> tuple[float, float, float, float] | None:
+                     ) -> tuple[float, float, float, float, np.ndarray] | None:
     """The ellipse of a ring scan from a fit of its origin-aligned mean with a free radial profile.
 
     The ``chosen`` blocks' patterns, each moved by whole pixels onto the detector's
@@ -1125,7 +1125,8 @@ def ring_fit_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin
     centre free. On dev ring scans (12 x 12 patterns, 1e4 counts, a/b 1.01-1.04) this
     took the mean |d(a/b)| and |d(theta)| of the log-polar stretch fit from 0.0008 and
     1.3 degrees to 0.0005 and 0.7 (amorphous), 0.0004 and 0.8 to 0.0002 and 0.2
-    (polycrystalline), 0.0042 and 2.8 to 0.0008 and 1.2 (amorphous behind a beam stop).
+    (polycrystalline), 0.0042 and 2.8 to 0.0011 and 1.6 (amorphous behind a beam stop,
+    where it also runs when no band fit reaches its quality; see :func:`preprocess`).
 
     Parameters
     ----------
@@ -1150,7 +1151,8 @@ def ring_fit_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin
     -------
     tuple or None
         (a/b, theta in radians, standard error of (e1, e2) per component, speckle
-        share of :class:`~py4dstem_prenet.rings.RingFit`), or None where the fit did
+        share of :class:`~py4dstem_prenet.rings.RingFit`, (2,) the rings' centre less
+        the centre pixel (Q_Nx // 2, Q_Ny // 2), pixels), or None where the fit did
         not converge, its standard error exceeds RING_FIT_MAX_SIGMA, its contrast is
         below RING_FIT_MIN_CONTRAST or its centre left the centre pixel by more than
         RING_FIT_MAX_SHIFT_PX.
@@ -1186,7 +1188,7 @@ def ring_fit_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin
             and shift <= RING_FIT_MAX_SHIFT_PX):
         return None
     ratio, theta = e12_to_ellipse(fit.e12)
-    return float(ratio), float(theta), sigma, float(fit.speckle)
+    return float(ratio), float(theta), sigma, float(fit.speckle), (fit.origin - centre) * f
 
 
 def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarray, results: dict,
@@ -1421,7 +1423,9 @@ def preprocess(
         more than DESCAN_MODEL_TOL_PX, 7 the most symmetric point under a beam stop
         given in ``mask``, where the origin found lay outside it, 8 the symmetry
         centre of the intensity of rings whose origin lies under a stop given in
-        ``mask``: the bright-field edge is hidden and the rings' edges are speckle), the counts
+        ``mask``: the bright-field edge is hidden and the rings' edges are speckle, 9
+        the centre of the ring fit that gives the ellipse of a single pattern of rings,
+        :func:`ring_fit_ellipse`), the counts
         ``origin_rerefined``,
         ``origin_pooled`` and ``origin_descan_model``, the edge-blur correction
         ``origin_blur_correction`` (px, already subtracted), the white scatter of the
@@ -1676,11 +1680,18 @@ def preprocess(
                     rings = ring_fit_ellipse(engine, data, bounds, origin, chosen, np.median(e12, axis=0), stop,
                                              mask, client)
                 if rings is not None:
-                    ratio, theta, sigma, speckle = rings
+                    ratio, theta, sigma, speckle, offset = rings
                     md["ellipse_refined_band"] = "rings"
                     md["ellipse_refined_sigma"] = sigma
                     md["ellipse_ring_speckle"] = speckle
                     md["ellipse_method"] = "refined (ring fit of the aligned mean)"
+                    if center and n == 1:
+                        # one pattern of rings (a selected-area pattern): the aligned mean is the
+                        # pattern moved by whole pixels, and the fit's centre is its origin
+                        moved = np.round(np.array([h // 2, w // 2]) - origin[0])
+                        found = np.array([h // 2, w // 2]) + offset - moved
+                        origin_cal = (np.full((1, 1), found[0]), np.full((1, 1), found[1]))
+                        md["origin_source"] = np.full((1, 1), 9, np.int8)
                 elif shapes is not None:
                     ratio, theta, sigma, fits = shapes
                     md["ellipse_refined_band"] = "disk shapes"

@@ -36,7 +36,7 @@ BENCHMARK_SEED = 10_000_000
 #: Method names of the rows the targets are read from.
 PRENET_CENTRE = "PreNet denoise -> centre net + refinement"
 PRENET_CALIBRATION = "PreNet centre net + Friedel edge refinement (no denoising)"
-PRENET_ELLIPSE = "PreNet (ResNet + refinement: rings' log-polar fit, crystals' disk shapes)"
+PRENET_ELLIPSE = "PreNet (ResNet + refinement: rings' profile or log-polar fit, crystals' disk shapes)"
 
 #: The PreNet issue's ellipse targets: abs d(a/b) and abs d(theta) (degrees) at most these,
 #: on scans whose a/b - 1 is at least ELLIPSE_TARGET_FROM (a rounder ellipse has no angle
