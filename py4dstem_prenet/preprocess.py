@@ -1368,7 +1368,8 @@ def preprocess(
         where no band fit reaches its quality but some patterns are rings), by a fit
         of the aligned mean with a free radial profile and its centre free
         (:func:`ring_fit_ellipse`; ``ellipse_refined_band`` 'rings',
-        ``ellipse_refined_sigma`` and ``ellipse_ring_speckle``); or, where no ring region
+        ``ellipse_refined_sigma``, the fit's standard error of (e1, e2), a lower bound,
+        and ``ellipse_ring_speckle``); or, where no ring region
         carries it (a crystal), by fitting
         the shape of every disk, Bragg disks as well as the bright-field disk, in up to
         DISK_SHAPE_MAX_FITS disk fits over the scan (:func:`disk_shape_ellipse`; twice

@@ -12,9 +12,9 @@ written in the wrap-free pair (e1, e2) (``D = I + ((a/b - 1) I + [[e1, e2], [e2,
 by weighted least squares with ``P`` a piecewise-linear function of rho (knots every
 PROFILE_STEP_PX), which is solved exactly for every geometry (variable projection):
 every ring, the bright-field disk edge and the diffuse background all carry the
-fit, at every angle, with no radius, band or ring model to choose. This is the
-estimator behind py4DSTEM's ``fit_ellipse_amorphous_ring`` with a profile that
-holds any number of rings of any shape.
+fit, at every angle, with no radius, band or ring model to choose. py4DSTEM's
+``fit_ellipse_amorphous_ring`` is least squares of the same kind, with the centre and
+ellipse free, but its profile is one ring of a fixed shape between radii the user sets.
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ class RingFit(NamedTuple):
         :mod:`~py4dstem_prenet.conventions`).
     covariance : numpy.ndarray
         (4, 4) covariance of (qx0, qy0, e1, e2) from the fit's curvature, the pixels
-        taken as independent (the aligned mean of a scan; speckle correlated over
-        several pixels of one pattern makes it an underestimate there).
+        taken as independent and the model as exact: a lower bound. Speckle correlated
+        over several pixels of one pattern, and whatever the model leaves out, make the
+        errors larger (the aligned means of 12 x 12 amorphous dev scans at 1e4 counts:
+        a/b errors of about 0.001 for a standard error of 0.0002-0.0003).
     speckle : float
         Fitted speckle variance as a fraction of the squared profile (0: counting
         noise only; 1: fully developed speckle).
