@@ -1028,6 +1028,16 @@ RADIUS_PATTERNS = 1024
 
 
 
+def _aligned_sum(engine: PreNet, data, bounds: list[tuple[int, int]], origin: np.ndarray, chosen: np.ndarray,
+                 mask, client) -> dict[str, np.ndarray]:
+    """The ``chosen`` blocks' :meth:`PreNet.aligned_sum`, added up ('aligned', 'aligned cover')."""
+    total: dict[str, np.ndarray] = {}
+    for _, part in map_blocks(engine, "aligned_sum", data, bounds, lambda i0, i1: (origin[i0:i1], mask),
+                              client=client, skip=~chosen):
+        add_polar_sums(total, part)
+    return total
+
+
 def disk_shape_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin: np.ndarray, radius: float,
                        chosen: np.ndarray, mask=None, client=None, min_bragg: int = 0
                        ) -> tuple[float, float, float, int] | None:
@@ -1067,10 +1077,7 @@ def disk_shape_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], orig
         fits), or None where the mean shows fewer than ``min_bragg`` Bragg disks or
         fewer than DISK_SHAPE_MIN_FITS fits count.
     """
-    total: dict[str, np.ndarray] = {}
-    for _, part in map_blocks(engine, "aligned_sum", data, bounds, lambda i0, i1: (origin[i0:i1], mask),
-                              client=client, skip=~chosen):
-        add_polar_sums(total, part)
+    total = _aligned_sum(engine, data, bounds, origin, chosen, mask, client)
     offsets, radius, edge_width = disk_offsets(total["aligned"], total["aligned cover"], radius)
     n = len(origin)
     bragg = int((np.linalg.norm(offsets, axis=1) > radius).sum())
@@ -1159,10 +1166,7 @@ def ring_fit_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin
     """
     from .rings import fit_rings
 
-    total: dict[str, np.ndarray] = {}
-    for _, part in map_blocks(engine, "aligned_sum", data, bounds, lambda i0, i1: (origin[i0:i1], mask),
-                              client=client, skip=~chosen):
-        add_polar_sums(total, part)
+    total = _aligned_sum(engine, data, bounds, origin, chosen, mask, client)
     cover = total["aligned cover"]
     if not cover.max() > 0:
         return None
