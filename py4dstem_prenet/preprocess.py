@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -1317,6 +1318,13 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     return len(idx), int(off_model.sum()), lines, ripple
 
 
+#: :func:`preprocess` warns where ``mask`` keeps less than this fraction of the detector:
+#: a beam stop and its rod, dead columns and a detector's gaps take far less, an
+#: inverted mask (True on the stop) far more. Inverted, it had put one selected-area
+#: pattern's origin in the detector's corner, with the network's sigma of 1.6 px.
+MASK_MIN_KEPT = 0.5
+
+
 def preprocess(
     datacube,
     *,
@@ -1400,7 +1408,8 @@ def preprocess(
         (Q_Nx, Q_Ny) bool, True where the detector records the pattern and False on
         a beam stop or dead regions, when known: those pixels read as 0 and the
         origin refinement ignores their borders. Without it a beam stop is handled
-        as part of the pattern.
+        as part of the pattern. A mask that keeps less than MASK_MIN_KEPT of the
+        detector draws a warning (it is likely inverted).
 
     Returns
     -------
@@ -1490,6 +1499,10 @@ def preprocess(
         mask = check_detector_mask(mask, (h, w))
         if not mask.any():
             raise ValueError("mask has no valid pixel (True = recorded pixel)")
+        if mask.mean() < MASK_MIN_KEPT:
+            warnings.warn(f"mask keeps {100 * mask.mean():.0f}% of the detector: True must mark the pixels that "
+                          "record the pattern and False a beam stop or dead regions (an inverted mask leaves only "
+                          "the stop, and the origin is measured there)", UserWarning, stacklevel=2)
     if inplace and out is not None:
         raise ValueError("inplace=True and out= exclude each other")
     if out is not None and os.path.exists(out) and not overwrite:

@@ -121,3 +121,19 @@ def test_one_amorphous_pattern_behind_a_stop_takes_the_ring_fits_centre():
     assert np.linalg.norm(found - t.origin[0, 0]) < 0.2
     a, b, _ = out.calibration.get_ellipse()
     assert abs(a / b - t.ratio) < 0.006  # speckle-limited in one pattern (the network: 0.011 off)
+
+
+def test_preprocess_warns_about_a_mask_that_keeps_less_than_half_the_detector():
+    import py4dstem_prenet as prenet
+    from py4dstem_prenet.simulation import simulate_datacube
+
+    dc, t = simulate_datacube((1, 1), (64, 64), "amorphous", 1e5, beam_stop=True, seed=30_000_007, descan_amplitude=0)
+    inverted = t.transmission < 0.5  # True on the stop: the wrong way round
+    with pytest.warns(UserWarning, match="True must mark the pixels that record the pattern"):
+        prenet.preprocess(dc, progress=False, denoise=False, ellipse=False, mask=inverted)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prenet.preprocess(dc, progress=False, denoise=False, ellipse=False, mask=~inverted)
+    assert not any("record the pattern" in str(w.message) for w in caught)
