@@ -1638,7 +1638,8 @@ def preprocess(
             origin_cal = (qx0, qy0)
         if ellipse:
             e12 = results["e12"]
-            net_ratio, net_theta = e12_to_ellipse(np.median(e12, axis=0))
+            e12_median = np.median(e12, axis=0)
+            net_ratio, net_theta = e12_to_ellipse(e12_median)
             md["e12_per_pattern"] = e12.reshape(nrx, nry, 2)
             md["ellipse_network"] = np.array([float(net_ratio), 1.0, float(net_theta)])
             ratio, theta = float(net_ratio), float(net_theta)
@@ -1674,8 +1675,9 @@ def preprocess(
                 bands = ellipse_bands(origin, (h, w), r_bf, stop_radius=stop)
                 sums = polar_sums(bands)
                 # a scan of rings only: the ring fit of the aligned mean, where it is precise
-                rings = (ring_fit_ellipse(engine, data, bounds, origin, chosen, np.median(e12, axis=0), stop, mask,
-                                          client) if ring_scan(sums) else None)
+                tried_rings = ring_scan(sums)
+                rings = (ring_fit_ellipse(engine, data, bounds, origin, chosen, e12_median, stop, mask, client)
+                         if tried_rings else None)
                 est = fit_ellipse_bands(sums, bands) if rings is None else None
                 # no ring region carries the ellipse (a crystal: its log-polar fit is on the
                 # bright-field edge, or on the whole pattern where Bragg disks and diffuse
@@ -1683,20 +1685,19 @@ def preprocess(
                 # Bragg disks as well as the bright-field disk, measure it better (a
                 # polycrystal's spotty rings can fail the isotropy test too: there, the aligned
                 # mean shows no Bragg disk, and the rings' fit stands)
-                full = est is not None and est[3] == "full" and not ring_scan(sums)
+                full = est is not None and est[3] == "full" and not tried_rings
                 shapes = (disk_shape_ellipse(engine, data, bounds, origin, r_bf, chosen, mask, client,
                                              min_bragg=DISK_SHAPE_MIN_BRAGG if full else 0)
                           if rings is None and r_bf is not None
                           and (est is None or est[3] == "bright-field edge" or full) else None)
                 some_rings = sums.get(ISOTROPIC + " count", (0, 0))[0] >= 1
-                if rings is None and shapes is None and est is None and some_rings:
+                if not tried_rings and shapes is None and est is None and some_rings:
                     # no band fit reached its quality and no disk fit counts, but some patterns
                     # are rings: a ring scan whose speckle failed most patterns' isotropy test
                     # (amorphous films at 1e4 counts behind a stop). Not where a band fit stands:
                     # on crystal dev scans whose Bragg disks the disk-shape fits missed, the
                     # ring fit of the aligned mean was 0.006-0.012 off in a/b, the band fit 0.001
-                    rings = ring_fit_ellipse(engine, data, bounds, origin, chosen, np.median(e12, axis=0), stop,
-                                             mask, client)
+                    rings = ring_fit_ellipse(engine, data, bounds, origin, chosen, e12_median, stop, mask, client)
                 if rings is not None:
                     ratio, theta, sigma, speckle, offset = rings
                     md["ellipse_refined_band"] = "rings"

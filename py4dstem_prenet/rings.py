@@ -116,11 +116,15 @@ def _rho(points: np.ndarray, params: np.ndarray) -> np.ndarray:
     return np.hypot(q[:, 0], q[:, 1])
 
 
+def _knot_index(rho: np.ndarray, knots: int) -> np.ndarray:
+    """Index of the profile knot at or below each radius ``rho`` (px), the last interval's for radii beyond."""
+    return np.minimum(np.floor(rho / PROFILE_STEP_PX).astype(int), knots - 2)
+
+
 def _profile_model(rho: np.ndarray, values: np.ndarray, weights: np.ndarray, knots: int) -> np.ndarray:
     """The weighted least-squares piecewise-linear profile P(rho), evaluated at every pixel."""
-    k = rho / PROFILE_STEP_PX
-    i0 = np.minimum(np.floor(k).astype(int), knots - 2)
-    f = k - i0
+    i0 = _knot_index(rho, knots)
+    f = rho / PROFILE_STEP_PX - i0
     diag = np.bincount(i0, weights * (1 - f) ** 2, knots) + np.bincount(i0 + 1, weights * f**2, knots)
     banded = np.zeros((2, knots))
     banded[0, 1:] = np.bincount(i0, weights * f * (1 - f), knots)[:-1]
@@ -201,8 +205,9 @@ def fit_rings(image: np.ndarray, valid: np.ndarray | None = None, origin0: tuple
     weights = np.ones(len(values))
     speckle, converged, covariance = 0.0, False, np.full((4, 4), np.nan)
     for it in range(int(iterations)):
+        rho = _rho(points, params)
         if it < _REWEIGHTED:
-            model = _profile_model(_rho(points, params), values, weights, knots)
+            model = _profile_model(rho, values, weights, knots)
             floor = 1e-3 * max(float(model.mean()), 1e-300)
             poisson = np.maximum(model, floor)
             resid = values - model
@@ -213,7 +218,7 @@ def fit_rings(image: np.ndarray, valid: np.ndarray | None = None, origin0: tuple
             var = poisson + speckle * model**2
             z = np.abs(resid) / np.sqrt(var)
             weights = np.minimum(1.0, HUBER / np.maximum(z, 1e-12)) / var
-        model = _profile_model(_rho(points, params), values, weights, knots)
+        model = _profile_model(rho, values, weights, knots)
         resid = values - model
         jac = np.empty((len(values), 4))
         for j, step in enumerate(_STEPS):
@@ -234,8 +239,9 @@ def fit_rings(image: np.ndarray, valid: np.ndarray | None = None, origin0: tuple
         if np.all(np.abs(delta) <= _TOLERANCE * np.sqrt(np.abs(np.diag(covariance))) + _TOLERANCE_FLOOR):
             converged = True
             break
-    model = _profile_model(_rho(points, params), values, weights, knots)
+    rho = _rho(points, params)
+    model = _profile_model(rho, values, weights, knots)
     flat = np.sum(weights * values) / np.sum(weights)
-    used = len(np.unique(np.minimum(_rho(points, params) / PROFILE_STEP_PX, knots - 2).astype(int)))
+    used = len(np.unique(_knot_index(rho, knots)))
     contrast = float((np.sum(weights * (values - flat) ** 2) - np.sum(weights * (values - model) ** 2)) / (used + 1))
     return RingFit(params[:2].copy(), params[2:].copy(), covariance, speckle, contrast, converged)
