@@ -1118,6 +1118,16 @@ RING_FIT_MIN_CONTRAST = 30.0
 #: centre pixel, on which every pattern's origin was placed to half a pixel.
 RING_FIT_MAX_SHIFT_PX = 3.0
 
+#: In a scan of mixed content (rings and crystals), whose ellipse the log-polar fit of
+#: its isotropic patterns measures, the disk-shape fit of its crystals replaces that
+#: where the disk-shape fit's standard error of (e1, e2) is at most this: below the ring
+#: band's error on such scans. Mixed dev scans (a strip of 24 amorphous patterns beside
+#: 144 crystal patterns, a/b 1.03) at 1e5-1e6 counts: the ring band 2.3e-4 to 5.7e-4
+#: off in (e1, e2); the disk shapes 1.2e-4 standard error and 0.9e-4 and 1.1e-4 off on
+#: 256 px detectors at 1e6 (an error whose false strain was all that PreNet added to
+#: py4DSTEM's strain maps there), 6.7e-4 to 7.9e-4 standard error on 128 px detectors.
+MIXED_SHAPES_MAX_SIGMA = 2e-4
+
 
 def ring_fit_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin: np.ndarray, chosen: np.ndarray,
                      e12_start: np.ndarray, stop_radius: float | None = None, mask=None, client=None
@@ -1382,7 +1392,9 @@ def preprocess(
         (:func:`ring_fit_ellipse`; ``ellipse_refined_band`` 'rings',
         ``ellipse_refined_sigma``, the fit's standard error of (e1, e2), a lower bound,
         and ``ellipse_ring_speckle``); or, where no ring region
-        carries it (a crystal), by fitting
+        carries it (a crystal), or where a scan of mixed content has crystals that
+        measure it better than its ring patterns (a standard error of at most
+        MIXED_SHAPES_MAX_SIGMA), by fitting
         the shape of every disk, Bragg disks as well as the bright-field disk, in up to
         DISK_SHAPE_MAX_FITS disk fits over the scan (:func:`disk_shape_ellipse`; twice
         more over part of the scan; ``ellipse_refined_band`` 'disk shapes',
@@ -1686,10 +1698,15 @@ def preprocess(
                 # polycrystal's spotty rings can fail the isotropy test too: there, the aligned
                 # mean shows no Bragg disk, and the rings' fit stands)
                 full = est is not None and est[3] == "full" and not tried_rings
+                # a scan of mixed content (rings and crystals): its few ring patterns carry the
+                # ellipse unless the crystals' many disks measure it better still
+                mixed = est is not None and est[3] == ISOTROPIC
                 shapes = (disk_shape_ellipse(engine, data, bounds, origin, r_bf, chosen, mask, client,
-                                             min_bragg=DISK_SHAPE_MIN_BRAGG if full else 0)
+                                             min_bragg=DISK_SHAPE_MIN_BRAGG if full or mixed else 0)
                           if rings is None and r_bf is not None
-                          and (est is None or est[3] == "bright-field edge" or full) else None)
+                          and (est is None or est[3] == "bright-field edge" or full or mixed) else None)
+                if mixed and shapes is not None and shapes[2] > MIXED_SHAPES_MAX_SIGMA:
+                    shapes = None
                 some_rings = sums.get(ISOTROPIC + " count", (0, 0))[0] >= 1
                 if not tried_rings and shapes is None and est is None and some_rings:
                     # no band fit reached its quality and no disk fit counts, but some patterns

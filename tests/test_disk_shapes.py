@@ -1,5 +1,7 @@
 """The ellipse from the shapes of every disk (bright-field and Bragg), fitted pattern by pattern."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,23 @@ def test_a_crystal_behind_a_beam_stop_gets_its_ellipse_from_the_bragg_disks():
     assert out.metadata["prenet"]["ellipse_refined_band"] == "disk shapes"
     a, b, theta = out.calibration.get_ellipse()
     assert abs(a / b - 1.03) < 0.002 and np.degrees(angle_difference(theta, 0.5)) < 1
+
+
+def test_a_mixed_scan_takes_the_disk_shapes_only_where_they_beat_its_rings(monkeypatch):
+    # a strip of amorphous film beside a crystal: the log-polar fit of the ring patterns carries
+    # the ellipse unless the crystal's disk shapes have a standard error under MIXED_SHAPES_MAX_SIGMA
+    from py4dstem_prenet.simulation.strain import simulate_strain_datacube
+
+    pp = sys.modules["py4dstem_prenet.preprocess"]
+    dc, truth = simulate_strain_datacube((8, 6), dose=1e5, seed=5, ellipse=(1.03, 0.4), grain_rotation_deg=(0.0,))
+    before = dc.data.copy()
+    bands = {}
+    for limit in (0.0, 1.0):
+        monkeypatch.setattr(pp, "MIXED_SHAPES_MAX_SIGMA", limit)
+        out = prenet.preprocess(dc, denoise=False, progress=False)
+        md = out.metadata["prenet"]
+        bands[limit] = md["ellipse_refined_band"]
+        a, b, theta = out.calibration.get_ellipse()
+        assert abs(a / b - 1.03) < 0.003 and np.degrees(angle_difference(theta, 0.4)) < 3
+    assert bands == {0.0: "isotropic patterns", 1.0: "disk shapes"}
+    assert np.array_equal(dc.data, before)
