@@ -276,6 +276,12 @@ formula is infinitesimal: an unstrained grain rotated by 30 degrees shows e_xx =
 calibrated (the saturated right half of the maps below); the errors measure what
 calibration adds on top. "not measured": crystal positions where py4DSTEM could not
 index or fit the lattice (no reference could be indexed at all: every position).
+Where nothing cancels: "RMS abs. |g1|/|g2|" and "g1-g2 angle" are the errors of each
+pattern's absolute lattice (the fitted basis, no reference), what phase identification
+compares with a database (neither depends on the camera length or the scan rotation);
+"ring ellipticity left" is |(e1, e2) used - (e1, e2) true|, the peak-to-peak fraction by
+which a ring's radius still varies with angle after the route's correction, which blurs
+a polar or radial-distribution analysis of the amorphous strip.
 
 """
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from py4dstem_prenet.evaluation.strain import measure_strain, true_strain
+from py4dstem_prenet.evaluation.strain import lattice_shape, measure_strain, true_strain
 from py4dstem_prenet.simulation.strain import simulate_strain_datacube
 
 
@@ -50,7 +50,19 @@ def test_py4dstem_strain_with_the_true_calibration_is_exact_and_without_it_is_no
     raw = measure_strain(dc, (truth.origin[..., 0], truth.origin[..., 1]), None, truth)
     grain1 = truth.grain == 1
     assert np.sqrt(np.nanmean((raw[:3] - true[:3])[:, grain1] ** 2)) > 3e-3
+    # the absolute lattice (phase identification): no reference cancels the ellipse, in any grain
+    true_ratio = lattice_shape(truth.g1g2)[0]
+    good_ratio, raw_ratio = (np.sqrt(np.nanmean((m[4] / true_ratio - 1)[crystal] ** 2)) for m in (good, raw))
+    assert good_ratio < 1e-3 and raw_ratio > 5e-3
     assert np.array_equal(dc.data, before)
+
+
+def test_lattice_shape_is_the_ratio_and_angle_of_the_basis():
+    g = np.array([[[2.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [-1.0, 1.0]]])
+    ratio, angle = lattice_shape(g)
+    assert np.allclose(ratio, [2.0, 1.0]) and np.allclose(angle, [np.pi / 2, np.pi / 2])
+    rot = np.array([[0.6, -0.8], [0.8, 0.6]])
+    assert np.allclose(lattice_shape(3 * g @ rot.T), lattice_shape(g))  # no camera length, no scan rotation
 
 
 def test_show_functions_return_figures(two_grains):
@@ -86,7 +98,8 @@ def test_strain_benchmark_quick_runs_all_routes():
 
 def _row(case, route, rms, unmeasured=0.0, dose=1e5):
     return {"case": case, "dose": dose, "route": route, "unmeasured": unmeasured,
-            "e_xx": rms, "e_yy": 0.5 * rms, "e_xy": 0.5 * rms, "theta": 0.0}
+            "e_xx": rms, "e_yy": 0.5 * rms, "e_xy": 0.5 * rms, "theta": 0.0,
+            "lattice_ratio": 2 * rms, "lattice_angle": 0.0, "ring_ellipticity": 3 * rms}
 
 
 def test_strain_verdicts_judge_against_the_exact_floor():
@@ -144,3 +157,5 @@ def test_strain_markdown_shows_the_ellipse_each_route_used():
     assert "theta used deg" in table[0]
     assert table[2].split("|")[-3].strip() == "22.50" and table[2].split("|")[-4].strip() == "1.0301"
     assert table[3].split("|")[-3].strip() == "-" and table[3].split("|")[-4].strip() == "1.0000"
+    # the absolute lattice and the ring ellipticity left, in %
+    assert [table[3].split("|")[i].strip() for i in (8, 10)] == ["2.000", "3.000"]
