@@ -11,6 +11,7 @@ Run: python examples/strain_workflow.py [--fast]
 """
 
 import sys
+import warnings
 
 import numpy as np
 
@@ -51,10 +52,12 @@ def main(fast: bool = False, dose: float = 1e5, seed: int = 3):
     for name, (data, origin, ellipse) in routes.items():
         est = measure_strain(data, origin, ellipse, truth)
         err = (est[:4] - true)[:, crystal]
-        rms = np.sqrt(np.nanmean(err ** 2, axis=1))
+        with warnings.catch_warnings():  # a route that indexed no pattern: NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rms = np.sqrt(np.nanmean(err ** 2, axis=1))
+            lattice = np.sqrt(np.nanmean((est[4] / true_ratio - 1)[crystal] ** 2))  # what phase identification reads
         errors[name] = rms
         used = "-" if ellipse is None else f"{ellipse[0] / ellipse[1]:.4f}"
-        lattice = np.sqrt(np.nanmean((est[4] / true_ratio - 1)[crystal] ** 2))  # what phase identification reads
         print(f"| {name} | {used} | {100 * rms[0]:.3f}, {100 * rms[1]:.3f}, {100 * rms[2]:.3f} | "
               f"{np.degrees(rms[3]):.3f} | {100 * lattice:.3f} |")
     return errors

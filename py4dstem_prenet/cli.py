@@ -206,13 +206,14 @@ def _cmd_benchmark_throughput(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark_strain(args: argparse.Namespace) -> int:
-    from .evaluation.strain import (StrainConfig, run_strain_benchmark, strain_markdown, strain_verdicts,
-                                    verdicts_markdown, write_pictures)
+    from .evaluation.strain import (LATTICE_KEYS, StrainConfig, run_strain_benchmark, strain_markdown,
+                                    strain_verdicts, verdicts_markdown, write_pictures)
 
     cfg = StrainConfig.quick() if args.quick else StrainConfig()
     rows = run_strain_benchmark(cfg, log=lambda m: print(f"[benchmark-strain] {m}", file=sys.stderr))
     table = ("### Targets (strain issue), from the table below\n\n" + _VERDICT_INTRO
-             + verdicts_markdown(strain_verdicts(rows)) + "\n### Every route\n\n" + strain_markdown(rows))
+             + verdicts_markdown(strain_verdicts(rows)) + _LATTICE_INTRO
+             + verdicts_markdown(strain_verdicts(rows, LATTICE_KEYS)) + "\n### Every route\n\n" + strain_markdown(rows))
     print(table)
     if args.out:
         prefix = os.path.splitext(args.out)[0]
@@ -251,6 +252,16 @@ are within 10% of the floor, calibration no longer limits the map and the routes
 judged against the floor on its own denoised output; what denoising itself adds or
 removes is in "added by PreNet's denoising" (the exact calibration on PreNet's data
 against the same on the recording; 0 where denoising helps disk detection).
+
+"""
+
+_LATTICE_INTRO = """
+### Where nothing cancels: the absolute lattice (phase identification)
+
+The same judgement on the worst of each route's RMS error of
+the absolute lattice of every measured pattern: |g1|/|g2| (relative) and the angle
+between g1 and g2 (radians), read as % in the table. No reference region cancels a
+calibration error here, in any grain.
 
 """
 

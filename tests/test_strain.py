@@ -141,6 +141,18 @@ def test_strain_verdicts_judge_against_the_exact_floor():
     assert met.split(" | ")[9] == "0.000"
 
 
+def test_lattice_verdicts_judge_the_absolute_lattice_not_the_strain():
+    from py4dstem_prenet.evaluation.strain import LATTICE_KEYS, strain_verdicts
+
+    # the strain ties, the absolute lattice does not: PreNet's |g1|/|g2| adds more than half the classical's
+    rows = [_row("c", "none", 0.008), _row("c", "classical", 0.00102), _row("c", "prenet", 0.00105),
+            _row("c", "exact", 0.001), _row("c", "exact, PreNet data", 0.001)]
+    rows[1]["lattice_ratio"], rows[2]["lattice_ratio"] = 0.004, 0.005
+    assert strain_verdicts(rows)[0]["verdict"] == "tie at the floor"
+    lattice = strain_verdicts(rows, LATTICE_KEYS)[0]
+    assert lattice["verdict"] == "NO" and lattice["rms"]["prenet"] == 0.005
+
+
 def test_strain_verdicts_need_the_exact_route():
     from py4dstem_prenet.evaluation.strain import strain_verdicts
 

@@ -38,8 +38,8 @@ import numpy as np
 from ..baselines.origin import _quiet
 from ..conventions import ellipse_to_e12
 
-__all__ = ["StrainConfig", "lattice_shape", "measure_strain", "run_strain_benchmark", "strain_markdown", "strain_verdicts",
-           "verdicts_markdown", "true_strain", "ROUTES"]
+__all__ = ["LATTICE_KEYS", "StrainConfig", "lattice_shape", "measure_strain", "run_strain_benchmark", "strain_markdown",
+           "strain_verdicts", "verdicts_markdown", "true_strain", "ROUTES"]
 
 #: The calibration routes: three a user can take, and the exact calibration on the
 #: recorded data and on PreNet's denoised data (the floors of the others).
@@ -61,7 +61,7 @@ _COMPONENTS = ("e_xx", "e_yy", "e_xy", "theta")
 #: The absolute lattice of each pattern, what phase identification compares with a
 #: database: |g1| / |g2| and the angle between g1 and g2 (radians). Neither depends on
 #: the camera length or the scan rotation, and neither cancels against a reference.
-_LATTICE = ("lattice_ratio", "lattice_angle")
+LATTICE_KEYS = ("lattice_ratio", "lattice_angle")
 
 
 def lattice_shape(g1g2: np.ndarray) -> np.ndarray:
@@ -167,7 +167,7 @@ def measure_strain(datacube, origin: tuple[np.ndarray, np.ndarray], ellipse: tup
     dc = py4DSTEM.DataCube(data=datacube.data)
     probe = py4DSTEM.Probe.generate_synthetic_probe(truth.disk_radius, 1.0, (h, w))
     kernel = probe.get_kernel(mode="sigmoid", origin=None, radii=(truth.disk_radius, 2 * truth.disk_radius))
-    out = np.full((4 + len(_LATTICE), *truth.grain.shape), np.nan)
+    out = np.full((4 + len(LATTICE_KEYS), *truth.grain.shape), np.nan)
     with _quiet():
         bv = dc.find_Bragg_disks(kernel, minRelativeIntensity=0.02, minPeakSpacing=6 * scale,
                                  edgeBoundary=int(4 * scale), subpixel="multicorr", upsample_factor=16,
@@ -278,7 +278,7 @@ def run_strain_benchmark(cfg: StrainConfig | None = None, log=lambda m: None) ->
                     row[key] = float(np.sqrt(np.mean(err[i][ok] ** 2))) if ok.any() else np.nan
                 # the absolute lattice: relative error of |g1| / |g2|, error of the angle
                 lattice_err = (est[4] / true_lattice[0] - 1, est[5] - true_lattice[1])
-                for key, e in zip(_LATTICE, lattice_err):
+                for key, e in zip(LATTICE_KEYS, lattice_err):
                     row[key] = float(np.sqrt(np.mean(e[ok] ** 2))) if ok.any() else np.nan
                 if ell is not None:
                     row["ratio"] = float(ell[0] / ell[1])
@@ -320,7 +320,7 @@ def strain_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def strain_verdicts(rows: list[dict]) -> list[dict]:
+def strain_verdicts(rows: list[dict], keys: tuple[str, ...] = _STRAIN_KEYS) -> list[dict]:
     """The strain issue's targets per case and dose, judged against the exact-calibration floor.
 
     For each case and dose with an ``exact`` row, the worst RMS error over e_xx,
@@ -336,6 +336,10 @@ def strain_verdicts(rows: list[dict]) -> list[dict]:
     ----------
     rows : list of dict
         From :func:`run_strain_benchmark`.
+    keys : tuple of str
+        The errors judged, worst of them: the strain components (default), or
+        ``('lattice_ratio', 'lattice_angle')``, the absolute lattice, where no
+        reference cancels a calibration error (relative error and radians).
 
     Returns
     -------
@@ -361,7 +365,7 @@ def strain_verdicts(rows: list[dict]) -> list[dict]:
             raise ValueError(f"{case}, {dose:.0e}: no {sorted(missing)} row")
 
         def worst(r):
-            v = [r[k] for k in _STRAIN_KEYS]
+            v = [r[k] for k in keys]
             return float(max(v)) if np.all(np.isfinite(v)) and r["unmeasured"] < 1 else float("inf")
 
         rms = {k: worst(r) for k, r in by_route.items()}
