@@ -15,6 +15,7 @@ by the block size, not the scan), and an interrupted run resumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -1040,13 +1041,12 @@ def _aligned_sum(engine: PreNet, data, bounds: list[tuple[int, int]], origin: np
 
 
 def disk_shape_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin: np.ndarray, radius: float,
-                       chosen: np.ndarray, mask=None, client=None, min_bragg: int = 0
+                       aligned: dict[str, np.ndarray], mask=None, client=None, min_bragg: int = 0
                        ) -> tuple[float, float, float, int] | None:
     """The dataset's ellipse from the shapes of its disks, each fitted in every pattern.
 
     The disks (the bright-field disk and the Bragg disks) are found on the
-    origin-aligned mean of the ``chosen`` blocks (:meth:`PreNet.aligned_sum`,
-    :func:`~py4dstem_prenet.engine.disk_offsets`); then each of them is fitted in up
+    origin-aligned mean ``aligned`` (:func:`~py4dstem_prenet.engine.disk_offsets`); then each of them is fitted in up
     to DISK_SHAPE_MAX_FITS / (number of disks) patterns spread over the scan
     (:meth:`PreNet.disk_shapes`) and the fits are combined
     (:func:`~py4dstem_prenet.engine.combine_disk_ellipses`).
@@ -1063,8 +1063,9 @@ def disk_shape_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], orig
         (R_Nx * R_Ny, 2) origins, pixels.
     radius : float
         Bright-field disk radius, pixels.
-    chosen : numpy.ndarray
-        (len(bounds),) bool: the blocks whose aligned mean locates the disks.
+    aligned : dict of numpy.ndarray
+        'aligned' and 'aligned cover' of :meth:`PreNet.aligned_sum`, summed over
+        the blocks that locate the disks (:func:`_aligned_sum`).
     mask, client
         As in :func:`preprocess`.
     min_bragg : int
@@ -1078,8 +1079,7 @@ def disk_shape_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], orig
         fits), or None where the mean shows fewer than ``min_bragg`` Bragg disks or
         fewer than DISK_SHAPE_MIN_FITS fits count.
     """
-    total = _aligned_sum(engine, data, bounds, origin, chosen, mask, client)
-    offsets, radius, edge_width = disk_offsets(total["aligned"], total["aligned cover"], radius)
+    offsets, radius, edge_width = disk_offsets(aligned["aligned"], aligned["aligned cover"], radius)
     n = len(origin)
     bragg = int((np.linalg.norm(offsets, axis=1) > radius).sum())
     if not len(offsets) or bragg < min_bragg or n * len(offsets) < DISK_SHAPE_MIN_FITS:
@@ -1130,14 +1130,12 @@ RING_FIT_MAX_SHIFT_PX = 3.0
 MIXED_SHAPES_MAX_SIGMA = 2e-4
 
 
-def ring_fit_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin: np.ndarray, chosen: np.ndarray,
-                     e12_start: np.ndarray, stop_radius: float | None = None, mask=None, client=None
+def ring_fit_ellipse(aligned: dict[str, np.ndarray], e12_start: np.ndarray, stop_radius: float | None = None
                      ) -> tuple[float, float, float, float, np.ndarray] | None:
     """The ellipse of a ring scan from a fit of its origin-aligned mean with a free radial profile.
 
-    The ``chosen`` blocks' patterns, each moved by whole pixels onto the detector's
-    centre pixel (:meth:`PreNet.aligned_sum`: no resampling blur), are summed; the
-    pixels that every pattern covered, binned to at most RING_FIT_MAX_PX per side and
+    The patterns, each moved by whole pixels onto the detector's centre pixel
+    (:meth:`PreNet.aligned_sum`: no resampling blur), are summed; the pixels that every pattern covered, binned to at most RING_FIT_MAX_PX per side and
     outside STOP_BAND_GAIN times a beam stop's radius (plus 2 px; the stop's round
     edge is not stretched by the projector), are fitted by
     :func:`~py4dstem_prenet.rings.fit_rings`: all rings, at every angle, with their
@@ -1149,22 +1147,13 @@ def ring_fit_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin
 
     Parameters
     ----------
-    engine : PreNet
-        The engine of ``preprocess``.
-    data : array_like
-        (R_Nx, R_Ny, Q_Nx, Q_Ny) recorded patterns.
-    bounds : list of (int, int)
-        Flat scan index ranges of the blocks.
-    origin : numpy.ndarray
-        (R_Nx * R_Ny, 2) origins, pixels.
-    chosen : numpy.ndarray
-        (len(bounds),) bool: the blocks to sum.
+    aligned : dict of numpy.ndarray
+        'aligned' and 'aligned cover' of :meth:`PreNet.aligned_sum`, summed over
+        the blocks to fit (:func:`_aligned_sum`).
     e12_start : numpy.ndarray
         (2,) starting (e1, e2) (the networks' median).
     stop_radius : float, optional
         Radius of a beam stop over the bright-field disk, pixels.
-    mask, client
-        As in :func:`preprocess`.
 
     Returns
     -------
@@ -1178,8 +1167,7 @@ def ring_fit_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin
     """
     from .rings import fit_rings
 
-    total = _aligned_sum(engine, data, bounds, origin, chosen, mask, client)
-    cover = total["aligned cover"]
+    cover = aligned["aligned cover"]
     if not cover.max() > 0:
         return None
     h, w = cover.shape
@@ -1187,7 +1175,7 @@ def ring_fit_ellipse(engine: PreNet, data, bounds: list[tuple[int, int]], origin
     if stop_radius is not None:
         qx, qy = np.meshgrid(np.arange(h) - h // 2, np.arange(w) - w // 2, indexing="ij")
         full &= np.hypot(qx, qy) > STOP_BAND_GAIN * stop_radius + 2
-    image = np.where(full, total["aligned"], 0.0).clip(min=0)
+    image = np.where(full, aligned["aligned"], 0.0).clip(min=0)
     f = -(-max(h, w) // RING_FIT_MAX_PX)
     if f > 1:  # bin f x f: a bin is valid where all its pixels are
         hb, wb = h // f, w // f
@@ -1687,10 +1675,12 @@ def preprocess(
                     md["ellipse_stop_radius"] = stop
                 bands = ellipse_bands(origin, (h, w), r_bf, stop_radius=stop)
                 sums = polar_sums(bands)
+                # the chosen blocks' origin-aligned sum, read at most once for the fits below
+                aligned_sum = functools.cache(lambda: _aligned_sum(engine, data, bounds, origin, chosen, mask,
+                                                                   client))
                 # a scan of rings only: the ring fit of the aligned mean, where it is precise
                 tried_rings = ring_scan(sums)
-                rings = (ring_fit_ellipse(engine, data, bounds, origin, chosen, e12_median, stop, mask, client)
-                         if tried_rings else None)
+                rings = ring_fit_ellipse(aligned_sum(), e12_median, stop) if tried_rings else None
                 est = fit_ellipse_bands(sums, bands) if rings is None else None
                 # no ring region carries the ellipse (a crystal: its log-polar fit is on the
                 # bright-field edge, or on the whole pattern where Bragg disks and diffuse
@@ -1702,7 +1692,7 @@ def preprocess(
                 # a scan of mixed content (rings and crystals): its few ring patterns carry the
                 # ellipse unless the crystals' many disks measure it better still
                 mixed = est is not None and est[3] == ISOTROPIC
-                shapes = (disk_shape_ellipse(engine, data, bounds, origin, r_bf, chosen, mask, client,
+                shapes = (disk_shape_ellipse(engine, data, bounds, origin, r_bf, aligned_sum(), mask, client,
                                              min_bragg=DISK_SHAPE_MIN_BRAGG if full or mixed else 0)
                           if rings is None and r_bf is not None
                           and (est is None or est[3] == "bright-field edge" or full or mixed) else None)
@@ -1715,7 +1705,7 @@ def preprocess(
                     # (amorphous films at 1e4 counts behind a stop). Not where a band fit stands:
                     # on crystal dev scans whose Bragg disks the disk-shape fits missed, the
                     # ring fit of the aligned mean was 0.006-0.012 off in a/b, the band fit 0.001
-                    rings = ring_fit_ellipse(engine, data, bounds, origin, chosen, e12_median, stop, mask, client)
+                    rings = ring_fit_ellipse(aligned_sum(), e12_median, stop)
                 if rings is not None:
                     ratio, theta, sigma, speckle, offset = rings
                     md["ellipse_refined_band"] = "rings"

@@ -1,5 +1,7 @@
 """Ring fit (py4dstem_prenet.rings) and its use for the ellipse of ring scans."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -131,8 +133,6 @@ def test_preprocess_warns_about_a_mask_that_keeps_less_than_half_the_detector():
     inverted = t.transmission < 0.5  # True on the stop: the wrong way round
     with pytest.warns(UserWarning, match="True must mark the pixels that record the pattern"):
         prenet.preprocess(dc, progress=False, denoise=False, ellipse=False, mask=inverted)
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prenet.preprocess(dc, progress=False, denoise=False, ellipse=False, mask=~inverted)
