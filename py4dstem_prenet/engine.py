@@ -1142,8 +1142,8 @@ class PreNet:
         y[idx] = self._apply("denoiser", x[idx]).to(x.dtype)
         return y
 
-    def run(self, block: np.ndarray, origin: np.ndarray | None = None, mask: np.ndarray | None = None
-            ) -> dict[str, np.ndarray]:
+    def run(self, block: np.ndarray, origin: np.ndarray | None = None, mask: np.ndarray | None = None,
+            keep_data: bool = True) -> dict[str, np.ndarray]:
         """Process one block of patterns.
 
         Parameters
@@ -1208,9 +1208,15 @@ class PreNet:
             out["counts"] = counts.numpy()
             out["detector_floor"] = floor
             out["count_quantum"] = quantum
-            # where the recording is already better than the denoiser's own error, keep it
-            y = self._denoised(x, counts <= DENOISE_MAX_COUNTS) if self.denoise else x
-            out["data"] = _in_counts(y, 1 / quantum)[:, 0].float().cpu().numpy()  # in the input's units
+            if self.denoise:
+                # where the recording is already better than the denoiser's own error, keep it;
+                # without the data, only where the refinement takes the denoised pattern
+                used = counts < LOW_DOSE_COUNTS if self.center and self.refine else torch.zeros_like(counts, dtype=bool)
+                y = self._denoised(x, counts <= DENOISE_MAX_COUNTS if keep_data else used)
+            else:
+                y = x
+            if keep_data:
+                out["data"] = _in_counts(y, 1 / quantum)[:, 0].float().cpu().numpy()  # in the input's units
             if self.center:
                 # the calibrators were trained on recorded (noisy) patterns: they see x
                 pred = self._apply("centre", full_view(x)).float().cpu()

@@ -178,7 +178,7 @@ def _model_from_tiles(engine: PreNet, sums: np.ndarray, grid: tuple[list, list],
     h, w = sums.shape[2:]
     run = dataclasses.replace(engine, ellipse=False)
     patterns = np.concatenate([sums.reshape(t * t, h, w), sums.sum(axis=(0, 1))[None]]).astype(np.float32)
-    found = run.run(patterns, mask=mask)
+    found = run.run(patterns, mask=mask, keep_data=False)
     origin, whole = found["origin"][:-1], found["origin"][-1]
     weights = sums.sum(axis=(2, 3)).ravel()
     if np.linalg.norm(np.average(origin, axis=0, weights=weights) - whole) > DESCAN_MODEL_TOL_PX:
@@ -1271,7 +1271,7 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
             sums.append(x[win[0].start - a0:win[0].stop - a0, win[1]].sum(axis=(0, 1)))
             found["index"].append(r * nry + j)
             windows.append(win)
-        res = run.run(np.stack(sums), mask=mask)
+        res = run.run(np.stack(sums), mask=mask, keep_data=False)
         for key in ("origin", "origin_sigma", "origin_symmetry", "origin_blur_bias"):
             found[key].append(res[key])
     idx = np.array(found["index"])
