@@ -1168,7 +1168,10 @@ class PreNet:
             cleaned input; 'counts' (N,) the cleaned patterns' total counts above their
             read-noise floor, in electrons where that floor shows an integrating detector
             (:func:`equivalent_counts`) and in counts where the data hold counts in other
-            units; 'count_quantum' (N,) the value of one count (:func:`count_quantum`;
+            units; 'signal' (N,) the sum of the measurement copy (counts above the
+            read-noise floor, in counts), which an error of the dark level or of the
+            gain does not bring to 0 (the test of blank patterns); 'count_quantum' (N,)
+            the value of one count (:func:`count_quantum`;
             1 for whole counts and continuous data); 'detector_floor' (N, 2) their dark
             level (:func:`dark_level`) and read noise (:func:`read_noise_sigma`), in the
             input's units (0 for counting data); with the centre stage
@@ -1206,6 +1209,7 @@ class PreNet:
         with torch.inference_mode():
             x, xm, valid, counts, floor, quantum = _masked_block(block, mask, dev)
             out["counts"] = counts.numpy()
+            out["signal"] = xm.sum(dim=(1, 2, 3)).double().cpu().numpy()
             out["detector_floor"] = floor
             out["count_quantum"] = quantum
             if self.denoise:

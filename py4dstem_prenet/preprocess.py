@@ -127,6 +127,46 @@ def robust_descan_fit(origin: np.ndarray, scan: tuple[int, int], iterations: int
     return a @ _robust_fit(a, origin, iterations)
 
 
+#: A pattern with fewer counts than this fraction of the 90th percentile of the scan's
+#: counts (most of a scan can be blank) holds nothing to measure (the beam blanked during flyback, a dropped frame): its origin is the descan
+#: fit of the others (``origin_source`` 10), and no descan fit counts it. On a dev crystal
+#: scan (8 x 8, 1e4 counts) with its first 2 of 8 scan columns blank, the blank patterns'
+#: origins had pulled the consistency fit so far that the real patterns were re-refined
+#: 0.4 px off on average (3 px with 4 columns blank); a scan's counts vary far less than
+#: fifty-fold between patterns that hold one.
+EMPTY_FRACTION = 0.02
+
+
+def empty_patterns(counts: np.ndarray) -> np.ndarray:
+    """(N,) bool: patterns with fewer counts than EMPTY_FRACTION of the 90th percentile of ``counts`` (N,)
+    (the engine's 'signal': counts above the read-noise floor)."""
+    counts = np.asarray(counts, np.float64)
+    return counts < EMPTY_FRACTION * float(np.percentile(counts, 90))
+
+
+def _signal(results: dict[str, np.ndarray]) -> np.ndarray:
+    """The engine's 'signal' (N,) of the patterns; their 'counts' in results resumed from a
+    file written before it was recorded."""
+    return results["signal"] if "signal" in results else results["counts"]
+
+
+def fill_empty(origin: np.ndarray, empty: np.ndarray, scan: tuple[int, int]) -> np.ndarray:
+    """Origins (N, 2) with those of the ``empty`` (N,) patterns replaced by the robust
+    descan fit (as :func:`robust_descan_fit`) of the others, px; their median where too
+    few remain for the fit (fewer than two per coefficient). Unchanged where none or all
+    are empty."""
+    if not empty.any() or empty.all():
+        return origin
+    a = _descan_design(scan)
+    keep = ~empty
+    out = origin.copy()
+    if keep.sum() >= 2 * a.shape[1]:
+        out[empty] = a[empty] @ _robust_fit(a[keep], origin[keep])
+    else:
+        out[empty] = np.median(origin[keep], axis=0)
+    return out
+
+
 #: Scan tiles of the low-dose descan model (:func:`tile_descan_model`) hold at least
 #: this many counts where the scan allows it (at least 2 x 2 and at most 8 x 8 tiles).
 TILE_COUNTS = 2e4
@@ -944,8 +984,8 @@ def scan_roughness(residual: np.ndarray, scan: tuple[int, int]) -> tuple[np.ndar
     return lines, scan_ripple(np.asarray(residual, float) - lines, scan)
 
 
-def origin_scatter(origin: np.ndarray, scan: tuple[int, int], lines: np.ndarray | None = None
-                   ) -> tuple[float, float, np.ndarray]:
+def origin_scatter(origin: np.ndarray, scan: tuple[int, int], lines: np.ndarray | None = None,
+                   empty: np.ndarray | None = None) -> tuple[float, float, np.ndarray]:
     """How much measured origins scatter about the scan's smooth descan.
 
     Descan moves the origin smoothly with the probe, so the difference between the
@@ -967,6 +1007,9 @@ def origin_scatter(origin: np.ndarray, scan: tuple[int, int], lines: np.ndarray 
         (R_Nx * R_Ny, 2) offsets of scan rows and columns and any ripple that are
         part of the descan (:func:`scan_roughness`), pixels: the fit is the parabola
         of ``origin - lines``, plus ``lines``. None: no offsets.
+    empty : numpy.ndarray, optional
+        (R_Nx * R_Ny,) bool, patterns with nothing measured (:func:`empty_patterns`),
+        whose origins are a fit: left out of both scatters.
 
     Returns
     -------
@@ -990,9 +1033,14 @@ def origin_scatter(origin: np.ndarray, scan: tuple[int, int], lines: np.ndarray 
         raise ValueError(f"origin and lines must be finite ({nrx * nry}, 2) on a scan of at least 2 x 2, "
                          f"got {origin.shape} and {lines.shape} on {(nrx, nry)}")
     fitted = robust_descan_fit(origin - lines, (nrx, nry)) + lines
-    r = (origin - fitted).reshape(nrx, nry, 2)
+    r = origin - fitted
+    if empty is not None:
+        r = np.where(np.asarray(empty, bool)[:, None], np.nan, r)
+    r = r.reshape(nrx, nry, 2)
     diff = np.concatenate([(r[1:] - r[:-1]).reshape(-1, 2), (r[:, 1:] - r[:, :-1]).reshape(-1, 2)])
-    return _robust_rms(diff) / math.sqrt(2), _robust_rms(r.reshape(-1, 2)), fitted
+    r = r.reshape(-1, 2)
+    return (_robust_rms(diff[np.isfinite(diff[:, 0])]) / math.sqrt(2), _robust_rms(r[np.isfinite(r[:, 0])]),
+            fitted)
 
 
 #: A pattern with fewer counts than this has its origin measured on the sum of its 3 x 3
@@ -1245,6 +1293,7 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     h, w = (int(v) for v in data.shape[2:])
     run = dataclasses.replace(engine, ellipse=False)
     low_all = (np.asarray(results["counts"]) < POOL_BELOW_COUNTS).reshape(nrx, nry)
+    empty = empty_patterns(_signal(results)).reshape(nrx, nry)
     if not low_all.any():
         return 0, 0, np.zeros_like(origin), np.zeros_like(origin)
     grid = _tile_grid(scan, results["counts"])
@@ -1268,9 +1317,13 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
         for i, j in zip(*np.nonzero(low)):
             r = r0 + i
             win = (slice(max(0, r - 1), min(nrx, r + 2)), slice(max(0, j - 1), min(nry, j + 2)))
+            if empty[win].all():  # nothing to pool: the pattern keeps the others' descan fit
+                continue
             sums.append(x[win[0].start - a0:win[0].stop - a0, win[1]].sum(axis=(0, 1)))
             found["index"].append(r * nry + j)
             windows.append(win)
+        if not sums:
+            continue
         res = run.run(np.stack(sums), mask=mask, keep_data=False)
         for key in ("origin", "origin_sigma", "origin_symmetry", "origin_blur_bias"):
             found[key].append(res[key])
@@ -1302,11 +1355,14 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     # own origins gave it a 3 px "offset"
     spread = np.linalg.norm(departure - np.median(departure, axis=0), axis=1)
     departure[spread > max(1.0, DESCAN_OUTLIER_SIGMAS * 1.4826 * float(np.median(spread)))] = np.nan
+    departure[empty.ravel()] = np.nan  # a blank pattern's "own" origin is the others' fit, not a measurement
     lines, ripple = np.zeros_like(origin), np.zeros_like(origin)
     # only where the patterns' own origins measure the same thing as the pooled ones (on a
     # dev scan with read noise and an unsubtracted dark level, every own origin was 14 px off
     # at the detector's centre, and their departures' trend passed for line offsets)
-    if np.nanmedian(np.linalg.norm(departure[idx], axis=1)) <= POOLED_CONSISTENT_PX:
+    measured = np.linalg.norm(departure[idx], axis=1)
+    measured = measured[np.isfinite(measured)]
+    if len(measured) and np.median(measured) <= POOLED_CONSISTENT_PX:
         found_lines, found_ripple = scan_roughness(departure, scan)
         lines[idx], ripple[idx] = found_lines[idx], found_ripple[idx]
     origin += lines + ripple
@@ -1440,8 +1496,10 @@ def preprocess(
         centre of the intensity of rings whose origin lies under a stop given in
         ``mask``: the bright-field edge is hidden and the rings' edges are speckle, 9
         the centre of the ring fit that gives the ellipse of a single pattern of rings,
-        :func:`ring_fit_ellipse`), the counts
-        ``origin_rerefined``,
+        :func:`ring_fit_ellipse`, 10 the descan fit of the other patterns, where a
+        pattern holds fewer than EMPTY_FRACTION of most patterns' counts above the
+        read-noise floor: a blanked
+        beam, a dropped frame), the counts ``origin_empty`` (those), ``origin_rerefined``,
         ``origin_pooled`` and ``origin_descan_model``, the edge-blur correction
         ``origin_blur_correction`` (px, already subtracted), the white scatter of the
         origins between scan neighbours ``origin_scatter`` (px, see
@@ -1472,8 +1530,9 @@ def preprocess(
         If ``datacube`` is not a py4DSTEM DataCube or its data is not numeric.
     ValueError
         If its data is not 4D, the detector is smaller than 16 x 16 pixels, an
-        option is invalid, or the ellipse stage runs without origins
-        (``center=False`` and no calibrated origin).
+        option is invalid, the ellipse stage runs without origins
+        (``center=False`` and no calibrated origin), or a calibration stage runs on
+        a scan whose every pattern is blank.
     FileExistsError
         If ``out`` exists and ``overwrite`` is False.
     WeightsError
@@ -1560,6 +1619,12 @@ def preprocess(
         origin = results["origin"] if center else given_origin
         n_rerefined = n_pooled = n_model = 0
         lines = ripple = None
+        if (center or ellipse) and not np.any(_signal(results) > 0):
+            raise ValueError("every pattern of the datacube is blank (no counts above its read-noise floor): "
+                             "there is no origin or ellipse to measure")
+        empty = empty_patterns(_signal(results))
+        if center:
+            origin = fill_empty(origin, empty, (nrx, nry))
         if center and refine and min(nrx, nry) >= 3:
             origin = origin.copy()
             n_pooled, n_model, lines, ripple = _pool_low_dose(engine, data, (nrx, nry), origin, results, mask)
@@ -1577,8 +1642,9 @@ def preprocess(
             # noise; pooled origins share their noise with their neighbours, which the line test
             # would take for offsets: theirs were found on the patterns' own origins
             if n_pooled == 0:
-                lines, ripple = scan_roughness(origin - robust_descan_fit(origin, (nrx, nry)), (nrx, nry))
-            white, total, fitted = origin_scatter(origin, (nrx, nry), lines + ripple)
+                departure = np.where(empty[:, None], np.nan, origin - robust_descan_fit(origin, (nrx, nry)))
+                lines, ripple = scan_roughness(departure, (nrx, nry))
+            white, total, fitted = origin_scatter(origin, (nrx, nry), lines + ripple, empty)
             if 2 * n_pooled > nrx * nry:  # neighbours share most of their noise (POOLED_SHARED)
                 white = white / math.sqrt(1.0 - POOLED_SHARED)
             scatter = white
@@ -1594,6 +1660,11 @@ def preprocess(
         elif noise is not None:  # keep the part of each departure from the fit that is not noise
             shrink = descan_shrinkage(scatter, noise)
             origin = fitted + shrink * (origin - fitted)
+        if center and empty.any() and not empty.all():  # after every step, from the final origins
+            origin = fill_empty(origin, empty, (nrx, nry))
+            for key, value in (("origin_source", 10), ("origin_symmetry", np.nan)):
+                if key in results:
+                    results[key][empty] = value
 
         md = Metadata(name="prenet")
         md["version"] = __version__
@@ -1615,6 +1686,7 @@ def preprocess(
             md["origin_measured"] = measured.reshape(nrx, nry, 2)
             if correction is not None:
                 md["origin_blur_correction"] = correction.reshape(nrx, nry, 2)
+            md["origin_empty"] = int(empty.sum()) if not empty.all() else 0
             md["origin_rerefined"] = int(n_rerefined)
             md["origin_pooled"] = int(n_pooled)
             md["origin_descan_model"] = int(n_model)
@@ -1639,7 +1711,7 @@ def preprocess(
             origin_cal = (qx0, qy0)
         if ellipse:
             e12 = results["e12"]
-            e12_median = np.median(e12, axis=0)
+            e12_median = np.median(e12[~empty] if not empty.all() else e12, axis=0)
             net_ratio, net_theta = e12_to_ellipse(e12_median)
             md["e12_per_pattern"] = e12.reshape(nrx, nry, 2)
             md["ellipse_network"] = np.array([float(net_ratio), 1.0, float(net_theta)])

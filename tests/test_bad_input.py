@@ -154,3 +154,12 @@ def test_engine_refuses_a_mask_of_another_shape_or_type(tiny_weights):
             with pytest.raises(ValueError, match="mask must be a boolean array of the detector shape"):
                 call()
     assert np.array_equal(block, before)
+
+
+def test_a_scan_of_blank_patterns_is_refused(tiny_weights):
+    data = np.zeros((4, 4, 32, 32), np.float32)
+    with pytest.raises(ValueError, match="blank"):
+        prenet.preprocess(_cube(data), weights_dir=tiny_weights, progress=False)
+    # the denoiser alone has nothing to measure and passes it through
+    out = prenet.preprocess(_cube(data), center=False, ellipse=False, weights_dir=tiny_weights, progress=False)
+    assert out.data.shape == data.shape and np.abs(out.data).max() < 1e-3

@@ -173,6 +173,15 @@ def test_origin_scatter_separates_noise_from_descan_structure():
         origin_scatter(lined, scan, lines[:-1])
     with pytest.raises(ValueError, match="finite"):
         origin_scatter(noisy[:-1], scan)
+    # blank patterns whose origins are the others' fit scatter by nothing: left out, they do not
+    # dilute the scatter of the measured ones
+    empty = np.zeros(len(smooth), bool)
+    empty[::3] = True
+    filled = np.where(empty[:, None], smooth, noisy)
+    white_all, total_all, _ = origin_scatter(noisy, scan)
+    white, total, _ = origin_scatter(filled, scan, empty=empty)
+    assert abs(white / white_all - 1) < 0.15 and abs(total / total_all - 1) < 0.15
+    assert origin_scatter(filled, scan)[0] < 0.8 * white_all
     with pytest.raises(ValueError, match="finite"):
         origin_scatter(np.where(np.arange(len(noisy))[:, None] == 3, np.nan, noisy), scan)
 
