@@ -1228,8 +1228,8 @@ class PreNet:
             if self.denoise:
                 # where the recording is already better than the denoiser's own error, keep it;
                 # without the data, only where the refinement takes the denoised pattern
-                used = counts < LOW_DOSE_COUNTS if self.center and self.refine else torch.zeros_like(counts, dtype=bool)
-                y = self._denoised(x, counts <= DENOISE_MAX_COUNTS if keep_data else used)
+                read = counts < LOW_DOSE_COUNTS if self.center and self.refine else torch.zeros_like(counts, dtype=bool)
+                y = self._denoised(x, counts <= DENOISE_MAX_COUNTS if keep_data else read)
             else:
                 y = x
             if keep_data:  # in the input's units, on its dark level (the networks see the counts above it)

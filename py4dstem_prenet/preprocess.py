@@ -128,8 +128,9 @@ def robust_descan_fit(origin: np.ndarray, scan: tuple[int, int], iterations: int
 
 
 #: A pattern with fewer counts than this fraction of the 90th percentile of the scan's
-#: counts (most of a scan can be blank) holds nothing to measure (the beam blanked during flyback, a dropped frame): its origin is the descan
-#: fit of the others (``origin_source`` 10), and no descan fit counts it. On a dev crystal
+#: counts (most of a scan can be blank) holds nothing to measure (the beam blanked during
+#: flyback, a dropped frame): its origin is the descan fit of the others
+#: (``origin_source`` 10), and no descan fit counts it. On a dev crystal
 #: scan (8 x 8, 1e4 counts) with its first 2 of 8 scan columns blank, the blank patterns'
 #: origins had pulled the consistency fit so far that the real patterns were re-refined
 #: 0.4 px off on average (3 px with 4 columns blank); a scan's counts vary far less than

@@ -1119,6 +1119,31 @@ def test_denoiser_leaves_high_dose_patterns_as_recorded(tiny_weights, monkeypatc
     assert seen == [] and np.array_equal(out.data[0, 1], high[0, 0])
 
 
+def test_engine_without_data_denoises_only_what_the_refinement_reads(tiny_weights, monkeypatch):
+    from py4dstem_prenet.engine import LOW_DOSE_COUNTS, PreNet
+
+    rng = np.random.default_rng(3)
+    block = np.concatenate([rng.poisson(4 * LOW_DOSE_COUNTS / (32 * 32), (2, 32, 32)),  # pooled sums
+                            rng.poisson(0.5, (3, 32, 32))]).astype(np.float32)  # low dose
+    seen = []
+    real_apply = PreNet._apply
+
+    def counting_apply(self, name, x):
+        if name == "denoiser":
+            seen.append(len(x))
+        return real_apply(self, name, x)
+
+    monkeypatch.setattr(PreNet, "_apply", counting_apply)
+    engine = PreNet(weights_dir=tiny_weights, device="cpu")
+    full = engine.run(block)
+    assert seen == [5]
+    seen.clear()
+    lean = engine.run(block, keep_data=False)
+    assert seen == [3] and "data" not in lean  # only the patterns whose refinement reads the denoised one
+    for key in ("origin", "origin_symmetry", "counts", "signal"):
+        np.testing.assert_allclose(lean[key], full[key], atol=1e-4, equal_nan=True)
+
+
 def test_tile_descan_model_follows_the_descan_at_100_counts():
     from py4dstem_prenet.engine import PreNet
     from py4dstem_prenet.preprocess import tile_descan_model
