@@ -1091,14 +1091,11 @@ def test_noise_alone_gets_the_network_ellipse_not_a_fit_of_noise():
     np.testing.assert_allclose(a / b, md["ellipse_network"][0])
 
 
-def test_denoiser_leaves_high_dose_patterns_as_recorded(tiny_weights, monkeypatch):
-    import py4DSTEM
+@pytest.fixture
+def denoiser_calls(monkeypatch):
+    """The batch sizes of every denoiser call while the test runs (PreNet._apply spied on)."""
+    from py4dstem_prenet.engine import PreNet
 
-    from py4dstem_prenet.engine import DENOISE_MAX_COUNTS, PreNet
-
-    rng = np.random.default_rng(2)
-    high = rng.poisson(2 * DENOISE_MAX_COUNTS / (32 * 32), (1, 1, 32, 32)).astype(np.float32)
-    low = rng.poisson(0.5, (1, 1, 32, 32)).astype(np.float32)
     seen = []
     real_apply = PreNet._apply
 
@@ -1108,6 +1105,18 @@ def test_denoiser_leaves_high_dose_patterns_as_recorded(tiny_weights, monkeypatc
         return real_apply(self, name, x)
 
     monkeypatch.setattr(PreNet, "_apply", counting_apply)
+    return seen
+
+
+def test_denoiser_leaves_high_dose_patterns_as_recorded(tiny_weights, denoiser_calls):
+    import py4DSTEM
+
+    from py4dstem_prenet.engine import DENOISE_MAX_COUNTS
+
+    rng = np.random.default_rng(2)
+    high = rng.poisson(2 * DENOISE_MAX_COUNTS / (32 * 32), (1, 1, 32, 32)).astype(np.float32)
+    low = rng.poisson(0.5, (1, 1, 32, 32)).astype(np.float32)
+    seen = denoiser_calls
     out = prenet.preprocess(py4DSTEM.DataCube(data=np.concatenate([high, low], axis=1)), center=False,
                             ellipse=False, weights_dir=tiny_weights, progress=False)
     np.testing.assert_array_equal(out.data[0, 0], high[0, 0])
@@ -1119,21 +1128,13 @@ def test_denoiser_leaves_high_dose_patterns_as_recorded(tiny_weights, monkeypatc
     assert seen == [] and np.array_equal(out.data[0, 1], high[0, 0])
 
 
-def test_engine_without_data_denoises_only_what_the_refinement_reads(tiny_weights, monkeypatch):
+def test_engine_without_data_denoises_only_what_the_refinement_reads(tiny_weights, denoiser_calls):
     from py4dstem_prenet.engine import LOW_DOSE_COUNTS, PreNet
 
     rng = np.random.default_rng(3)
     block = np.concatenate([rng.poisson(4 * LOW_DOSE_COUNTS / (32 * 32), (2, 32, 32)),  # pooled sums
                             rng.poisson(0.5, (3, 32, 32))]).astype(np.float32)  # low dose
-    seen = []
-    real_apply = PreNet._apply
-
-    def counting_apply(self, name, x):
-        if name == "denoiser":
-            seen.append(len(x))
-        return real_apply(self, name, x)
-
-    monkeypatch.setattr(PreNet, "_apply", counting_apply)
+    seen = denoiser_calls
     engine = PreNet(weights_dir=tiny_weights, device="cpu")
     full = engine.run(block)
     assert seen == [5]
