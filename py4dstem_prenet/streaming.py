@@ -10,7 +10,10 @@ descan fit keeps normal equations and the ellipse keeps two summed log-polar vie
 The origins are those of :func:`~py4dstem_prenet.preprocess` before its scan-level
 steps: no pooling of low-count neighbourhoods, no edge-blur correction (both need
 the neighbouring rows of the scan, which have not arrived yet) and no shrinkage
-towards the descan fit (it needs the whole scan's scatter).
+towards the descan fit (it needs the whole scan's scatter). Blank frames (the beam
+blanked or not yet on: no counts above the read-noise floor, or fewer than
+EMPTY_FRACTION of what the 90th percentile of a block so far held) stay out of the descan fit
+and the ellipse, and take the fit's origin once there is one.
 
 Latency is the time from the arrival of the oldest frame of a block (when the
 iterator handed it over) to the yield of its results: filling the block plus
@@ -26,6 +29,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .engine import PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands, measure_disk_radius
+from .preprocess import EMPTY_FRACTION
 
 __all__ = ["stream", "StreamUpdate", "DescanFit"]
 
@@ -96,8 +100,12 @@ class DescanFit:
 
     @property
     def established(self) -> bool:
-        """True once the fit rests on three times as many frames as it has parameters."""
-        return self._coef is not None and self._count >= 3 * self._xtx.shape[0]
+        """True once the fit rests on three times as many frames as it has parameters and its
+        frames determine every one (not a single scan row, say)."""
+        return self._coef is not None and self._count >= 3 * self._xtx.shape[0] and self._determined()
+
+    def _determined(self) -> bool:
+        return int(np.linalg.matrix_rank(self._xtx)) == self._xtx.shape[0]
 
     def _design(self, index: np.ndarray) -> np.ndarray:
         if self.scan_shape is None:
@@ -113,7 +121,9 @@ class DescanFit:
         """Add frames (flat indices, (n, 2) origins) and return the fit at those frames."""
         x = self._design(np.asarray(index))
         keep = np.all(np.isfinite(origin), axis=1)
-        if self._coef is not None:
+        if self._coef is not None and self._determined():
+            # before, a fit of frames of one scan row beyond the first (whose row coordinate,
+            # not 0, aliases the constant) rejected every frame of the next row, for good
             keep &= np.linalg.norm(origin - x @ self._coef, axis=1) <= self.reject_px
         xk, yk = x[keep], origin[keep]
         self._xtx += xk.T @ xk
@@ -205,11 +215,16 @@ def stream(frames: Iterable[np.ndarray], *, scan_shape: tuple[int, int] | None =
     bands: dict | None = None
     sums: dict = {}
     ellipse = None
+    signal_level = 0.0  # the largest 90th percentile of a block's signal so far
     for k, (block, t_first) in enumerate(_blocks(frames, int(batch_size))):
         res = engine.run(block)
         index = np.arange(n_done, n_done + len(block))
         origin = res["origin"]
-        fitted = fit.update(index, origin)
+        signal_level = max(signal_level, float(np.percentile(res["signal"], 90)))
+        blank = (res["signal"] <= 0) | (res["signal"] < EMPTY_FRACTION * signal_level)
+        fitted = fit.update(index, np.where(blank[:, None], np.nan, origin))
+        if blank.any():  # nothing measured there: the descan fit's origin, once there is a fit
+            origin = np.where((blank[:, None] & np.isfinite(fitted)), fitted, origin)
         if refine and fit.established:
             # a frame far from the running descan fit (a wrong disk) is re-measured around the fit
             far = np.linalg.norm(origin - fitted, axis=1) > fit.reject_px
@@ -218,8 +233,8 @@ def stream(frames: Iterable[np.ndarray], *, scan_shape: tuple[int, int] | None =
                 origin[far] = engine.refine_at(block, fitted, None, far)["origin"][far]
         h, w = block.shape[1:]
         if refine:
-            inside = np.all((origin >= 2) & (origin <= np.array([h - 3, w - 3])), axis=1)
-            if bands is None:
+            inside = np.all((origin >= 2) & (origin <= np.array([h - 3, w - 3])), axis=1) & ~blank
+            if bands is None and inside.any():
                 # fixed bands from the first block, with 4 px of room for the descan to come; the
                 # bright-field radius measured on its aligned mean where it shows (as preprocess)
                 radius, stop = float(np.nanmedian(res["disk_radius"])), None
