@@ -749,9 +749,11 @@ def poisson_noise_fraction(x: torch.Tensor) -> torch.Tensor:
     return _neighbour_noise_variance(x) / x[..., 1:-1, 1:-1].clamp_min(0).sum(dim=(1, 2, 3)).clamp_min(1e-12)
 
 
-def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
-    """Per pattern: denoised at low ``counts`` (N,) of Poisson-like noise, hot-pixel-filtered recording otherwise."""
-    raw = _median3(x).float()
+def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None, counts: torch.Tensor,
+                      filtered: torch.Tensor | None = None) -> torch.Tensor:
+    """Per pattern: denoised at low ``counts`` (N,) of Poisson-like noise, hot-pixel-filtered recording
+    otherwise (``filtered``, ``_median3(x)``, where it is at hand)."""
+    raw = (_median3(x) if filtered is None else filtered).float()
     if denoised is None:
         return raw
     low = (counts < LOW_DOSE_COUNTS).to(x.device)
@@ -1182,8 +1184,9 @@ class PreNet:
             read-noise floor, in electrons where that floor shows an integrating detector
             (:func:`equivalent_counts`) and in counts where the data hold counts in other
             units; 'signal' (N,) the sum of the measurement copy (counts above the
-            read-noise floor, in counts), which an error of the dark level or of the
-            gain does not bring to 0 (the test of blank patterns); 'count_quantum' (N,)
+            read-noise floor, in counts) with hot pixels removed (:func:`_median3`),
+            which an error of the dark level or of the gain does not bring to 0 and
+            a blank pattern's hot pixels do not lift (the test of blank patterns); 'count_quantum' (N,)
             the value of one count (:func:`count_quantum`;
             1 for whole counts and continuous data); 'detector_floor' (N, 2) their dark
             level (:func:`dark_level`) and read noise (:func:`read_noise_sigma`), in the
@@ -1222,7 +1225,8 @@ class PreNet:
         with torch.inference_mode():
             x, xm, valid, counts, floor, quantum = _masked_block(block, mask, dev)
             out["counts"] = counts.numpy()
-            out["signal"] = xm.sum(dim=(1, 2, 3)).double().cpu().numpy()
+            filtered = _median3(xm)  # hot pixels removed: what the refinement reads at high dose
+            out["signal"] = filtered.sum(dim=(1, 2, 3)).double().cpu().numpy()
             out["detector_floor"] = floor
             out["count_quantum"] = quantum
             if self.denoise:
@@ -1244,7 +1248,7 @@ class PreNet:
                 out["origin_sigma"] = s_px.numpy().astype(np.float64)
                 out["disk_radius"] = (torch.exp(pred[:, 3]) * min(h, w)).numpy().astype(np.float64)
                 if self.refine:
-                    xr = _refinement_input(xm, y if self.denoise else None, counts)
+                    xr = _refinement_input(xm, y if self.denoise else None, counts, filtered)
                     r, score = (t.cpu() for t in refine_origin(xr, o.to(dev), search=SEARCH_PX, valid=valid, with_score=True))
                     # keep the refinement only where it agrees with the network's estimate
                     radius = torch.clamp(3 * s_px, min=SEARCH_PX)
