@@ -1621,7 +1621,8 @@ def preprocess(
         n_rerefined = n_pooled = n_model = 0
         lines = ripple = None
         if (center or ellipse) and not np.any(_signal(results) > 0):
-            raise ValueError("every pattern of the datacube is blank (no counts above its read-noise floor): "
+            where = "" if mask is None else " where mask is True (True must mark the pixels that record the pattern)"
+            raise ValueError(f"every pattern of the datacube is blank (no counts above its read-noise floor{where}): "
                              "there is no origin or ellipse to measure")
         empty = empty_patterns(_signal(results))
         if center:

@@ -132,7 +132,9 @@ def test_preprocess_warns_about_a_mask_that_keeps_less_than_half_the_detector():
     dc, t = simulate_datacube((1, 1), (64, 64), "amorphous", 1e5, beam_stop=True, seed=30_000_007, descan_amplitude=0)
     inverted = t.transmission < 0.5  # True on the stop: the wrong way round
     with pytest.warns(UserWarning, match="True must mark the pixels that record the pattern"):
-        prenet.preprocess(dc, progress=False, denoise=False, ellipse=False, mask=inverted)
+        # the stop's shadow is all that such a mask keeps: nothing to measure
+        with pytest.raises(ValueError, match="blank .* where mask is True"):
+            prenet.preprocess(dc, progress=False, denoise=False, ellipse=False, mask=inverted)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prenet.preprocess(dc, progress=False, denoise=False, ellipse=False, mask=~inverted)
