@@ -749,6 +749,12 @@ def poisson_noise_fraction(x: torch.Tensor) -> torch.Tensor:
     return _neighbour_noise_variance(x) / x[..., 1:-1, 1:-1].clamp_min(0).sum(dim=(1, 2, 3)).clamp_min(1e-12)
 
 
+def _reads_denoised(counts: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the patterns of ``counts`` (N,) whose refinement may take the denoised pattern
+    (:func:`_refinement_input`): the only ones the denoiser need run on for the origins."""
+    return counts < LOW_DOSE_COUNTS
+
+
 def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None, counts: torch.Tensor,
                       filtered: torch.Tensor | None = None) -> torch.Tensor:
     """Per pattern: denoised at low ``counts`` (N,) of Poisson-like noise, hot-pixel-filtered recording
@@ -756,7 +762,7 @@ def _refinement_input(x: torch.Tensor, denoised: torch.Tensor | None, counts: to
     raw = (_median3(x) if filtered is None else filtered).float()
     if denoised is None:
         return raw
-    low = (counts < LOW_DOSE_COUNTS).to(x.device)
+    low = _reads_denoised(counts).to(x.device)
     if not low.any():  # the common case: no noise estimate needed
         return raw
     low &= poisson_noise_fraction(x) >= POISSON_MIN_FRACTION
@@ -1232,7 +1238,7 @@ class PreNet:
             if self.denoise:
                 # where the recording is already better than the denoiser's own error, keep it;
                 # without the data, only where the refinement takes the denoised pattern
-                read = counts < LOW_DOSE_COUNTS if self.center and self.refine else torch.zeros_like(counts, dtype=bool)
+                read = _reads_denoised(counts) if self.center and self.refine else torch.zeros_like(counts, dtype=bool)
                 y = self._denoised(x, counts <= DENOISE_MAX_COUNTS if keep_data else read)
             else:
                 y = x
@@ -1344,8 +1350,7 @@ class PreNet:
             return {"origin": out}
         with torch.inference_mode():
             x, xm, valid, counts, _, _ = _masked_block(np.asarray(block)[sel], mask, dev)
-            # the refinement takes the denoised patterns only below LOW_DOSE_COUNTS
-            y = self._denoised(x, counts < LOW_DOSE_COUNTS) if self.denoise else None
+            y = self._denoised(x, _reads_denoised(counts)) if self.denoise else None
             o = torch.from_numpy(np.asarray(out[sel], np.float32)).to(dev)
             out[sel] = refine_origin(_refinement_input(xm, y, counts), o, search=2.0, valid=valid).cpu().numpy()
         return {"origin": out}

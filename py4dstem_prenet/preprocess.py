@@ -138,11 +138,13 @@ def robust_descan_fit(origin: np.ndarray, scan: tuple[int, int], iterations: int
 EMPTY_FRACTION = 0.02
 
 
-def empty_patterns(counts: np.ndarray) -> np.ndarray:
-    """(N,) bool: patterns with fewer counts than EMPTY_FRACTION of the 90th percentile of ``counts`` (N,)
-    (the engine's 'signal': counts above the read-noise floor)."""
+def empty_patterns(counts: np.ndarray, level: float | None = None) -> np.ndarray:
+    """(N,) bool: patterns with fewer counts than EMPTY_FRACTION of ``level``, by default the
+    90th percentile of ``counts`` (N,) (the engine's 'signal': counts above the read-noise
+    floor). With the default, never all of them: those at the percentile hold more."""
     counts = np.asarray(counts, np.float64)
-    return counts < EMPTY_FRACTION * float(np.percentile(counts, 90))
+    reference = float(np.percentile(counts, 90)) if level is None else float(level)
+    return counts < EMPTY_FRACTION * reference
 
 
 def _signal(results: dict[str, np.ndarray]) -> np.ndarray:
@@ -1245,7 +1247,7 @@ def ring_fit_ellipse(aligned: dict[str, np.ndarray], e12_start: np.ndarray, stop
 
 
 def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarray, results: dict,
-                   mask) -> tuple[int, int, np.ndarray]:
+                   mask, empty: np.ndarray) -> tuple[int, int, np.ndarray]:
     """Measure the origins of low-count patterns on the sums of their scan neighbourhoods.
 
     Needs a scan of at least 3 x 3 positions. Descan moves the origin smoothly with
@@ -1276,7 +1278,9 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
 
     Where any pattern has few counts (``results['counts']``, from the first pass), reads
     the scan once, in blocks of rows with one row either side, for the pooled patterns
-    and the tile model's sums alike. Updates ``origin``
+    and the tile model's sums alike. A window of ``empty`` (N,) patterns only
+    (:func:`empty_patterns`) is not pooled, and the blank patterns' own origins (the
+    others' descan fit) are no departures for the line offsets. Updates ``origin``
     (N, 2) and ``results['origin_sigma']``, ``['origin_source']`` (5 where pooled, 6
     where the model replaced the pooled measurement) and ``['origin_symmetry']`` in
     place.
@@ -1294,7 +1298,7 @@ def _pool_low_dose(engine: PreNet, data, scan: tuple[int, int], origin: np.ndarr
     h, w = (int(v) for v in data.shape[2:])
     run = dataclasses.replace(engine, ellipse=False)
     low_all = (np.asarray(results["counts"]) < POOL_BELOW_COUNTS).reshape(nrx, nry)
-    empty = empty_patterns(_signal(results)).reshape(nrx, nry)
+    empty = empty.reshape(nrx, nry)
     if not low_all.any():
         return 0, 0, np.zeros_like(origin), np.zeros_like(origin)
     grid = _tile_grid(scan, results["counts"])
@@ -1629,7 +1633,8 @@ def preprocess(
             origin = fill_empty(origin, empty, (nrx, nry))
         if center and refine and min(nrx, nry) >= 3:
             origin = origin.copy()
-            n_pooled, n_model, lines, ripple = _pool_low_dose(engine, data, (nrx, nry), origin, results, mask)
+            n_pooled, n_model, lines, ripple = _pool_low_dose(engine, data, (nrx, nry), origin, results, mask,
+                                                              empty)
         if center and refine and min(nrx, nry) >= 3:
             origin, source, n_rerefined = _descan_consistency(engine, data, bounds, origin, results["origin_source"],
                                                               (nrx, nry), mask, client, results.get("origin_network"))
@@ -1662,7 +1667,7 @@ def preprocess(
         elif noise is not None:  # keep the part of each departure from the fit that is not noise
             shrink = descan_shrinkage(scatter, noise)
             origin = fitted + shrink * (origin - fitted)
-        if center and empty.any() and not empty.all():  # after every step, from the final origins
+        if center and empty.any():  # after every step, from the final origins
             origin = fill_empty(origin, empty, (nrx, nry))
             for key, value in (("origin_source", 10), ("origin_symmetry", np.nan)):
                 if key in results:
@@ -1688,7 +1693,7 @@ def preprocess(
             md["origin_measured"] = measured.reshape(nrx, nry, 2)
             if correction is not None:
                 md["origin_blur_correction"] = correction.reshape(nrx, nry, 2)
-            md["origin_empty"] = int(empty.sum()) if not empty.all() else 0
+            md["origin_empty"] = int(empty.sum())
             md["origin_rerefined"] = int(n_rerefined)
             md["origin_pooled"] = int(n_pooled)
             md["origin_descan_model"] = int(n_model)
@@ -1713,7 +1718,7 @@ def preprocess(
             origin_cal = (qx0, qy0)
         if ellipse:
             e12 = results["e12"]
-            e12_median = np.median(e12[~empty] if not empty.all() else e12, axis=0)
+            e12_median = np.median(e12[~empty], axis=0)
             net_ratio, net_theta = e12_to_ellipse(e12_median)
             md["e12_per_pattern"] = e12.reshape(nrx, nry, 2)
             md["ellipse_network"] = np.array([float(net_ratio), 1.0, float(net_theta)])

@@ -12,7 +12,7 @@ steps: no pooling of low-count neighbourhoods, no edge-blur correction (both nee
 the neighbouring rows of the scan, which have not arrived yet) and no shrinkage
 towards the descan fit (it needs the whole scan's scatter). Blank frames (the beam
 blanked or not yet on: no counts above the read-noise floor, or fewer than
-EMPTY_FRACTION of what the 90th percentile of a block so far held) stay out of the descan fit
+``preprocess.EMPTY_FRACTION`` of what the 90th percentile of a block so far held) stay out of the descan fit
 and the ellipse, and take the fit's origin once there is one.
 
 Latency is the time from the arrival of the oldest frame of a block (when the
@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .engine import PreNet, add_polar_sums, ellipse_bands, fit_ellipse_bands, measure_disk_radius
-from .preprocess import EMPTY_FRACTION
+from .preprocess import empty_patterns
 
 __all__ = ["stream", "StreamUpdate", "DescanFit"]
 
@@ -221,7 +221,7 @@ def stream(frames: Iterable[np.ndarray], *, scan_shape: tuple[int, int] | None =
         index = np.arange(n_done, n_done + len(block))
         origin = res["origin"]
         signal_level = max(signal_level, float(np.percentile(res["signal"], 90)))
-        blank = (res["signal"] <= 0) | (res["signal"] < EMPTY_FRACTION * signal_level)
+        blank = (res["signal"] <= 0) | empty_patterns(res["signal"], signal_level)
         fitted = fit.update(index, np.where(blank[:, None], np.nan, origin))
         if blank.any():  # nothing measured there: the descan fit's origin, once there is a fit
             origin = np.where((blank[:, None] & np.isfinite(fitted)), fitted, origin)

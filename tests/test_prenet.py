@@ -906,6 +906,7 @@ def test_empty_patterns_are_the_blank_ones_even_where_most_are():
     mostly_blank = np.r_[np.zeros(80), np.full(20, 1e3)]
     assert empty_patterns(mostly_blank).sum() == 80
     assert not empty_patterns(np.zeros(5)).any()  # nothing to compare with: preprocess refuses such a scan
+    assert empty_patterns(counts, level=1e6).tolist() == [True] * 6  # against a level seen before (live mode)
 
 
 def test_fill_empty_takes_the_descan_fit_of_the_others():
