@@ -28,8 +28,8 @@ from .pretrained import load_model, model_card
 from .conventions import e12_to_ellipse
 from .refine import (DISK_MODEL_MARGIN, LOCAL_MIN_OVERLAP, beam_stop_radius, bright_field_radius, disk_ellipses,
                      disk_fits, disk_model_centre, edge_blur_bias, edge_curvature_factor, gaussian_blur,
-                     intensity_symmetry_centre, intensity_symmetry_halves, log_polar_view, refine_ellipse,
-                     refine_origin, symmetry_centre, symmetry_centres)
+                     intensity_symmetry_centre, intensity_symmetry_halves, log_polar_view,
+                     nearest_symmetric_centre, refine_ellipse, refine_origin, symmetry_centre, symmetry_centres)
 from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
 
@@ -107,6 +107,25 @@ STOP_CORE_ERODE = 3
 #: symmetric about other lattice points (a dev scan: 0.26 at a point 37 px away, 0.15 at
 #: the true origin under the stop).
 STOP_PRIOR_FRACTION = 0.5
+
+#: An edge-symmetry origin whose local intensity (Gaussian-smoothed over a tenth of the
+#: bright-field radius) is below this fraction of the pattern's bright disks (99.5th
+#: percentile of the same smoothing) lies in a gap between disks: a lattice of equal disks
+#: is as inversion-symmetric about its half-lattice points, in the gaps, as about the
+#: origin. On dev single crystal patterns with a flat envelope (256 px, 24 per dose) 2
+#: at 1e4 counts and 1 at 1e5 landed on such points, 28-33 px off, at 0.04-0.09 and the
+#: true origin at 0.77-0.78 of that level.
+GAP_FRACTION = 0.25
+
+#: A gap origin gives way to the symmetry centre inside a disk nearest the network's
+#: estimate, within the near search (the network's 3 sigma), that scores at least this
+#: fraction of its score (:func:`~py4dstem_prenet.refine.nearest_symmetric_centre`). The
+#: dev cases above: 0.96 and 0.99; a dense dev lattice of equal disks (8 x 8, 1e4
+#: counts), where the half-lattice points won on 31 of 64 patterns: 0.86 (at 0.9, 7
+#: stayed off, at 0.8 none). Under a beam stop, which is dark too, the best point of a disk
+#: scored at most 0.36 on dev patterns (rings, polycrystals and crystals behind unmasked
+#: stops, 1e4-1e6 counts), and the origin stays.
+GAP_TIE = 0.8
 
 #: Name of the ellipse band summed over isotropic patterns only.
 ISOTROPIC = "isotropic patterns"
@@ -863,6 +882,62 @@ def _rings_about_first(x: torch.Tensor, first: torch.Tensor, second: torch.Tenso
     return (f1 <= 1 - ISOTROPY_MIN) & (f1 < f2)
 
 
+def _out_of_gaps(x: torch.Tensor, filtered: torch.Tensor, valid: torch.Tensor | None, network: torch.Tensor,
+                 radius: torch.Tensor, origin: torch.Tensor, score: torch.Tensor, disk_radius: torch.Tensor,
+                 select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Origins in the dark gaps between disks moved into a disk that is as symmetric.
+
+    The direct beam is a bright disk; of a selected pattern whose origin's local intensity
+    is below GAP_FRACTION of its bright disks (see GAP_FRACTION), the most inversion-symmetric
+    point outside the gaps within ``radius`` (N,) px of the network's estimate ``network``
+    (N, 2) replaces the origin ``origin`` (N, 2) where it scores at least GAP_TIE times the
+    origin's ``score`` (N,). (Not near the origin itself: there the neighbouring Bragg
+    disks, lattice points, are as symmetric; a dev pattern went from 28 px off to 56.)
+    Pixels that a given stop (``valid``) covers are never gaps: the mask, not the
+    intensity, says what is hidden there.
+
+    Returns
+    -------
+    moved, origin, score : torch.Tensor
+        (N,) bool where the origin moved; the (N, 2) origins and (N,) scores, on CPU.
+    """
+    moved = torch.zeros_like(select)
+    origin, score = origin.clone(), score.clone()
+    idx = torch.nonzero(select)[:, 0]
+    if not len(idx):
+        return moved, origin, score
+    dev = x.device
+    n, h, w = len(idx), x.shape[-2], x.shape[-1]
+    sigma = float(np.clip(np.nanmedian(disk_radius[idx].cpu().numpy()) / 10, 1.0, None))
+    xi = x[idx.to(dev)]
+    v = _valid_for(valid, idx)
+    seen = torch.ones_like(xi, dtype=torch.bool) if v is None else v.to(dev).reshape(-1, 1, h, w).expand_as(xi)
+    local = gaussian_blur(filtered[idx.to(dev)].float() * seen, sigma) / gaussian_blur(seen.float(), sigma).clamp_min(
+        1e-6)
+    level = torch.topk(local.reshape(n, -1), math.ceil(0.005 * h * w), dim=1).values[:, -1]  # 99.5th percentile
+    gap = (local < GAP_FRACTION * level[:, None, None, None]) & seen
+    o = origin[idx].to(dev)
+    row, col = o[:, 0].round().long().clamp(0, h - 1), o[:, 1].round().long().clamp(0, w - 1)
+    in_gap = gap[torch.arange(n, device=dev), 0, row, col].cpu() & (level > 0).cpu()
+    if not in_gap.any():
+        return moved, origin, score
+    k = torch.nonzero(in_gap)[:, 0]
+    rr = torch.arange(h, device=dev, dtype=torch.float32)[None, :, None]
+    cc = torch.arange(w, device=dev, dtype=torch.float32)[None, None, :]
+    r2 = radius[idx[k]].to(dev).float()[:, None, None] ** 2
+    c = network[idx[k]].to(dev).float()
+    near = (rr - c[:, 0, None, None]) ** 2 + (cc - c[:, 1, None, None]) ** 2 <= r2
+    o2, s2 = (t.cpu() for t in nearest_symmetric_centre(xi[k.to(dev)], network[idx[k]].to(dev).to(xi.dtype),
+                                                        near & ~gap[k.to(dev), 0],
+                                                        GAP_TIE * score[idx[k]].to(dev).to(xi.dtype),
+                                                        valid=_valid_for(v, k)))
+    take = s2 >= 0
+    moved[idx[k[take]]] = True
+    origin[idx[k[take]]] = o2[take].to(origin.dtype)
+    score[idx[k[take]]] = s2[take].to(score.dtype)
+    return moved, origin, score
+
+
 def _behind_beam_stops(x: torch.Tensor, origin: torch.Tensor, select: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Origins of the selected patterns that a beam stop hides (see STOP_MARGIN).
@@ -1265,8 +1340,15 @@ class PreNet:
                     unsure = torch.exp(pred[:, 2]) > UNSURE_SIGMA_VIEW
                     eligible = counts >= GLOBAL_MIN_COUNTS
                     near, o, switch, score = _check_globally(xr, valid, o_net, radius, o, s_px, score, unsure, eligible)
-                    out["origin_symmetry"] = score.numpy().astype(np.float64)
                     source = ((ok | near).long() + 2 * switch.long()).clamp(max=2)
+                    # the direct beam is a disk: not a half-lattice point in the gap between two
+                    # (where the origin comes from a wide search or the network is unsure)
+                    out_of_gap, o, score = _out_of_gaps(xr, filtered, valid, o_net, radius, o, score,
+                                                        torch.from_numpy(out["disk_radius"]),
+                                                        (near | switch | unsure) & (source > 0) & eligible
+                                                        & (score > 0))
+                    source = torch.where(out_of_gap, torch.ones_like(source), source)
+                    out["origin_symmetry"] = score.numpy().astype(np.float64)
                     # an unsure network, and no symmetric centre under a beam stop: the direct
                     # beam may be hidden behind the stop (only the diffuse fall-off shows it)
                     moved, o, s_stop = _behind_beam_stops(xm, o, unsure & eligible)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["gaussian_blur", "edge_map", "refine_origin", "edge_blur_bias", "symmetry_centre", "symmetry_centres",
+           "nearest_symmetric_centre",
            "intensity_symmetry_centre", "intensity_symmetry_halves", "log_polar_view", "refine_ellipse",
            "bright_field_radius", "beam_stop_radius", "edge_curvature_factor", "disk_model_centre", "disk_fits",
            "DiskFits", "disk_ellipses"]
@@ -1095,6 +1096,72 @@ def symmetry_centres(x: torch.Tensor, origin0: torch.Tensor, radius: torch.Tenso
     origin, score = _best_on_map(x, maps, min_overlap, None, search)
     origin_near, score_near = _best_on_map(x, maps, LOCAL_MIN_OVERLAP, near, search)
     return origin, score, origin_near, score_near
+
+
+def nearest_symmetric_centre(x: torch.Tensor, origin0: torch.Tensor, allowed: torch.Tensor, min_score: torch.Tensor,
+                             valid: torch.Tensor | None = None, min_overlap: float = LOCAL_MIN_OVERLAP,
+                             search: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetry centre nearest a first estimate among those that score enough.
+
+    Of the local maxima of the inversion-symmetry map (see :func:`symmetry_centre`) on
+    ``allowed`` pixels that score at least ``min_score``, the one nearest ``origin0``,
+    refined to sub-pixel as in :func:`refine_origin`. A lattice of equal disks is about as
+    symmetric about each of its lattice points: the highest of them need not be the one
+    a first estimate points to.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, 1, H, W) patterns.
+    origin0 : torch.Tensor
+        (N, 2) first estimates (qx0, qy0), pixels.
+    allowed : torch.Tensor
+        (N, H, W) bool: only centres on these pixels are considered.
+    min_score : torch.Tensor
+        (N,) lowest score a centre may have.
+    valid : torch.Tensor, optional
+        As in :func:`refine_origin`.
+    min_overlap : float
+        Fraction of the detector the inversion must keep.
+    search : float
+        Half-width of the sub-pixel search around the chosen sample, pixels.
+
+    Returns
+    -------
+    origin, score : torch.Tensor
+        (N, 2) pixels and (N,) scores; where no maximum scores ``min_score``, ``origin0``
+        and a score of -1.
+
+    Raises
+    ------
+    ValueError
+        If the patterns, origins, allowed map, scores or valid map have the wrong type or shape.
+    """
+    _check_patterns(x, valid, origin0)
+    n, _, h, w = x.shape
+    if not isinstance(allowed, torch.Tensor) or tuple(allowed.shape) != (n, h, w) or allowed.dtype != torch.bool:
+        raise ValueError(f"allowed must be a bool tensor {(n, h, w)}, got {getattr(allowed, 'dtype', type(allowed))} "
+                         f"{tuple(getattr(allowed, 'shape', ()))}")
+    if not isinstance(min_score, torch.Tensor) or tuple(min_score.shape) != (n,):
+        raise ValueError(f"min_score must be a tensor ({n},), got {tuple(getattr(min_score, 'shape', ()))}")
+    num, den, ovl, fine = _score_maps(x, valid)
+    score = _score(num, den, ovl.expand_as(num), h * w, min_overlap)
+    on_grid = allowed.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # s = 2 * centre
+    score = torch.where(on_grid, score, torch.full_like(score, -1.0))
+    peak = F.max_pool2d(score[:, None], 3, stride=1, padding=1)[:, 0] == score
+    candidate = peak & (score >= min_score.to(score.dtype)[:, None, None])
+    rows = torch.arange(2 * h, device=x.device, dtype=x.dtype)[None, :, None]
+    cols = torch.arange(2 * w, device=x.device, dtype=x.dtype)[None, None, :]
+    s0 = 2 * origin0.to(x.dtype)
+    d2 = (rows - s0[:, 0, None, None]) ** 2 + (cols - s0[:, 1, None, None]) ** 2
+    d2 = torch.where(candidate, d2, torch.full_like(d2, float("inf"))).reshape(n, -1)
+    best = d2.argmin(dim=1)
+    found = torch.isfinite(d2.min(dim=1).values)
+    s_best = torch.stack([best // (2 * w), best % (2 * w)], dim=1)
+    origin = _symmetric_peak(num / den.clamp_min(1e-12), fine, (2 * h, 2 * w), s_best, search)
+    at = score.reshape(n, -1).gather(1, best[:, None])[:, 0]
+    return (torch.where(found[:, None], origin, origin0.to(origin.dtype)),
+            torch.where(found, at, torch.full_like(at, -1.0)))
 
 
 def _score_maps(x: torch.Tensor, valid: torch.Tensor | None) -> tuple:

@@ -1006,34 +1006,43 @@ def test_lattice_descan_fit_takes_the_set_the_network_points_to():
         lattice_descan_fit(origin + np.nan, network, (10, 10))
 
 
-def test_origins_on_half_lattice_points_are_measured_again():
+def test_a_dense_lattice_of_equal_disks_gets_its_origins_in_the_bright_field_disk():
     """Development probe: a dense lattice of disks as bright as the bright-field disk (193 spots).
 
-    The lattice is as symmetric about its half-lattice points as about the origin; 45% of
+    The lattice is as symmetric about its half-lattice points as about the origin: 45% of
     the origins were on such points 12-22 px away (mean error 6.6 px), more than the third
-    that the consistency check's L1 fit withstands.
+    that the consistency check's L1 fit withstands, and then, measured again at the scan's
+    descan fit, within 0.5 px. Since an origin in a gap between disks moves into the disk
+    the network points to (GAP_FRACTION), none is off in the first place.
     """
     dc, truth = simulate_datacube((8, 8), (128, 128), "crystal", 1e4, None, seed=42_104_040)
+    measured = PreNet().run(dc.data.reshape(-1, 128, 128), keep_data=False)["origin"]
+    assert np.linalg.norm(measured - truth.origin.reshape(-1, 2), axis=-1).max() < 1.0
     out = prenet.preprocess(dc, progress=False, ellipse=False)
     error = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - truth.origin, axis=-1)
     assert error.max() < 0.5, error.max()
-    assert out.metadata["prenet"]["origin_rerefined"] > 0.3 * error.size
 
 
 def test_origins_over_lattice_points_follow_the_network_not_the_largest_set():
     """Development probe: a flat-envelope lattice of disks up to 1.5 times as bright as the
     bright-field disk (8 x 8, 1e5 counts). The origins split over three lattice points; the
-    largest set (29 of 64) was 7 px off, and so were 72% of the origins (mean error 5.4 px)."""
+    largest set (29 of 64) was 7 px off, and so were 72% of the origins (mean error 5.4 px).
+    The descan fit follows the set the network points to, and the rest are measured again.
+    Since an origin in a gap between disks moves into the disk the network points to
+    (GAP_FRACTION), 3 of the 64 are off in the first place (46 before)."""
     from py4dstem_prenet.evaluation.benchmark import bright_disk_scene
 
     seed = 43_500_029
     scene = bright_disk_scene(np.random.default_rng(seed), (128, 128))
     dc, truth = simulate_datacube((8, 8), (128, 128), "crystal", 1e5, None, detector=Detector(), scene=scene,
                                   seed=seed)
+    measured = PreNet(denoise=False).run(dc.data.reshape(-1, 128, 128), keep_data=False)["origin"]
+    off = np.linalg.norm(measured - truth.origin.reshape(-1, 2), axis=-1) > 1.0
+    assert off.sum() < 0.1 * off.size, off.sum()
     out = prenet.preprocess(dc, progress=False, ellipse=False, denoise=False)
     error = np.linalg.norm(np.stack(out.calibration.get_origin(), -1) - truth.origin, axis=-1)
     assert error.max() < 0.2, error.max()
-    assert out.metadata["prenet"]["origin_rerefined"] > 0.5 * error.size
+    assert out.metadata["prenet"]["origin_rerefined"] >= off.sum()
 
 
 def test_robust_descan_fit_is_a_plane_on_small_scans():
@@ -1251,3 +1260,81 @@ def test_training_reproduces_its_weights_from_the_seed(tiny_weights, tmp_path):
         cards = [json.load(open(os.path.join(d, f"{name}.json"))) for d in
                  (tiny_weights, str(tmp_path / "again"), str(tmp_path / "other"))]
         assert cards[0]["sha256"] == cards[1]["sha256"] != cards[2]["sha256"]
+
+
+def _equal_disk_lattice(size: int = 96, spacing: float = 20.0, radius: float = 6.0,
+                        centre: tuple[float, float] = (48.0, 47.0)) -> torch.Tensor:
+    """(1, 1, size, size) lattice of equal disks (100 counts per pixel) about ``centre``."""
+    q = torch.arange(size, dtype=torch.float32)
+    img = torch.zeros(size, size)
+    for i in range(-5, 6):
+        for j in range(-5, 6):
+            r2 = (q[:, None] - centre[0] - i * spacing) ** 2 + (q[None, :] - centre[1] - j * spacing) ** 2
+            img = torch.maximum(img, 100.0 * (r2 <= radius ** 2).float())
+    return img[None, None]
+
+
+def test_an_origin_in_the_gap_between_disks_moves_into_the_disk_the_network_points_to():
+    from py4dstem_prenet.engine import _out_of_gaps
+
+    x = _equal_disk_lattice()
+    half = torch.tensor([[58.0, 47.0]])  # half a lattice vector from the origin: in a gap, as symmetric
+    score = _symmetry_at(*_masked_edges(x, None), (2 * half).long(), 0.15)
+    network = torch.tensor([[50.5, 45.0]])
+    args = (x, _median3(x), None, network, torch.tensor([12.0]), half, score, torch.tensor([6.0]))
+    moved, origin, new_score = _out_of_gaps(*args, torch.tensor([True]))
+    assert moved.item() and torch.linalg.norm(origin[0] - torch.tensor([48.0, 47.0])) < 0.3, origin
+    assert new_score.item() >= 0.9 * score.item()
+    # not selected, or no disk within the network's radius: the origin stays
+    moved, origin, _ = _out_of_gaps(*args, torch.tensor([False]))
+    assert not moved.item() and torch.equal(origin, half)
+    far = (x, _median3(x), None, torch.tensor([[58.0, 47.0]]), torch.tensor([2.0]), half, score, torch.tensor([6.0]))
+    moved, origin, _ = _out_of_gaps(*far, torch.tensor([True]))
+    assert not moved.item() and torch.equal(origin, half)
+
+
+def test_an_origin_under_a_given_stop_is_not_in_a_gap():
+    from py4dstem_prenet.engine import _out_of_gaps
+
+    x = _equal_disk_lattice()
+    valid = torch.ones(96, 96, dtype=torch.bool)
+    valid[50:67, 39:56] = False  # a given stop over the half-lattice point
+    x = x * valid
+    half = torch.tensor([[58.0, 47.0]])
+    score = _symmetry_at(*_masked_edges(x, valid), (2 * half).long(), 0.15)
+    moved, origin, _ = _out_of_gaps(x, _median3(x), valid, torch.tensor([[50.5, 45.0]]), torch.tensor([12.0]), half,
+                                    score, torch.tensor([6.0]), torch.tensor([True]))
+    assert not moved.item() and torch.equal(origin, half)
+
+
+def test_nearest_symmetric_centre_takes_the_lattice_point_nearest_the_estimate():
+    from py4dstem_prenet.refine import nearest_symmetric_centre
+
+    x = _equal_disk_lattice()
+    allowed = torch.ones(1, 96, 96, dtype=torch.bool)
+    _, best_score = symmetry_centre(x, min_overlap=0.15)  # of an equal lattice: any lattice or half-lattice point
+    for estimate, point in (([66.0, 49.0], [68.0, 47.0]), ([49.5, 29.0], [48.0, 27.0]), ([46.5, 46.0], [48.0, 47.0])):
+        found, score = nearest_symmetric_centre(x, torch.tensor([estimate]), allowed, 0.8 * best_score)
+        assert torch.linalg.norm(found[0] - torch.tensor(point)) < 0.3, (estimate, found)
+        assert 0.8 * best_score.item() <= score.item() <= best_score.item() + 1e-6
+    estimate = torch.tensor([[66.0, 49.0]])
+    found, score = nearest_symmetric_centre(x, estimate, allowed, best_score + 0.01)  # nothing scores that
+    assert torch.equal(found, estimate) and score.item() == -1.0
+    far = allowed.clone()
+    far[:, 60:, :] = False  # the nearest lattice point is not allowed: the next one is taken
+    found, _ = nearest_symmetric_centre(x, estimate, far, 0.8 * best_score)
+    assert found[0, 0] < 60
+
+
+@pytest.mark.parametrize("bad", [dict(allowed=torch.ones(96, 96, dtype=torch.bool)),
+                                 dict(allowed=torch.ones(1, 96, 96)),
+                                 dict(min_score=torch.tensor(0.5)),
+                                 dict(origin0=torch.tensor([50.0, 50.0]))])
+def test_nearest_symmetric_centre_rejects_bad_input(bad):
+    from py4dstem_prenet.refine import nearest_symmetric_centre
+
+    args = dict(x=_equal_disk_lattice(), origin0=torch.tensor([[50.0, 50.0]]),
+                allowed=torch.ones(1, 96, 96, dtype=torch.bool), min_score=torch.tensor([0.5]))
+    args.update(bad)
+    with pytest.raises(ValueError):
+        nearest_symmetric_centre(**args)
