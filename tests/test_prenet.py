@@ -1006,6 +1006,27 @@ def test_lattice_descan_fit_takes_the_set_the_network_points_to():
         lattice_descan_fit(origin + np.nan, network, (10, 10))
 
 
+def test_lattice_descan_fit_takes_a_dominant_set_whatever_the_network_points_to():
+    from py4dstem_prenet.preprocess import LATTICE_DOMINANT, lattice_descan_fit
+
+    u, v = (a.ravel() for a in np.meshgrid(np.linspace(-1, 1, 12), np.linspace(-1, 1, 12), indexing="ij"))
+    truth = np.stack([70 + 1.5 * u - 0.4 * u * v, 64 - 2.0 * v + 0.3 * u * u], -1)
+    rng = np.random.default_rng(7)
+    lattice = np.array([[0.0, 0.0], [12.0, 5.0], [-12.0, -5.0]])
+    network = truth + lattice[1] + rng.normal(0, 3.0, truth.shape)  # a lattice vector off
+    for p, dominant in (([0.46, 0.16, 0.38], False), ([0.46, 0.16, 0.16 * LATTICE_DOMINANT / 2.7], True),
+                        ([0.55, 0.25, 0.2], True)):
+        p = np.array(p) / np.sum(p)
+        cls = np.repeat(np.arange(3), np.round(p * len(truth)).astype(int))[:len(truth)]
+        cls = rng.permutation(np.r_[cls, np.zeros(len(truth) - len(cls), int)])
+        origin = truth + lattice[cls] + rng.normal(0, 0.3, truth.shape)
+        largest_share = np.bincount(cls).max() / len(cls)
+        sizes = np.sort(np.bincount(cls))[::-1]
+        assert dominant == (largest_share >= 0.5 or sizes[0] >= LATTICE_DOMINANT * sizes[1])
+        fitted, members = lattice_descan_fit(origin, network, (12, 12))
+        assert np.array_equal(members, cls == (0 if dominant else 1)), p
+
+
 def test_a_dense_lattice_of_equal_disks_gets_its_origins_in_the_bright_field_disk():
     """Development probe: a dense lattice of disks as bright as the bright-field disk (193 spots).
 
