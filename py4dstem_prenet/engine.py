@@ -908,7 +908,8 @@ def _out_of_gaps(x: torch.Tensor, filtered: torch.Tensor, valid: torch.Tensor | 
         return moved, origin, score
     dev = x.device
     n, h, w = len(idx), x.shape[-2], x.shape[-1]
-    sigma = float(np.clip(np.nanmedian(disk_radius[idx].cpu().numpy()) / 10, 1.0, None))
+    r = disk_radius[idx].cpu().numpy()
+    sigma = max(1.0, float(np.median(r[np.isfinite(r)])) / 10) if np.isfinite(r).any() else 1.0
     xi = x[idx.to(dev)]
     v = _valid_for(valid, idx)
     seen = torch.ones_like(xi, dtype=torch.bool) if v is None else v.to(dev).reshape(-1, 1, h, w).expand_as(xi)

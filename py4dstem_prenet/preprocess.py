@@ -450,17 +450,20 @@ def lattice_descan_fit(origin: np.ndarray, network: np.ndarray, scan: tuple[int,
     23-42%, and the origins ended 5-10 px off on average. The network's guesses scatter
     by pixels but centre on the true descan: their robust parabolic fit
     (:func:`robust_descan_fit`) was 1.1-4.6 px (RMS) from it there, the wrong sets'
-    offsets from that fit 5-17 px. The offsets of the origins from that fit are
-    gathered in sets (greedily, each about the densest 3 x 3 px cell of what is left,
-    within LATTICE_SET_RADIUS); the set nearest the fit is taken where it is the largest
-    or at most LATTICE_PREFER_RATIO times as far as the largest (even the largest can
-    hold under half of the scan, which the L1 fit of all origins does not withstand:
-    two dev scans, 40% and 34%), and the largest where it holds LATTICE_MAJORITY of the
-    scan or LATTICE_DOMINANT times the next set (the network's fit can be a lattice
-    vector off). The descan of the set taken is the network's fit plus
-    a plane through the set's offsets from it (the fit of the set's own origins where it
-    holds LATTICE_OWN_FIT times as many as the descan has coefficients), its members the
-    origins within LATTICE_MEMBER_TOL of that descan.
+    offsets from that fit 5-17 px. The offsets of the origins from the descan of the
+    largest consistent set (:func:`consensus_descan_fit`; each set is that descan shifted
+    by a lattice vector, so the sets are tight however the network's errors vary over
+    the scan) are gathered in sets (greedily, each about the densest 3 x 3 px cell of
+    what is left, within LATTICE_SET_RADIUS). The set nearest the network's fit (median
+    offset of its origins from it) is taken where it is the largest or at most
+    LATTICE_PREFER_RATIO times as far as the largest (even the largest can hold under
+    half of the scan, which the L1 fit of all origins does not withstand: two dev scans,
+    40% and 34%); the largest where it holds LATTICE_MAJORITY of the scan or
+    LATTICE_DOMINANT times the next set (the network's fit can be a lattice vector off).
+    The descan of the set taken is the consensus descan plus a plane through the set's
+    offsets from it (the fit of the set's own origins where it holds LATTICE_OWN_FIT
+    times as many as the descan has coefficients), its members the origins within
+    LATTICE_MEMBER_TOL of that descan.
     Where the network itself points to a wrong lattice point (a dev scan at 1e4
     counts: its origins 7.5 px off on average, and 91% of the refined ones), this
     cannot help.
