@@ -127,6 +127,25 @@ def test_simulate_datacube_with_beam_stop_and_crlb():
     assert np.all(np.isfinite(truth.crlb)) and np.all(truth.crlb > 0)
 
 
+def test_beam_stop_offset_moves_the_tip_off_the_beam_and_zero_keeps_the_centred_stop():
+    from scipy import ndimage
+
+    args = ((1, 1), (128, 128), "crystal", 1e4, (1.0, 0.0))
+    _, centred = simulate_datacube(*args, beam_stop=True, seed=3)
+    _, same = simulate_datacube(*args, beam_stop=True, beam_stop_offset=0.0, seed=3)
+    assert np.array_equal(centred.transmission, same.transmission)  # the same random stream
+    _, off = simulate_datacube(*args, beam_stop=True, beam_stop_offset=1.0, seed=3)
+    o = np.round(off.origin.reshape(2)).astype(int)
+    tip_radius = 1.3 * off.disk_radius + 3.0 / 2  # the default descan amplitude
+    # the beam is at the tip's rim: the stop's depth there (distance to its edge) is a few px,
+    # where the centred stop's is about the tip radius
+    depth = ndimage.distance_transform_edt(off.transmission == 0)
+    depth_centred = ndimage.distance_transform_edt(centred.transmission == 0)
+    assert depth[o[0], o[1]] < 0.35 * tip_radius < 0.7 * tip_radius < depth_centred[o[0], o[1]]
+    with pytest.raises(ValueError, match="beam_stop_offset"):
+        simulate_datacube(*args, beam_stop=True, beam_stop_offset=1.5)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"dose": -1.0}, "dose"), ({"kind": "liquid"}, "kind"), ({"detector_shape": (8, 8)}, "detector_shape"),
     ({"scan_shape": (0, 2)}, "scan_shape"), ({"ellipse": (3.0, 0.0)}, "a/b"),

@@ -127,6 +127,7 @@ def simulate_datacube(
     jitter: float = 0.05,
     detector: Detector | None = None,
     beam_stop: bool = False,
+    beam_stop_offset: float = 0.0,
     thickness_variation: float = 0.3,
     disk_radius: float | None = None,
     scene: Scene | None = None,
@@ -157,6 +158,10 @@ def simulate_datacube(
         Detector model; a counting detector with 5 hot pixels per 1e4 by default.
     beam_stop : bool
         Put a rod-shaped beam stop over the bright-field disk.
+    beam_stop_offset : float
+        Distance of the stop's round tip from the scan's mean origin, as a fraction
+        of the tip's radius (0 to 1), in a random direction: a stop put in by hand
+        is not centred on the beam. 0 by default (centred).
     thickness_variation : float
         Relative modulation of Bragg-disk intensities and disk textures across the
         scan (thickness and tilt changes; moves the centre of mass, not the edge).
@@ -200,6 +205,9 @@ def simulate_datacube(
         raise ValueError(f"scan_shape must be two sizes >= 1, got {scan_shape}")
     if thickness_variation < 0:
         raise ValueError("thickness_variation must be >= 0")
+    if not 0 <= beam_stop_offset <= 1:
+        raise ValueError(f"beam_stop_offset must be in [0, 1] (a fraction of the stop's tip radius), got "
+                         f"{beam_stop_offset}")
     rng = np.random.default_rng(seed)
     if detector is None:
         detector = Detector(hot_fraction=5e-4, hot_level=10.0)
@@ -217,10 +225,12 @@ def simulate_datacube(
     transmission = np.ones(shape)
     if beam_stop:
         tip = origin.reshape(-1, 2).mean(axis=0)
-        transmission = beam_stop_mask(
-            shape, tip, 1.3 * scene.disk_radius + descan_amplitude / 2,
-            rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.2) * scene.disk_radius,
-        )
+        tip_radius = 1.3 * scene.disk_radius + descan_amplitude / 2
+        direction, width = rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.2) * scene.disk_radius
+        if beam_stop_offset:  # drawn only then: centred stops keep their random streams
+            phi = rng.uniform(0, 2 * np.pi)
+            tip = tip + beam_stop_offset * tip_radius * np.array([np.cos(phi), np.sin(phi)])
+        transmission = beam_stop_mask(shape, tip, tip_radius, direction, width)
 
     nrx, nry = scan_shape
     su = np.linspace(0, 1, nrx)[:, None] * np.ones((1, nry))
