@@ -522,16 +522,16 @@ def lattice_descan_fit(origin: np.ndarray, network: np.ndarray, scan: tuple[int,
     by_size = sorted(sets, key=lambda t: -int(t[1].sum()))
     largest, n_largest = by_size[0], int(by_size[0][1].sum())
     if n_largest >= LATTICE_MAJORITY * len(d) or n_largest >= LATTICE_DOMINANT * by_size[1][1].sum():
-        nearest = largest  # a consensus that the network's fit cannot overrule
+        chosen = largest  # a consensus that the network's fit cannot overrule
     else:
-        nearest = min(sets, key=lambda t: t[0])
-    if nearest is not largest and nearest[0] > LATTICE_PREFER_RATIO * largest[0]:
+        chosen = min(sets, key=lambda t: t[0])  # the set nearest the network's fit
+    if chosen is not largest and chosen[0] > LATTICE_PREFER_RATIO * largest[0]:
         return None  # the network's fit between the two: no telling
     # the set's descan: the consensus descan plus a plane fitted to the set's offsets from
     # it, the set re-drawn about it, twice
     design = _descan_design((nrx, nry))
     plane = design[:, :3]
-    members = nearest[1]
+    members = chosen[1]
     for _ in range(2):
         fitted = base + plane @ np.linalg.lstsq(plane[members], d[members], rcond=None)[0]
         refit = np.linalg.norm(origin - fitted, axis=1) <= LATTICE_MEMBER_TOL

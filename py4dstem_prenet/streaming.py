@@ -237,11 +237,9 @@ def stream(frames: Iterable[np.ndarray], *, scan_shape: tuple[int, int] | None =
             if bands is None and inside.any():
                 # fixed bands from the first block, with 4 px of room for the descan to come; the
                 # bright-field radius measured on its aligned mean where it shows (as preprocess)
-                radius, stop = float(np.nanmedian(res["disk_radius"][~blank])), None
-                if inside.any():
-                    measured, stop = measure_disk_radius(
-                        lambda b: engine.polar_sums(block[inside], origin[inside], b), origin, (h, w), margin=6.0)
-                    radius = radius if measured is None else measured
+                measured, stop = measure_disk_radius(
+                    lambda b: engine.polar_sums(block[inside], origin[inside], b), origin, (h, w), margin=6.0)
+                radius = float(np.nanmedian(res["disk_radius"][~blank])) if measured is None else measured
                 bands = ellipse_bands(origin, (h, w), radius, margin=6.0, stop_radius=stop)
             if bands and inside.any():
                 part = engine.polar_sums(block[inside], origin[inside], bands)
