@@ -13,22 +13,84 @@ centres at integers.
 
 from __future__ import annotations
 
+
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["detect_beam_stop", "origin_behind_stop", "MIN_BACKGROUND"]
+__all__ = ["detect_beam_stop", "inversion_centre", "origin_behind_stop"]
 
-#: A pattern needs a median of at least this many counts per pixel (a background to
-#: be dark against) for a beam stop to be looked for.
-MIN_BACKGROUND = 1.0
+#: Blocks (the coarse grid on which darkness is judged) hold at least this many counts
+#: where the pattern is at its mean level ...
+BLOCK_COUNTS = 16.0
 
-#: Beam-stop pixels read below this fraction of the pattern's median (after a 2 px
-#: Gaussian smoothing) ...
-DARK_FRACTION = 0.25
+#: ... and the grid has at most this many blocks across the detector's short side.
+GRID_BLOCKS = 64
 
-#: ... and the band just outside the stop reads at least this fraction of it: a stop
-#: has a sharp edge, a dim detector corner of a decaying background has not.
-RIM_FRACTION = 0.5
+#: A block is dark when its counts (above what the stop reads, the FLOOR_PERCENTILE of
+#: the blocks: stray counts, an offset left in the data) are at most this fraction of
+#: those expected there: the counts of its Friedel mate (the block mirrored through the
+#: pattern's inversion centre, :func:`inversion_centre`; the least of the 3 x 3 blocks
+#: about it), or, where the mate is off the
+#: detector, the STOP_LEVEL_PERCENTILE of the brighter blocks within STOP_WINDOW ...
+DARK_FRACTION = 0.1
+
+#: ... and the expected counts are at least this many (reading at most a tenth of them
+#: then has a chance below 1e-3 where the pattern is recorded).
+MIN_EXPECTED = 8.0
+
+#: Percentile of the blocks taken as what a stop reads (0 where it reads no counts) ...
+FLOOR_PERCENTILE = 0.5
+
+#: ... and a dark block reads at most this many Poisson standard deviations above it.
+FLOOR_SIGMAS = 3.0
+
+#: Pixels read as dark as the stop where their 3 x 3 mean is nearer its level than the
+#: expected one, or within half a count of it.
+HALF_COUNT = 0.5 / 9
+
+#: Percentile of the blocks around (those that read more than twice the floor) taken as
+#: the expected level where the Friedel mate is off the detector: below the median, so
+#: that Bragg disks do not raise it.
+STOP_LEVEL_PERCENTILE = 30.0
+
+#: Half-width of that window, as a fraction of the detector's short side.
+STOP_WINDOW = 0.125
+
+#: The dark blocks of a stop expect at least this many counts in all (what it hides).
+MIN_HIDDEN = 100.0
+
+#: Dark regions tried as the stop, those that hide the most expected counts first.
+MAX_STOP_CANDIDATES = 6
+
+#: Beyond its core's blocks, a stop grows over pixels that read nearer its own level
+#: than the expected one, over 3 x 3 pixels, where the expected counts there are at
+#: least this many (a chance of 2% to read none).
+PIXEL_EXPECTED = 4.0
+
+#: A stop hides the direct beam: it covers the disk of this radius (px) about the
+#: pattern's inversion centre ...
+HIDDEN_RADIUS = 3
+
+#: ... at least this fraction of every circle of it.
+COVERED = 0.9
+
+#: Where the diffuse background's centre stands in (see RADIAL_MIN), it lies on the
+#: stop to within this many pixels.
+HIDES_BEAM_PX = 2
+
+#: ... and the pattern off the stop is symmetric about that centre: the correlation of
+#: its blocks with their mirror images is at least this (0.71-0.99 on dev stops, 1e5-1e6
+#: counts; near 0 about a wrong centre, where a bright disk's mirror image is dark).
+MIN_SYMMETRY = 0.5
+
+#: ... judged on at least this fraction of the detector (off the stop and its mirror
+#: image; a network of dark gaps taken for a stop leaves little).
+SYMMETRY_SUPPORT = 0.25
+
+#: Where the inversion centre is not on the stop (a beam at the detector's edge, whose
+#: inversion keeps too little of the pattern), the diffuse background's centre must be,
+#: where its fall-off explains at least this adjusted R^2.
+RADIAL_MIN = 0.7
 
 #: Area of a beam stop, as fractions of the detector.
 MIN_AREA, MAX_AREA = 0.002, 0.4
@@ -37,18 +99,121 @@ MIN_AREA, MAX_AREA = 0.002, 0.4
 MAX_CANDIDATES = 4000
 
 
-def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
-    """The beam stop of one pattern, if it has one.
+def _without_hot_pixels(x: np.ndarray) -> np.ndarray:
+    """Finite counts >= 0, isolated hot pixels lowered to their brightest neighbour."""
+    x = np.clip(np.where(np.isfinite(x), x, 0.0), 0.0, None)
+    ring = np.ones((3, 3), bool)
+    ring[1, 1] = False
+    return np.minimum(x, ndimage.maximum_filter(x, footprint=ring, mode="nearest"))
 
-    A beam stop is a connected dark region that touches the detector edge (its rod
-    is held from outside), reads below DARK_FRACTION of the pattern's median, covers
-    MIN_AREA to MAX_AREA of the detector, and is surrounded by pattern that reads at
-    least RIM_FRACTION of the median (a sharp edge).
+
+def inversion_centre(pattern: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """The centre about which a pattern is most nearly inversion-symmetric, to half a pixel.
+
+    Friedel's law pairs the pattern at q with the pattern at -q about the origin; the
+    self-convolution of the pattern, sum over q of I(q) I(s - q), then peaks at s = 2
+    times the origin, where every pair adds up (Bragg disk pairs, rings, the diffuse
+    halo), whether or not the direct beam itself is seen (a beam stop reads no counts
+    and adds nothing). I is the square root of the counts (Poisson noise evened out),
+    isolated hot pixels first lowered to their brightest neighbour (a hot pixel's
+    square would peak at its own place), 0 on pixels that are not valid. A perfect
+    lattice of equal disks is as symmetric about its half-lattice points; a pattern's
+    envelope tells them apart.
 
     Parameters
     ----------
     pattern : numpy.ndarray
-        (Q_Nx, Q_Ny) counts, any real dtype; non-finite pixels read as 0.
+        (Q_Nx, Q_Ny) counts; non-finite and negative pixels read as 0.
+    valid : numpy.ndarray, optional
+        (Q_Nx, Q_Ny) bool, False on pixels to leave out.
+
+    Returns
+    -------
+    numpy.ndarray
+        (2,) (qx, qy) pixels, on the half-pixel grid.
+
+    Raises
+    ------
+    ValueError
+        If ``pattern`` is not 2D or ``valid`` does not have its shape.
+    """
+    x = np.asarray(pattern, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"pattern must be 2D (Q_Nx, Q_Ny), got shape {x.shape}")
+    v = np.ones(x.shape, bool) if valid is None else np.asarray(valid, bool)
+    if v.shape != x.shape:
+        raise ValueError(f"valid must have the pattern's shape {x.shape}, got {v.shape}")
+    y = np.where(v, np.sqrt(_without_hot_pixels(x)), 0.0)
+    size = (2 * x.shape[0], 2 * x.shape[1])
+    conv = np.fft.irfft2(np.fft.rfft2(y, size) ** 2, size)
+    return np.asarray(np.unravel_index(int(np.argmax(conv)), size), dtype=np.float64) / 2
+
+
+def _mirrored(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """``x`` mirrored through ``centre`` (on the half-pixel grid): x(2 centre - q), nan off the detector."""
+    h, w = x.shape
+    tx, ty = (int(round(2 * v)) for v in centre)
+    rows, cols = tx - np.arange(h), ty - np.arange(w)
+    out = np.full((h, w), np.nan)
+    ok_r, ok_c = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
+    out[np.ix_(ok_r, ok_c)] = x[np.ix_(rows[ok_r], cols[ok_c])]
+    return out
+
+
+def _window_level(counts: np.ndarray, radius: int, floor: float) -> np.ndarray:
+    """STOP_LEVEL_PERCENTILE of the blocks within ``radius`` blocks that read more than
+    twice ``floor`` (nan where fewer than half of the window's blocks on the detector do)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    k = 2 * radius + 1
+    padded = np.pad(np.where(counts > 2 * floor, counts, np.inf), radius, constant_values=np.inf)
+    windows = np.sort(sliding_window_view(padded, (k, k)).reshape(*counts.shape, k * k), axis=-1)
+    lit = np.isfinite(windows).sum(axis=-1)
+    on = sliding_window_view(np.pad(np.ones(counts.shape), radius), (k, k)).sum(axis=(-2, -1))
+    rank = np.floor(STOP_LEVEL_PERCENTILE / 100 * np.maximum(lit - 1, 0)).astype(int)
+    level = np.take_along_axis(windows, rank[..., None], axis=-1)[..., 0]
+    return np.where(lit >= 0.5 * on, level, np.nan)
+
+
+def _block_sums(x: np.ndarray, block: int) -> np.ndarray:
+    """Sums over blocks of ``block`` x ``block`` pixels (the remainder rows and columns left out)."""
+    nbx, nby = x.shape[0] // block, x.shape[1] // block
+    return x[:nbx * block, :nby * block].reshape(nbx, block, nby, block).sum(axis=(1, 3))
+
+
+def _per_pixel(blocks: np.ndarray, block: int, shape: tuple[int, int]) -> np.ndarray:
+    """Block values spread over their pixels (nan on the remainder rows and columns)."""
+    out = np.full(shape, np.nan)
+    out[:blocks.shape[0] * block, :blocks.shape[1] * block] = np.kron(blocks, np.ones((block, block)))
+    return out
+
+
+def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
+    """The beam stop of one pattern (or of a sum of patterns), if it has one.
+
+    A beam stop is opaque and hides the direct beam: it reads (next to) nothing where
+    the pattern would read many counts, and it breaks Friedel's law, which pairs the
+    pattern at q with the pattern at -q about the origin. Darkness is judged on a grid
+    of blocks (BLOCK_COUNTS counts at the pattern's mean level, at most GRID_BLOCKS
+    across; see DARK_FRACTION): against the block's Friedel mate through the
+    pattern's inversion centre, so that the dark gaps between Bragg disks or rings,
+    and a pattern's fall-off into a dim corner, which Friedel's law maps onto gaps
+    and fall-off, are not dark; or, where the mate is off the detector, against the
+    pattern around. Of the connected sets of dark blocks that hide at least MIN_HIDDEN
+    expected counts (most first, up to MAX_STOP_CANDIDATES), the stop is the first
+    that, grown over the pixels nearer its own level than the expected one (see
+    PIXEL_EXPECTED; its tip, whose mate is itself, is reached so), its holes of a
+    block or less filled, covers MIN_AREA to MAX_AREA of the detector and hides the
+    direct beam (see HIDES_BEAM_PX, RADIAL_MIN).
+
+    A pattern summed over a scan shows a stop far better than one pattern: the stop
+    stays on the detector while the counts add up.
+
+    Parameters
+    ----------
+    pattern : numpy.ndarray
+        (Q_Nx, Q_Ny) counts above the detector's dark level, any real dtype;
+        non-finite and negative pixels read as 0.
 
     Returns
     -------
@@ -63,27 +228,126 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     x = np.asarray(pattern, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"pattern must be 2D (Q_Nx, Q_Ny), got shape {x.shape}")
-    x = np.where(np.isfinite(x), x, 0.0)
-    level = float(np.median(x))
-    if level < MIN_BACKGROUND:
+    x = _without_hot_pixels(x)
+    h, w = x.shape
+    mean = x.sum() / x.size
+    if mean <= 0 or min(h, w) < 16:
         return None
-    dark = ndimage.gaussian_filter(x, 2.0) < DARK_FRACTION * level
-    labels, _ = ndimage.label(dark)
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    sizes = np.bincount(labels.ravel())
-    best = None
-    for k in edge[edge > 0]:
-        if not (MIN_AREA * x.size <= sizes[k] <= MAX_AREA * x.size):
-            continue
-        region = labels == k
-        # the smoothing shrinks the dark core by up to ~3 px: the rim is taken beyond that
-        rim = ndimage.binary_dilation(region, iterations=8) & ~ndimage.binary_dilation(region, iterations=5)
-        if rim.any() and np.median(x[rim]) >= RIM_FRACTION * level and (best is None or sizes[k] > best[1]):
-            best = (region, sizes[k])
-    if best is None:
-        return None
-    # the whole stop: the core grown by the pixels next to it that read below half the median
-    return best[0] | (ndimage.binary_dilation(best[0], iterations=4) & (ndimage.gaussian_filter(x, 1.0) < 0.5 * level))
+    block = int(np.clip(max(np.ceil(np.sqrt(BLOCK_COUNTS / mean)), np.ceil(min(h, w) / GRID_BLOCKS)), 2,
+                        min(h, w) // 8))
+    counts = _block_sums(x, block)
+    floor = float(np.percentile(counts, FLOOR_PERCENTILE))
+    centre = inversion_centre(x)
+    mirror = _mirrored(x, centre)
+    # the mate's counts: the least of the 3 x 3 blocks about it (a mirror image a pixel
+    # off, or a Bragg disk brighter than its Friedel mate, does not make a gap dark);
+    # nan where any of the block's mate is off the detector
+    mate = _block_sums(mirror, block)
+    mate = np.where(np.isfinite(mate), ndimage.minimum_filter(np.nan_to_num(mate, nan=np.inf), 3, mode="nearest"),
+                    np.nan)
+    reach = max(1, int(round(STOP_WINDOW * min(counts.shape))))
+    expected = np.where(np.isfinite(mate), mate, _window_level(counts, reach, floor)) - floor
+    level = np.nan_to_num(expected)
+    # dark against what is expected, and at the floor to within its Poisson noise (a dim
+    # part of a pattern mirrored onto a bright one through a wrong centre is not)
+    dark = ((level >= MIN_EXPECTED) & (counts - floor <= DARK_FRACTION * level)
+            & (counts - floor <= FLOOR_SIGMAS * np.sqrt(max(floor, 1.0))))
+    labels, n = ndimage.label(dark, structure=np.ones((3, 3)))
+    hidden = ndimage.sum_labels(level, labels, np.arange(1, n + 1)) if n else np.zeros(0)
+    # pixel level: against the least of the mate's 5 x 5 neighbourhood (over 3 x 3 pixels),
+    # or, where it is off the detector, the pattern around (inside a large stop from
+    # twice the window, on blocks twice as large)
+    around = _per_pixel(_window_level(counts, reach, floor), block, (h, w)) / block**2
+    wide = _per_pixel(_window_level(_block_sums(x, 2 * block), reach, 4 * floor), 2 * block, (h, w)) / (2 * block)**2
+    around = np.where(np.isfinite(around), around, wide)
+    off = ndimage.binary_dilation(~np.isfinite(mirror), iterations=3)
+    mate_px = ndimage.minimum_filter(ndimage.uniform_filter(np.nan_to_num(mirror), 3, mode="nearest"), 5,
+                                     mode="nearest")
+    expected_px = np.nan_to_num(np.where(off, around, mate_px))
+    mean3 = ndimage.uniform_filter(x, 3, mode="nearest")
+    telling = 9 * (expected_px - floor / block**2) >= PIXEL_EXPECTED
+    for k in np.argsort(-hidden)[:MAX_STOP_CANDIDATES]:
+        if hidden[k] < MIN_HIDDEN:
+            break
+        core = _per_pixel((labels == k + 1).astype(float), block, (h, w)) > 0
+        own = float(np.median(x[core]))
+        stop_like = mean3 <= own + np.maximum(0.5 * (expected_px - own), HALF_COUNT)
+        # the tip is its own mirror image: about the centre, as far as the mate's
+        # neighbourhood reaches into the disk that reads as dark as the stop against the
+        # pattern around, that pattern is what is expected
+        dark_around = mean3 <= own + np.maximum(0.5 * (np.nan_to_num(around) - own), HALF_COUNT)
+        hidden_disk = _covered_radius(dark_around, centre)
+        if hidden_disk >= HIDDEN_RADIUS:
+            tip = np.hypot(*(np.indices((h, w)) - centre[:, None, None])) <= hidden_disk + 4
+            stop_like |= tip & dark_around
+            telling |= tip
+        near = ndimage.binary_dilation(core, iterations=block)
+        stop = ndimage.binary_propagation(core & stop_like, mask=stop_like & (near | telling))
+        # its holes of stray counts (a block or less), not a disk it surrounds
+        holes, n_holes = ndimage.label(ndimage.binary_fill_holes(stop) & ~stop)
+        if n_holes:
+            small = ndimage.sum_labels(np.ones((h, w)), holes, np.arange(1, n_holes + 1)) <= block**2
+            stop |= np.concatenate([[False], small])[holes]
+        if MIN_AREA * x.size <= stop.sum() <= MAX_AREA * x.size and _hides_beam(x, stop, centre, block):
+            return stop
+    return None
+
+
+def _covered_radius(region: np.ndarray, centre: np.ndarray) -> int:
+    """The largest radius (px) up to which ``region`` covers at least COVERED of every
+    circle about ``centre`` (the parts on the detector)."""
+    r = np.round(np.hypot(*(np.indices(region.shape) - np.asarray(centre, float)[:, None, None]))).astype(int)
+    n = np.bincount(r.ravel())
+    fraction = np.bincount(r.ravel(), region.ravel()) / np.maximum(n, 1)
+    short = np.flatnonzero((fraction < COVERED) & (n > 0))
+    return int(short[0]) - 1 if len(short) else len(n) - 1
+
+
+def _on(region: np.ndarray, point: np.ndarray) -> bool:
+    """Whether ``point`` (2,) px lies on ``region`` or within HIDES_BEAM_PX of it."""
+    i, j = np.clip(np.round(point).astype(int), 0, np.array(region.shape) - 1)
+    return bool(ndimage.binary_dilation(region, iterations=HIDES_BEAM_PX)[i, j])
+
+
+def _hides_beam(x: np.ndarray, stop: np.ndarray, centre: np.ndarray, block: int) -> bool:
+    """Whether ``stop`` hides the direct beam.
+
+    It covers the disk of HIDDEN_RADIUS about the pattern's inversion centre (see
+    COVERED; the half-lattice point of a lattice, as symmetric as its origin, lies in
+    a gap, at its edge), and the pattern off the stop and its
+    mirror image is symmetric about that centre (:func:`_friedel_symmetry` at least
+    MIN_SYMMETRY: the centre is right, not a bright disk's mirror image); or, where the
+    centre is not on it (a beam at the detector's edge, whose inversion keeps too
+    little of the pattern), the point (on a grid of blocks) about which the diffuse
+    background is most nearly a function of the distance (see
+    :func:`origin_behind_stop`; an adjusted R^2 of at least RADIAL_MIN) lies on it.
+    """
+    if _covered_radius(stop, centre) >= HIDDEN_RADIUS:
+        return _friedel_symmetry(x, stop, centre, block) >= MIN_SYMMETRY
+    step = max(2, int(round(min(x.shape) / 32)))
+    centres, z = _block_background(x, stop, step)
+    if len(z) < 16:
+        return False
+    rows, cols = np.meshgrid(np.arange(x.shape[0] // step), np.arange(x.shape[1] // step), indexing="ij")
+    grid = np.stack([rows.ravel(), cols.ravel()], axis=1) * step + (step - 1) / 2
+    quality = _radial_fit_quality(centres, z, grid, step)
+    return bool(quality.max() >= RADIAL_MIN and _on(stop, grid[int(np.argmax(quality))]))
+
+
+def _friedel_symmetry(x: np.ndarray, stop: np.ndarray, centre: np.ndarray, block: int) -> float:
+    """Correlation of the square root of block counts with that of their mirror images
+    through ``centre``, over the blocks whose pixels and mirror pixels are all on the
+    detector and off ``stop`` (widened by 3 px); nan where fewer than SYMMETRY_SUPPORT
+    of the blocks (or 16) are."""
+    out = ndimage.binary_dilation(stop, iterations=3)
+    mirror = _mirrored(x, centre)
+    ok = np.isfinite(mirror) & ~out & ~(_mirrored(out.astype(float), centre) > 0)
+    whole = _block_sums(ok.astype(float), block) == block**2
+    if whole.sum() < max(16.0, SYMMETRY_SUPPORT * whole.size):
+        return float("nan")
+    a = np.sqrt(_block_sums(np.where(ok, x, 0.0), block)[whole])
+    b = np.sqrt(_block_sums(np.where(ok, mirror, 0.0), block)[whole])
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
 
 
 def _block_background(x: np.ndarray, stop: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:

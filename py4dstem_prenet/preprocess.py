@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__
 from ._validation import check_detector_mask
+from .beamstop import detect_beam_stop
 from .conventions import e12_to_ellipse
 from .distributed import block_bounds, map_blocks
 from .engine import (DISK_SHAPE_MAX_FITS, DISK_SHAPE_MIN_BRAGG, DISK_SHAPE_MIN_FITS, ISOTROPIC, LOW_DOSE_COUNTS,
@@ -34,7 +35,11 @@ from .storage import EMDWriter, fill_value, open_datacube, read_block
 
 __all__ = ["preprocess", "blur_correction", "descan_shrinkage", "origin_noise", "origin_scatter", "origins_are_noise",
            "robust_descan_fit", "scan_line_offsets", "scan_ripple", "scan_roughness", "consensus_descan_fit",
-           "lattice_descan_fit", "tile_descan_model", "disk_shape_ellipse"]
+           "lattice_descan_fit", "tile_descan_model", "disk_shape_ellipse", "scan_beam_stop"]
+
+#: Where no mask is given, a beam stop is looked for on the sum of STOP_RUNS runs of
+#: STOP_RUN consecutive patterns spread evenly over the scan (all of a smaller scan).
+STOP_RUNS, STOP_RUN = 16, 16
 
 
 def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool, mask: np.ndarray | None) -> dict:
@@ -57,6 +62,44 @@ def _fingerprint(data, engine: PreNet, batch_size: int, fit_descan: bool, mask: 
 #: A pattern whose origin is further than this many robust standard deviations (and at
 #: least 1 px) from the scan's smooth descan fit is re-measured around the fit.
 DESCAN_OUTLIER_SIGMAS = 5.0
+
+
+def scan_beam_stop(data) -> np.ndarray | None:
+    """The beam stop of a scan, found on the sum of its patterns.
+
+    A stop stays put on the detector while the descan moves the pattern and the
+    counts add up, so the sum shows it where one pattern has too few counts
+    (:func:`~py4dstem_prenet.beamstop.detect_beam_stop`: a dark region that hides the
+    diffuse background's centre). Summed are STOP_RUNS runs of STOP_RUN consecutive
+    patterns spread evenly over the scan, each as measured (counts above the
+    detector's floor, :func:`~py4dstem_prenet.engine.measurement_block`).
+
+    Parameters
+    ----------
+    data : array_like
+        (R_Nx, R_Ny, Q_Nx, Q_Ny) numpy array, memory map, h5py dataset or dask array.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        (Q_Nx, Q_Ny) bool, True on the stop; None where there is none.
+
+    Raises
+    ------
+    ValueError
+        If ``data`` is not 4D.
+    """
+    if len(data.shape) != 4:
+        raise ValueError(f"data must be 4D (R_Nx, R_Ny, Q_Nx, Q_Ny), got shape {data.shape}")
+    n = int(data.shape[0]) * int(data.shape[1])
+    if n <= STOP_RUNS * STOP_RUN:
+        runs = [(i, min(i + STOP_RUN, n)) for i in range(0, n, STOP_RUN)]
+    else:
+        runs = [(int(i), int(i) + STOP_RUN) for i in np.linspace(0, n - STOP_RUN, STOP_RUNS).round()]
+    total = np.zeros(tuple(int(v) for v in data.shape[2:]))
+    for i0, i1 in runs:
+        total += measurement_block(read_block(data, i0, i1))[:, 0].double().sum(dim=0).numpy()
+    return detect_beam_stop(total)
 
 
 def _poly_design(u: np.ndarray, v: np.ndarray, degree: int) -> np.ndarray:
@@ -1610,6 +1653,10 @@ def preprocess(
             raise ValueError("the ellipse stage needs origins: pass center=True or set "
                              "datacube.calibration.set_origin(...) first")
 
+    # a beam stop found on the scan's sum is the mask where none is given
+    stop = scan_beam_stop(data) if mask is None and (center or ellipse) else None
+    if stop is not None:
+        mask = ~stop
     bounds = block_bounds(n, int(batch_size))
     writer = None
     if out is not None:
@@ -1701,6 +1748,8 @@ def preprocess(
         md["model_sha256"] = engine.model_hashes()
         md["refine"] = bool(refine)
         md["fit_descan"] = bool(fit_descan)
+        if stop is not None:
+            md["beam_stop_detected"] = stop
         # an integrating detector's unsubtracted dark level and read noise (counts; 0 for counting
         # data): origins are measured above them
         if "detector_floor" in results:  # (absent from outputs resumed from an earlier version)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from py4dstem_prenet.beamstop import detect_beam_stop, origin_behind_stop
+from py4dstem_prenet.beamstop import detect_beam_stop, inversion_centre, origin_behind_stop
+from py4dstem_prenet.preprocess import scan_beam_stop
 from py4dstem_prenet.simulation import beam_stop_mask
 
 
@@ -42,3 +43,63 @@ def test_no_stop_without_one():
 def test_bad_input():
     with pytest.raises(ValueError, match="2D"):
         detect_beam_stop(np.ones((2, 16, 16)))
+
+
+def _stopped_crystal(dose, seed, offset, stop=True, shape=(256, 256)):
+    """A simulated single-crystal pattern in counts, its origin, and a rod stop whose tip
+    (radius 1.3 disk radii) sits ``offset`` tip radii off the direct beam."""
+    from py4dstem_prenet.engine import measurement_block
+    from py4dstem_prenet.simulation import simulate_datacube
+
+    dc, truth = simulate_datacube((1, 1), shape, "crystal", dose, (1.03, 0.4), seed=seed)
+    origin, r = truth.origin.reshape(2), truth.disk_radius
+    tip = origin + offset * 1.3 * r * np.array([np.cos(1.0), np.sin(1.0)])
+    t = beam_stop_mask(shape, tip, 1.3 * r, 2.5, r) if stop else np.ones(shape)
+    return measurement_block(dc.data[0, 0][None] * t)[0, 0].numpy().astype(float), origin, t < 0.5
+
+
+def test_inversion_centre_finds_the_origin_hidden_behind_a_stop():
+    # every Friedel pair of Bragg disks adds up at twice the origin, the direct beam unseen
+    img, origin, stop = _stopped_crystal(1e5, 33500001, 0.2)
+    before = img.copy()
+    assert np.abs(inversion_centre(img) - origin).max() <= 1.0
+    assert np.abs(inversion_centre(img, ~stop) - origin).max() <= 1.0
+    assert np.array_equal(img, before)
+    with pytest.raises(ValueError, match="2D"):
+        inversion_centre(np.ones((2, 16, 16)))
+    with pytest.raises(ValueError, match="shape"):
+        inversion_centre(np.ones((16, 16)), np.ones((8, 8), bool))
+
+
+def test_an_off_centre_stop_is_found_on_a_crystal_and_no_stop_where_there_is_none():
+    img, _, true = _stopped_crystal(1e6, 33500002, 0.3)
+    found = detect_beam_stop(img)
+    assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
+    clean, _, _ = _stopped_crystal(1e6, 33500002, 0.3, stop=False)
+    assert detect_beam_stop(clean) is None
+
+
+def test_dark_gaps_between_disks_are_not_a_stop():
+    # a dense lattice with no diffuse background: its gaps read nothing, but Friedel's
+    # law maps them onto gaps, and their centre of symmetry is not hidden under them
+    from py4dstem_prenet.evaluation.benchmark import flat_lattice_scene
+    from py4dstem_prenet.simulation import simulate_datacube
+
+    for seed in (33500010, 33500011, 33500012):
+        scene = flat_lattice_scene(np.random.default_rng(seed), (128, 128))
+        dc, _ = simulate_datacube((6, 6), (128, 128), "crystal", 1e4, (1.02, 0.6), scene=scene, seed=seed)
+        assert scan_beam_stop(dc.data) is None
+
+
+def test_a_scan_sum_shows_a_stop_that_one_low_dose_pattern_does_not():
+    from py4dstem_prenet.engine import measurement_block
+    from py4dstem_prenet.simulation import simulate_datacube
+
+    for seed in (33500020, 33500021):
+        dc, truth = simulate_datacube((8, 8), (128, 128), "amorphous", 3e4, (1.02, 0.6), beam_stop=True, seed=seed)
+        true = truth.transmission < 0.5
+        assert detect_beam_stop(measurement_block(dc.data[0, 0][None])[0, 0].numpy()) is None
+        found = scan_beam_stop(dc.data)
+        assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
+    with pytest.raises(ValueError, match="4D"):
+        scan_beam_stop(dc.data[0])
