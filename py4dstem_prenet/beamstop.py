@@ -92,6 +92,14 @@ SYMMETRY_SUPPORT = 0.25
 #: where its fall-off explains at least this adjusted R^2.
 RADIAL_MIN = 0.7
 
+#: A stop's rod is a ray from its tip to the detector's edge of at least this many
+#: pixels ...
+ROD_MIN_LENGTH = 8
+
+#: ... at least this fraction of whose pixels read as dark as the stop against the
+#: pattern around.
+ROD_DARK = 0.75
+
 #: Area of a beam stop, as fractions of the detector.
 MIN_AREA, MAX_AREA = 0.002, 0.4
 
@@ -204,7 +212,8 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     that, grown over the pixels nearer its own level than the expected one (see
     PIXEL_EXPECTED; its tip, whose mate is itself, is reached so), its holes of a
     block or less filled, covers MIN_AREA to MAX_AREA of the detector and hides the
-    direct beam (see HIDES_BEAM_PX, RADIAL_MIN).
+    direct beam (see HIDDEN_RADIUS, MIN_SYMMETRY, RADIAL_MIN); it is returned with
+    its rod (:func:`_rod`, where its mates did not show it) and its edge pixels.
 
     A pattern summed over a scan shows a stop far better than one pattern: the stop
     stays on the detector while the counts add up.
@@ -272,25 +281,80 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
         core = _per_pixel((labels == k + 1).astype(float), block, (h, w)) > 0
         own = float(np.median(x[core]))
         stop_like = mean3 <= own + np.maximum(0.5 * (expected_px - own), HALF_COUNT)
-        # the tip is its own mirror image: about the centre, as far as the mate's
-        # neighbourhood reaches into the disk that reads as dark as the stop against the
-        # pattern around, that pattern is what is expected
+        # the tip is its own mirror image: within the disk about the centre that reads as
+        # dark as the stop against the pattern around, and as far beyond as the mate's
+        # neighbourhood reaches into it (3 px: the 3 x 3 mean, the 5 x 5 least, rounding),
+        # that pattern is what is expected
         dark_around = mean3 <= own + np.maximum(0.5 * (np.nan_to_num(around) - own), HALF_COUNT)
         hidden_disk = _covered_radius(dark_around, centre)
+        tip = np.zeros((h, w), bool)
         if hidden_disk >= HIDDEN_RADIUS:
             tip = np.hypot(*(np.indices((h, w)) - centre[:, None, None])) <= hidden_disk + 4
-            stop_like |= tip & dark_around
-            telling |= tip
+        grow = (stop_like | (tip & dark_around))
         near = ndimage.binary_dilation(core, iterations=block)
-        stop = ndimage.binary_propagation(core & stop_like, mask=stop_like & (near | telling))
+        stop = ndimage.binary_propagation(core & grow, mask=grow & (near | telling | tip))
         # its holes of stray counts (a block or less), not a disk it surrounds
         holes, n_holes = ndimage.label(ndimage.binary_fill_holes(stop) & ~stop)
         if n_holes:
             small = ndimage.sum_labels(np.ones((h, w)), holes, np.arange(1, n_holes + 1)) <= block**2
             stop |= np.concatenate([[False], small])[holes]
         if MIN_AREA * x.size <= stop.sum() <= MAX_AREA * x.size and _hides_beam(x, stop, centre, block):
-            return stop
+            # with its edge pixels, which it partly covers (and whose edge would pull the symmetry)
+            return ndimage.binary_dilation(stop | _rod(stop, dark_around))
     return None
+
+
+def _rod(stop: np.ndarray, dark: np.ndarray) -> np.ndarray:
+    """The rod that holds a stop: a straight ``dark`` band from the stop's tip to the
+    detector's edge, where one is (else nothing).
+
+    Where the pattern around the rod is too dim, or its Friedel mates are gaps between
+    Bragg disks, the rod does not read as a stop by its mates; it is found as the ray
+    from the tip's centre (the stop's deepest point), beyond its radius, along which at
+    least ROD_DARK of the pixels are dark up to the edge (every other ray crosses a
+    ring or a disk), its width the median dark run across the ray; the band is its dark
+    pixels (bool (Q_Nx, Q_Ny)).
+    """
+    h, w = stop.shape
+    depth = ndimage.distance_transform_edt(np.pad(stop, 1))[1:-1, 1:-1]
+    centre = np.array(np.unravel_index(int(np.argmax(depth)), stop.shape), float)
+    start = max(int(depth.max()), 1)
+    angles = np.deg2rad(np.arange(0.0, 360.0, 1.0))
+    best, best_angle, best_length = 0.0, None, 0
+    for a in angles:
+        d = np.array([np.cos(a), np.sin(a)])
+        steps = np.arange(start, h + w)
+        pts = np.round(centre[None] + steps[:, None] * d[None]).astype(int)
+        inside = (pts[:, 0] >= 0) & (pts[:, 0] < h) & (pts[:, 1] >= 0) & (pts[:, 1] < w)
+        pts = pts[inside]
+        if len(pts) < ROD_MIN_LENGTH:
+            continue
+        fraction = float(dark[pts[:, 0], pts[:, 1]].mean())
+        if fraction > best:
+            best, best_angle, best_length = fraction, a, len(pts)
+    if best_angle is None or best < ROD_DARK:
+        return np.zeros_like(stop)
+    d = np.array([np.cos(best_angle), np.sin(best_angle)])
+    normal = np.array([-d[1], d[0]])
+    runs = []
+    for t in range(start, start + best_length, 2):
+        p = centre + t * d
+        run = 0
+        for side in (1, -1):
+            k = 1
+            while True:
+                q = np.round(p + side * k * normal).astype(int)
+                if not (0 <= q[0] < h and 0 <= q[1] < w and dark[q[0], q[1]]):
+                    break
+                k += 1
+            run += k - 1
+        runs.append(run + 1)
+    half = 0.5 * float(np.median(runs)) + 1
+    rows, cols = np.indices((h, w))
+    rel = np.stack([rows - centre[0], cols - centre[1]], axis=-1)
+    along = rel @ d
+    across = np.abs(rel @ normal)
+    return dark & (along >= 0) & (across <= half)
 
 
 def _covered_radius(region: np.ndarray, centre: np.ndarray) -> int:

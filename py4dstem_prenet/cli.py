@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", default=None,
                    help="path of the 4D dataset inside a plain (non-EMD) HDF5 file (default: the largest one)")
     r.add_argument("--mask", default=None,
-                   help="a .npy boolean array of the detector shape, False on a beam stop or dead regions")
+                   help="a .npy boolean array of the detector shape, False on a beam stop or dead regions "
+                        "(without it, a beam stop is looked for on the scan's sum)")
     r.add_argument("--no-denoise", action="store_true", help="calibrate only; the data are copied as float32")
     r.add_argument("--no-ellipse", action="store_true", help="skip the elliptical-distortion calibration")
     r.add_argument("--no-refine", action="store_true", help="network estimates only, no physics refinement")

@@ -1534,9 +1534,12 @@ def preprocess(
     mask : numpy.ndarray, optional
         (Q_Nx, Q_Ny) bool, True where the detector records the pattern and False on
         a beam stop or dead regions, when known: those pixels read as 0 and the
-        origin refinement ignores their borders. Without it a beam stop is handled
-        as part of the pattern. A mask that keeps less than MASK_MIN_KEPT of the
-        detector draws a warning (it is likely inverted).
+        origin refinement ignores their borders. Without it (and where a calibration
+        stage runs) a beam stop is looked for on the scan's sum
+        (:func:`scan_beam_stop`) and, where found, is the mask
+        (``beam_stop_detected`` in the metadata, True on the stop). A mask that
+        keeps less than MASK_MIN_KEPT of the detector draws a warning (it is likely
+        inverted).
 
     Returns
     -------
@@ -1654,9 +1657,9 @@ def preprocess(
                              "datacube.calibration.set_origin(...) first")
 
     # a beam stop found on the scan's sum is the mask where none is given
-    stop = scan_beam_stop(data) if mask is None and (center or ellipse) else None
-    if stop is not None:
-        mask = ~stop
+    found_stop = scan_beam_stop(data) if mask is None and (center or ellipse) else None
+    if found_stop is not None:
+        mask = ~found_stop
     bounds = block_bounds(n, int(batch_size))
     writer = None
     if out is not None:
@@ -1748,8 +1751,8 @@ def preprocess(
         md["model_sha256"] = engine.model_hashes()
         md["refine"] = bool(refine)
         md["fit_descan"] = bool(fit_descan)
-        if stop is not None:
-            md["beam_stop_detected"] = stop
+        if found_stop is not None:
+            md["beam_stop_detected"] = found_stop
         # an integrating detector's unsubtracted dark level and read noise (counts; 0 for counting
         # data): origins are measured above them
         if "detector_floor" in results:  # (absent from outputs resumed from an earlier version)

@@ -103,3 +103,21 @@ def test_a_scan_sum_shows_a_stop_that_one_low_dose_pattern_does_not():
         assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
     with pytest.raises(ValueError, match="4D"):
         scan_beam_stop(dc.data[0])
+
+
+def test_preprocess_finds_a_hidden_beam_under_an_unmasked_stop():
+    # the network takes a bright Bragg disk for the hidden direct beam; the stop found on
+    # the pattern is then used as the mask, and the origin is looked for under it
+    import py4DSTEM
+
+    import py4dstem_prenet as prenet
+
+    img, origin, true = _stopped_crystal(1e6, 33500003, 0.2)
+    out = prenet.preprocess(py4DSTEM.DataCube(data=img[None, None]), progress=False, ellipse=False)
+    found = np.asarray(out.metadata["prenet"]["beam_stop_detected"])
+    assert found.shape == img.shape and (found & true).sum() / (found | true).sum() >= 0.6
+    qx0, qy0 = (float(v[0, 0]) for v in out.calibration.get_origin())
+    assert np.hypot(qx0 - origin[0], qy0 - origin[1]) < 0.5
+    # a given mask is used as it is: nothing is looked for
+    given = prenet.preprocess(py4DSTEM.DataCube(data=img[None, None]), progress=False, ellipse=False, mask=~true)
+    assert "beam_stop_detected" not in given.metadata["prenet"].keys

@@ -5,7 +5,8 @@ import torch
 from py4dstem_prenet.cli import main
 from py4dstem_prenet.evaluation.benchmark import (CLASSICAL_GET_ORIGIN, PRENET_CALIBRATION, PRENET_CENTRE,
                                                   PRENET_DENOISER, PRENET_ELLIPSE, STOP_CONDITION, STOP_RINGS_CONDITION,
-                                                  FLAT_LATTICE_CONDITION, BenchmarkConfig, BenchmarkResult, run_benchmark)
+                                                  FLAT_LATTICE_CONDITION, OFF_STOP_CONDITION, BenchmarkConfig, BenchmarkResult,
+                                                  run_benchmark)
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,8 @@ def test_benchmark_tables(quick_result, tmp_path):
     md = quick_result.to_markdown()
     assert "py4DSTEM get_origin" in md and "CRLB" in md and "tensor SVD" in md and "| target | measured | met |" in md
     conditions = {r["data"] for r in quick_result.origin}
-    assert {"bright Bragg disks + hot pixels", STOP_CONDITION, STOP_RINGS_CONDITION, FLAT_LATTICE_CONDITION} <= conditions
+    assert {"bright Bragg disks + hot pixels", STOP_CONDITION, STOP_RINGS_CONDITION, FLAT_LATTICE_CONDITION,
+            OFF_STOP_CONDITION} <= conditions
     for r in quick_result.origin:
         assert r["crlb_rms"] > 0 and r["per_second"] > 0 and 0 <= r["fail"] <= 1
     crlb = {r["dose"]: r["crlb_rms"] for r in quick_result.origin}
@@ -68,7 +70,10 @@ def test_targets_are_read_from_the_rows():
                   origin(PRENET_CALIBRATION, "crystal (random disk brightness)", 1e4, 0.03, speed=300.0),
                   origin(CLASSICAL_GET_ORIGIN, "crystal (random disk brightness)", 1e4, 0.5, speed=900.0),
                   origin(PRENET_CENTRE, "bright Bragg disks", 1e5, 0.02),
-                  origin(PRENET_CENTRE, STOP_CONDITION, 1e5, 0.02, fail=0.03)]
+                  origin(PRENET_CENTRE, STOP_CONDITION, 1e5, 0.02, fail=0.03),
+                  # conditions added after the targets were set are reported, not counted
+                  origin(PRENET_CENTRE, FLAT_LATTICE_CONDITION, 1e5, 9.0, fail=1.0),
+                  origin(PRENET_CENTRE, OFF_STOP_CONDITION, 1e5, 9.0, fail=1.0)]
     res.ellipse = [{"method": PRENET_ELLIPSE, "true_ratio": 1.02, "d_ratio": 0.001, "d_theta_deg": 0.5},
                    {"method": PRENET_ELLIPSE, "true_ratio": 1.0, "d_ratio": 0.01, "d_theta_deg": 40.0}]
     res.denoise = [{"method": "noisy input", "dose": 1e3, "mse_ratio": 1.0},
