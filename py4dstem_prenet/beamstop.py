@@ -1,7 +1,10 @@
 """Beam stops: finding one in a pattern, and the origin hidden behind it.
 
 A beam stop is put over the direct beam (selected-area patterns, some 4D-STEM
-set-ups), so where a pattern has one, the origin lies under it. When the stop also
+set-ups), so where a pattern has one, the origin lies under it. An opaque stop breaks
+Friedel's law, which pairs the pattern at q with the pattern at -q about the origin:
+:func:`detect_beam_stop` finds the dark region whose mirror image through the
+pattern's inversion centre (:func:`inversion_centre`) is bright. When the stop also
 sits at the detector edge, the inversion about the origin keeps too little of the
 detector for any symmetry measurement; what is left is the diffuse scattering
 (inelastic and thermal), which falls off with the distance from the direct beam.
@@ -12,7 +15,6 @@ centres at integers.
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 from scipy import ndimage
@@ -74,10 +76,6 @@ HIDDEN_RADIUS = 3
 #: ... at least this fraction of every circle of it.
 COVERED = 0.9
 
-#: Where the diffuse background's centre stands in (see RADIAL_MIN), it lies on the
-#: stop to within this many pixels.
-HIDES_BEAM_PX = 2
-
 #: ... and the pattern off the stop is symmetric about that centre: the correlation of
 #: its blocks with their mirror images is at least this (0.71-0.99 on dev stops, 1e5-1e6
 #: counts; near 0 about a wrong centre, where a bright disk's mirror image is dark).
@@ -89,8 +87,11 @@ SYMMETRY_SUPPORT = 0.25
 
 #: Where the inversion centre is not on the stop (a beam at the detector's edge, whose
 #: inversion keeps too little of the pattern), the diffuse background's centre must be,
-#: where its fall-off explains at least this adjusted R^2.
+#: where its fall-off explains at least this adjusted R^2 ...
 RADIAL_MIN = 0.7
+
+#: ... and it lies on the stop to within this many pixels.
+HIDES_BEAM_PX = 2
 
 #: A stop's rod is a ray from its tip to the detector's edge of at least this many
 #: pixels ...
