@@ -1353,13 +1353,7 @@ class PreNet:
                                                         & (score > 0))
                     source = torch.where(out_of_gap, torch.ones_like(source), source)
                     out["origin_symmetry"] = score.numpy().astype(np.float64)
-                    # an unsure network, and no symmetric centre under a beam stop: the direct
-                    # beam may be hidden behind the stop (only the diffuse fall-off shows it)
-                    moved, o, s_stop = _behind_beam_stops(xm, o, unsure & eligible)
-                    if moved.any():
-                        out["origin_sigma"] = np.where(moved.numpy(), s_stop.numpy(), out["origin_sigma"])
-                        out["origin_symmetry"][moved.numpy()] = np.nan
-                        source = torch.where(moved, torch.full_like(source, 4), source)
+                    behind = unsure & eligible
                     if valid is not None:
                         # a given beam stop hides the direct beam: an origin outside it is suspect
                         sym = torch.from_numpy(out["origin_symmetry"]).to(o.dtype)
@@ -1371,6 +1365,14 @@ class PreNet:
                         sym[rings] = float("nan")  # not an edge-symmetry score
                         out["origin_symmetry"] = sym.numpy().astype(np.float64)
                         source = torch.where(rings, torch.full_like(source, 8), source)
+                        behind &= ~under & ~rings  # placed under the given stop already
+                    # an unsure network, and no symmetric centre under a beam stop: the direct
+                    # beam may be hidden behind the stop (only the diffuse fall-off shows it)
+                    moved, o, s_stop = _behind_beam_stops(xm, o, behind)
+                    if moved.any():
+                        out["origin_sigma"] = np.where(moved.numpy(), s_stop.numpy(), out["origin_sigma"])
+                        out["origin_symmetry"][moved.numpy()] = np.nan
+                        source = torch.where(moved, torch.full_like(source, 4), source)
                     out["origin_source"] = source.numpy().astype(np.int8)
                     # the edge-blur bias of the symmetry centres (preprocess smooths it over the
                     # scan and subtracts it); 0 where the origin is not an edge-symmetry centre
