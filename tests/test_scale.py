@@ -92,8 +92,9 @@ def test_interrupted_run_leaves_a_partial_file_that_a_rerun_resumes(scan, tiny_w
     dc, _ = scan
     ref = prenet.preprocess(dc, weights_dir=tiny_weights, progress=False, batch_size=5)
     out = str(tmp_path / "o.h5")
-    # the fingerprint reads 3 single patterns, then blocks of 5 = one scan row each
-    flaky = _Interrupting(dc.data, fail_at=3 + 3)
+    # the beam-stop search reads the scan's 20 patterns in runs of 16 (5 row segments), the
+    # fingerprint 3 single patterns, then blocks of 5 = one scan row each
+    flaky = _Interrupting(dc.data, fail_at=5 + 3 + 3)
     cube = py4DSTEM.DataCube(data=dc.data)
     cube.data = flaky
     with pytest.raises(KeyboardInterrupt):
@@ -103,10 +104,10 @@ def test_interrupted_run_leaves_a_partial_file_that_a_rerun_resumes(scan, tiny_w
         assert f["prenet_partial/done"][()].tolist() == [True, True, False, False]
     flaky.reads, flaky.fail_at = 0, -1
     res = prenet.preprocess(cube, weights_dir=tiny_weights, progress=False, batch_size=5, out=out)
-    # resumed: 3 fingerprint reads + 2 remaining blocks + the ellipse's 4 blocks for the disk
-    # radius (up to RADIUS_PATTERNS patterns) and 4 for its bands; a crystal: 4 for the aligned
-    # mean that locates its disks and 4 for the disk-shape fits
-    assert flaky.reads == 3 + 2 + 4 + 4 + 4 + 4
+    # resumed: 5 reads for the beam-stop search + 3 fingerprint reads + 2 remaining blocks +
+    # the ellipse's 4 blocks for the disk radius (up to RADIUS_PATTERNS patterns) and 4 for its
+    # bands; a crystal: 4 for the aligned mean that locates its disks and 4 for the disk-shape fits
+    assert flaky.reads == 5 + 3 + 2 + 4 + 4 + 4 + 4
     np.testing.assert_array_equal(res.data[()], ref.data)
     np.testing.assert_array_equal(res.calibration.get_origin()[0], ref.calibration.get_origin()[0])
     assert not os.path.exists(out + ".partial")
