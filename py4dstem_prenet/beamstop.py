@@ -104,6 +104,18 @@ ROD_DARK = 0.75
 #: Area of a beam stop, as fractions of the detector.
 MIN_AREA, MAX_AREA = 0.002, 0.4
 
+#: Centres tried for the stop's Friedel mates: the highest local maxima of the
+#: pattern's self-convolution (:func:`inversion_centre`; a lattice whose direct beam is
+#: hidden is about as symmetric about a half-lattice point, a bright crescent of a
+#: bright-field disk half under the stop about its own middle) ...
+MAX_CENTRES = 4
+
+#: ... at least this many px apart ...
+CENTRE_SPACING = 2
+
+#: ... that reach at least this fraction of the highest.
+CENTRE_PEAK = 0.6
+
 #: Most candidate centres tried behind a stop (its pixels are subsampled beyond this).
 MAX_CANDIDATES = 4000
 
@@ -152,10 +164,22 @@ def inversion_centre(pattern: np.ndarray, valid: np.ndarray | None = None) -> np
     v = np.ones(x.shape, bool) if valid is None else np.asarray(valid, bool)
     if v.shape != x.shape:
         raise ValueError(f"valid must have the pattern's shape {x.shape}, got {v.shape}")
-    y = np.where(v, np.sqrt(_without_hot_pixels(x)), 0.0)
+    return _centre_candidates(np.where(v, _without_hot_pixels(x), 0.0), 1)[0]
+
+
+def _centre_candidates(x: np.ndarray, count: int) -> np.ndarray:
+    """Up to ``count`` (K, 2) centres (qx, qy) px, on the half-pixel grid, about which the
+    counts ``x`` (hot pixels lowered) are most nearly inversion-symmetric: the highest
+    local maxima of the self-convolution of their square root (see
+    :func:`inversion_centre`), at least CENTRE_SPACING apart and at least
+    CENTRE_PEAK of the highest."""
+    y = np.sqrt(x)
     size = (2 * x.shape[0], 2 * x.shape[1])
     conv = np.fft.irfft2(np.fft.rfft2(y, size) ** 2, size)
-    return np.asarray(np.unravel_index(int(np.argmax(conv)), size), dtype=np.float64) / 2
+    peaks = np.argwhere((conv == ndimage.maximum_filter(conv, 4 * CENTRE_SPACING + 1))
+                        & (conv >= CENTRE_PEAK * conv.max()))
+    order = np.argsort(-conv[tuple(peaks.T)], kind="stable")[:count]
+    return peaks[order].astype(np.float64) / 2
 
 
 def _mirrored(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -205,7 +229,8 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     pattern at q with the pattern at -q about the origin. Darkness is judged on a grid
     of blocks (BLOCK_COUNTS counts at the pattern's mean level, at most GRID_BLOCKS
     across; see DARK_FRACTION): against the block's Friedel mate through the
-    pattern's inversion centre, so that the dark gaps between Bragg disks or rings,
+    pattern's inversion centre (each of the MAX_CENTRES most likely in turn), so that
+    the dark gaps between Bragg disks or rings,
     and a pattern's fall-off into a dim corner, which Friedel's law maps onto gaps
     and fall-off, are not dark; or, where the mate is off the detector, against the
     pattern around. Of the connected sets of dark blocks that hide at least MIN_HIDDEN
@@ -213,8 +238,10 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     that, grown over the pixels nearer its own level than the expected one (see
     PIXEL_EXPECTED; its tip, whose mate is itself, is reached so), its holes of a
     block or less filled, covers MIN_AREA to MAX_AREA of the detector and hides the
-    direct beam (see HIDDEN_RADIUS, MIN_SYMMETRY, RADIAL_MIN); it is returned with
-    its rod (:func:`_rod`, where its mates did not show it) and its edge pixels.
+    direct beam (see HIDDEN_RADIUS, MIN_SYMMETRY, RADIAL_MIN). Of the stops so found
+    through each centre, the one off which the pattern is most nearly symmetric is
+    returned, with its rod (:func:`_rod`, where its mates did not show it) and its edge
+    pixels.
 
     A pattern summed over a scan shows a stop far better than one pattern: the stop
     stays on the detector while the counts add up.
@@ -247,7 +274,30 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
                         min(h, w) // 8))
     counts = _block_sums(x, block)
     floor = float(np.percentile(counts, FLOOR_PERCENTILE))
-    centre = inversion_centre(x)
+    reach = max(1, int(round(STOP_WINDOW * min(counts.shape))))
+    window = _window_level(counts, reach, floor)
+    # what the pattern around reads, per pixel (inside a large stop from twice the
+    # window, on blocks twice as large)
+    around = _per_pixel(window, block, (h, w)) / block**2
+    wide = _per_pixel(_window_level(_block_sums(x, 2 * block), reach, 4 * floor), 2 * block, (h, w)) / (2 * block)**2
+    around = np.where(np.isfinite(around), around, wide)
+    # of the stops found through each centre, the one off which the pattern is most
+    # nearly symmetric (a stop grown about a wrong centre leaves a bright crescent or
+    # disk whose mate is dark)
+    found = [_stop_about(x, centre, block, counts, floor, window, around)
+             for centre in _centre_candidates(x, MAX_CENTRES)]
+    found = [f for f in found if f is not None]
+    return max(found, key=lambda f: f[1])[0] if found else None
+
+
+def _stop_about(x: np.ndarray, centre: np.ndarray, block: int, counts: np.ndarray, floor: float,
+                window: np.ndarray, around: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """The stop of :func:`detect_beam_stop` whose Friedel mates are taken through
+    ``centre`` (2,) px, and how well it hides the beam (:func:`_hidden_beam`), or None:
+    ``x`` the counts (hot pixels lowered), ``counts`` their sums over blocks of
+    ``block`` px, ``floor`` what the stop reads per block, ``window`` the level of the
+    blocks around (per block) and ``around`` (per pixel)."""
+    h, w = x.shape
     mirror = _mirrored(x, centre)
     # the mate's counts: the least of the 3 x 3 blocks about it (a mirror image a pixel
     # off, or a Bragg disk brighter than its Friedel mate, does not make a gap dark);
@@ -255,8 +305,7 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     mate = _block_sums(mirror, block)
     mate = np.where(np.isfinite(mate), ndimage.minimum_filter(np.nan_to_num(mate, nan=np.inf), 3, mode="nearest"),
                     np.nan)
-    reach = max(1, int(round(STOP_WINDOW * min(counts.shape))))
-    expected = np.where(np.isfinite(mate), mate, _window_level(counts, reach, floor)) - floor
+    expected = np.where(np.isfinite(mate), mate, window) - floor
     level = np.nan_to_num(expected)
     # dark against what is expected, and at the floor to within its Poisson noise (a dim
     # part of a pattern mirrored onto a bright one through a wrong centre is not)
@@ -265,11 +314,7 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     labels, n = ndimage.label(dark, structure=np.ones((3, 3)))
     hidden = ndimage.sum_labels(level, labels, np.arange(1, n + 1)) if n else np.zeros(0)
     # pixel level: against the least of the mate's 5 x 5 neighbourhood (over 3 x 3 pixels),
-    # or, where it is off the detector, the pattern around (inside a large stop from
-    # twice the window, on blocks twice as large)
-    around = _per_pixel(_window_level(counts, reach, floor), block, (h, w)) / block**2
-    wide = _per_pixel(_window_level(_block_sums(x, 2 * block), reach, 4 * floor), 2 * block, (h, w)) / (2 * block)**2
-    around = np.where(np.isfinite(around), around, wide)
+    # or, where it is off the detector, the pattern around
     off = ndimage.binary_dilation(~np.isfinite(mirror), iterations=3)
     mate_px = ndimage.minimum_filter(ndimage.uniform_filter(np.nan_to_num(mirror), 3, mode="nearest"), 5,
                                      mode="nearest")
@@ -299,9 +344,12 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
         if n_holes:
             small = ndimage.sum_labels(np.ones((h, w)), holes, np.arange(1, n_holes + 1)) <= block**2
             stop |= np.concatenate([[False], small])[holes]
-        if MIN_AREA * x.size <= stop.sum() <= MAX_AREA * x.size and _hides_beam(x, stop, centre, block):
+        if not MIN_AREA * x.size <= stop.sum() <= MAX_AREA * x.size:
+            continue
+        score = _hidden_beam(x, stop, centre, block)
+        if score is not None:
             # with its edge pixels, which it partly covers (and whose edge would pull the symmetry)
-            return ndimage.binary_dilation(stop | _rod(stop, dark_around))
+            return ndimage.binary_dilation(stop | _rod(stop, dark_around)), score
     return None
 
 
@@ -374,8 +422,10 @@ def _on(region: np.ndarray, point: np.ndarray) -> bool:
     return bool(ndimage.binary_dilation(region, iterations=HIDES_BEAM_PX)[i, j])
 
 
-def _hides_beam(x: np.ndarray, stop: np.ndarray, centre: np.ndarray, block: int) -> bool:
-    """Whether ``stop`` hides the direct beam.
+def _hidden_beam(x: np.ndarray, stop: np.ndarray, centre: np.ndarray, block: int) -> float | None:
+    """How well ``stop`` hides the direct beam: None where it does not; else the
+    pattern's Friedel symmetry about ``centre`` off the stop, or 0 where the radial
+    fall-off alone places the beam on it.
 
     It covers the disk of HIDDEN_RADIUS about the pattern's inversion centre (see
     COVERED; the half-lattice point of a lattice, as symmetric as its origin, lies in
@@ -388,15 +438,16 @@ def _hides_beam(x: np.ndarray, stop: np.ndarray, centre: np.ndarray, block: int)
     :func:`origin_behind_stop`; an adjusted R^2 of at least RADIAL_MIN) lies on it.
     """
     if _covered_radius(stop, centre) >= HIDDEN_RADIUS:
-        return _friedel_symmetry(x, stop, centre, block) >= MIN_SYMMETRY
+        symmetry = _friedel_symmetry(x, stop, centre, block)
+        return symmetry if symmetry >= MIN_SYMMETRY else None
     step = max(2, int(round(min(x.shape) / 32)))
     centres, z = _block_background(x, stop, step)
     if len(z) < 16:
-        return False
+        return None
     rows, cols = np.meshgrid(np.arange(x.shape[0] // step), np.arange(x.shape[1] // step), indexing="ij")
     grid = np.stack([rows.ravel(), cols.ravel()], axis=1) * step + (step - 1) / 2
     quality = _radial_fit_quality(centres, z, grid, step)
-    return bool(quality.max() >= RADIAL_MIN and _on(stop, grid[int(np.argmax(quality))]))
+    return 0.0 if quality.max() >= RADIAL_MIN and _on(stop, grid[int(np.argmax(quality))]) else None
 
 
 def _friedel_symmetry(x: np.ndarray, stop: np.ndarray, centre: np.ndarray, block: int) -> float:

@@ -28,7 +28,8 @@ from .pretrained import load_model, model_card
 from .conventions import e12_to_ellipse
 from .refine import (DISK_MODEL_MARGIN, LOCAL_MIN_OVERLAP, beam_stop_radius, bright_field_radius, disk_ellipses,
                      disk_fits, disk_model_centre, edge_blur_bias, edge_curvature_factor, gaussian_blur,
-                     intensity_symmetry_centre, intensity_symmetry_halves, log_polar_view,
+                     intensity_symmetry_centre, intensity_symmetry_halves, intensity_symmetry_map,
+                     log_polar_view,
                      nearest_symmetric_centre, refine_ellipse, refine_origin, symmetry_centre, symmetry_centres)
 from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
@@ -1052,6 +1053,67 @@ def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor
     return moved, origin, score
 
 
+#: Under a given stop, an origin moves to another point under it (at least half the
+#: bright-field radius away: another lattice point) where the intensity is this much
+#: more symmetric (:func:`~py4dstem_prenet.refine.intensity_symmetry_map`). With the
+#: bright-field disk hidden, a lattice is about as symmetric in its edges about another
+#: lattice point under the stop as about its origin: a dev crystal scan (1e6 counts, the
+#: stop half a tip radius off the beam, its mask a pixel wider) had every origin 20.7 px
+#: off, at edge scores 0.81 there and 0.79 at the origin, and intensity scores 0.48-0.71
+#: there and 0.89-0.92 at the origin.
+INTENSITY_MARGIN = 0.1
+
+
+def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor, score: torch.Tensor,
+                          radius: float, select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Origins under a given stop moved to the lattice point under it about which the
+    intensity is symmetric (see INTENSITY_MARGIN), the edge map's most symmetric point
+    within SEARCH_PX of it. ``select`` (N,) marks the patterns that may move.
+
+    Returns
+    -------
+    moved, origin, score : torch.Tensor
+        (N,) bool, (N, 2) pixels and (N,) edge-symmetry scores (the inputs' where not moved).
+    """
+    moved = torch.zeros(len(origin), dtype=torch.bool)
+    region = _stop_region(valid, radius) if select.any() else None
+    if region is None:
+        return moved, origin, score
+    region = region.cpu()
+    under = _inside(region, origin) & select
+    if not under.any():
+        return moved, origin, score
+    idx = torch.nonzero(under)[:, 0]
+    v = _valid_for(valid, idx)
+    xi = x[idx.to(x.device)]
+    maps = intensity_symmetry_map(xi, v, min_overlap=LOCAL_MIN_OVERLAP).cpu()
+    n, h2, w2 = maps.shape
+    allowed = (region[idx] if region.shape[0] > 1 else region[:1].expand(n, -1, -1))
+    allowed = allowed.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # sample s = 2 * centre
+    best = torch.where(allowed, maps, torch.full_like(maps, -1.0)).reshape(n, -1).max(dim=1)
+    s_best = torch.stack([best.indices // w2, best.indices % w2], dim=1)
+    here = torch.round(2 * origin[idx]).long()
+    here[:, 0].clamp_(0, h2 - 1)
+    here[:, 1].clamp_(0, w2 - 1)
+    at_here = maps[torch.arange(n), here[:, 0], here[:, 1]]
+    far = torch.linalg.norm(s_best / 2 - origin[idx].to(maps.dtype), dim=1) > 0.5 * radius
+    take = far & (best.values >= at_here + INTENSITY_MARGIN)
+    if not take.any():
+        return moved, origin, score
+    k = torch.nonzero(take)[:, 0]
+    h, w = h2 // 2, w2 // 2
+    d2 = ((torch.arange(h)[None, :, None] - s_best[k, 0, None, None] / 2) ** 2
+          + (torch.arange(w)[None, None, :] - s_best[k, 1, None, None] / 2) ** 2)
+    near = (d2 <= SEARCH_PX**2) & allowed[k, ::2, ::2]
+    og, sg = (t.cpu() for t in symmetry_centre(xi[k.to(x.device)], search=2.0, valid=_valid_for(v, k),
+                                               min_overlap=LOCAL_MIN_OVERLAP, allowed=near.to(x.device)))
+    moved[idx[k]] = True
+    origin, score = origin.clone(), score.clone()
+    origin[idx[k]] = og.to(origin.dtype)
+    score[idx[k]] = sg.to(score.dtype)
+    return moved, origin, score
+
+
 def _angular_fraction(x: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Fraction of a pattern's variance that varies with angle about its origin (0: rings only).
 
@@ -1287,7 +1349,8 @@ class PreNet:
             (the network's estimate was rejected), 4 behind a beam stop (from the
             diffuse background's fall-off; 'origin_sigma' is then its uncertainty and
             'origin_symmetry' nan), 7 the most symmetric point under a beam stop given in
-            ``mask`` (the origin found lay outside it; see STOP_PRIOR_FRACTION), 8 the
+            ``mask`` (the origin found lay outside it; see STOP_PRIOR_FRACTION; or on
+            another lattice point under it, INTENSITY_MARGIN), 8 the
             inversion-symmetry centre of the intensity of a ring pattern whose origin
             lies under a given stop (see :func:`_diffuse_behind_stop`; 'origin_symmetry'
             nan), and 'origin_blur_bias' (N, 2) px, the bias of the symmetry centres
@@ -1363,8 +1426,13 @@ class PreNet:
                         # rings under the stop: the intensity's symmetry, not the speckle's edges
                         rings, o = _diffuse_behind_stop(xr, valid, o, (source == 1) | (source == 2) | (source == 7))
                         sym[rings] = float("nan")  # not an edge-symmetry score
-                        out["origin_symmetry"] = sym.numpy().astype(np.float64)
                         source = torch.where(rings, torch.full_like(source, 8), source)
+                        # another lattice point under the stop, as symmetric in its edges
+                        lattice, o, sym = _intensity_under_stop(xr, valid, o, sym, float(np.median(out["disk_radius"])),
+                                                                ((source == 1) | (source == 2) | (source == 7)) & eligible)
+                        out["origin_symmetry"] = sym.numpy().astype(np.float64)
+                        source = torch.where(lattice, torch.full_like(source, 7), source)
+                        under |= lattice
                         behind &= ~under & ~rings  # placed under the given stop already
                     # an unsure network, and no symmetric centre under a beam stop: the direct
                     # beam may be hidden behind the stop (only the diffuse fall-off shows it)

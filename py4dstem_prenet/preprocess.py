@@ -1565,7 +1565,10 @@ def preprocess(
         has fewer than POOL_BELOW_COUNTS counts, 6 the scan's smooth descan model
         from summed scan tiles, where that pooled measurement disagreed with it by
         more than DESCAN_MODEL_TOL_PX, 7 the most symmetric point under a beam stop
-        given in ``mask``, where the origin found lay outside it, 8 the symmetry
+        given in ``mask`` (or found), where the origin found lay outside it or where
+        the intensity is far more symmetric about another point under it (another
+        lattice point: the bright-field disk hidden, a lattice's edges are about as
+        symmetric about its other points), 8 the symmetry
         centre of the intensity of rings whose origin lies under a stop given in
         ``mask``: the bright-field edge is hidden and the rings' edges are speckle, 9
         the centre of the ring fit that gives the ellipse of a single pattern of rings,

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 __all__ = ["gaussian_blur", "edge_map", "refine_origin", "edge_blur_bias", "symmetry_centre", "symmetry_centres",
            "nearest_symmetric_centre",
-           "intensity_symmetry_centre", "intensity_symmetry_halves", "log_polar_view", "refine_ellipse",
+           "intensity_symmetry_centre", "intensity_symmetry_halves", "intensity_symmetry_map", "log_polar_view",
+           "refine_ellipse",
            "bright_field_radius", "beam_stop_radius", "edge_curvature_factor", "disk_model_centre", "disk_fits",
            "DiskFits", "disk_ellipses"]
 
@@ -1235,6 +1236,47 @@ def intensity_symmetry_centre(x: torch.Tensor, origin0: torch.Tensor, search: fl
     _check_patterns(x, valid, origin0)
     g, m = _intensity_maps(x, valid)
     return _intensity_peak(g, m, origin0, search)
+
+
+def intensity_symmetry_map(x: torch.Tensor, valid: torch.Tensor | None = None,
+                           min_overlap: float = 0.4) -> torch.Tensor:
+    """The inversion symmetry of the intensity about every centre on the half-pixel grid.
+
+    The score of :func:`intensity_symmetry_centre` (normalised cross-correlation of the
+    mean-free, smoothed square root of the counts with its inversion, over the pixels
+    the inversion keeps valid) at s / 2 for every sample s of the (2H, 2W) grid. Unlike
+    the edge map's, it weighs every feature by its intensity: a lattice of Bragg disks
+    whose direct beam is hidden is about as symmetric in its edges about another
+    lattice point as about its origin, but its envelope (the intensity falling off
+    away from the origin) is symmetric about the origin alone.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, 1, H, W) non-negative counts.
+    valid : torch.Tensor, optional
+        (H, W) or (N, H, W) bool, False on a beam stop or dead pixels.
+    min_overlap : float
+        Fraction of the detector the inversion must keep; -1 where it keeps less.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, 2H, 2W) scores in [-1, 1]; the centre of sample (i, j) is (i / 2, j / 2) px.
+
+    Raises
+    ------
+    ValueError
+        If the patterns or the valid map have the wrong type or shape.
+    """
+    _check_patterns(x, valid)
+    h, w = x.shape[2:]
+    g, m = _intensity_maps(x, valid)
+    size = (2 * h, 2 * w)
+    mf = torch.fft.rfft2(m, s=size)
+    num, den = (torch.fft.irfft2(f, s=size) for f in _peak_spectra(g, m, torch.fft.rfft2(g, s=size), mf, size))
+    overlap = torch.fft.irfft2(mf * mf, s=size)
+    return _score(num, den, overlap.expand_as(num), h * w, min_overlap)
 
 
 def _intensity_maps(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

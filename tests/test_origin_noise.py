@@ -438,3 +438,46 @@ def test_preprocess_shrinks_origins_towards_the_descan_by_their_noise():
     measured = np.linalg.norm(md["origin_measured"] - truth.origin, axis=-1).mean()
     assert 0.3 < md["origin_shrinkage"] < 0.9 and 0.03 < md["origin_noise"] < 0.1
     assert final < 0.92 * measured
+
+
+def _lattice_under_stop(seed=0):
+    """Poisson counts of a lattice of disks (radius 6) whose intensity falls off about the
+    origin, and a stop (radius 24) that hides the origin's disk and its neighbour at
+    origin + a: the disks' edges are about as symmetric about either, the envelope about
+    the origin alone."""
+    rng = np.random.default_rng(seed)
+    origin, a, b = np.array([60.3, 58.7]), np.array([20.0, 3.0]), np.array([-4.0, 19.0])
+    rr, cc = np.indices((128, 128))
+    expected = 5.0 * np.exp(-np.hypot(rr - origin[0], cc - origin[1]) / 30.0)
+    for i in range(-6, 7):
+        for j in range(-6, 7):
+            p = origin + i * a + j * b
+            d2 = (rr - p[0]) ** 2 + (cc - p[1]) ** 2
+            expected += (1000.0 if i == j == 0 else 200.0 * np.exp(-np.sum((p - origin) ** 2) / (2 * 35.0**2))) * (
+                d2 <= 36)
+    centre = origin + a / 2
+    stop = (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= 24**2
+    x = torch.from_numpy(np.where(stop, 0.0, rng.poisson(expected)).astype(np.float32))[None, None]
+    return x, torch.from_numpy(~stop), origin, a
+
+
+def test_an_origin_on_another_lattice_point_under_a_stop_moves_to_the_intensitys_centre():
+    from py4dstem_prenet.engine import _intensity_under_stop
+    from py4dstem_prenet.refine import intensity_symmetry_map
+
+    x, valid, origin, a = _lattice_under_stop()
+    maps = intensity_symmetry_map(x, valid, min_overlap=0.15)
+    s_true, s_wrong = np.round(2 * origin).astype(int), np.round(2 * (origin + a)).astype(int)
+    assert maps.shape == (1, 256, 256) and maps[0, s_true[0], s_true[1]] > maps[0, s_wrong[0], s_wrong[1]] + 0.2
+    before = x.clone()
+    wrong = torch.tensor([origin + a])
+    moved, o, score = _intensity_under_stop(x, valid, wrong, torch.tensor([0.5]), 6.0, torch.tensor([True]))
+    assert moved.item() and np.hypot(*(o[0].numpy() - origin)) < 0.5 and torch.isfinite(score).all()
+    # an origin already there stays, and the inputs are not changed
+    right = torch.tensor([origin])
+    moved, o, _ = _intensity_under_stop(x, valid, right, torch.tensor([0.5]), 6.0, torch.tensor([True]))
+    assert not moved.item() and torch.equal(o, right) and torch.equal(x, before)
+    moved, _, _ = _intensity_under_stop(x, valid, wrong, torch.tensor([0.5]), 6.0, torch.tensor([False]))
+    assert not moved.item()
+    with pytest.raises(ValueError, match="valid"):
+        intensity_symmetry_map(x, torch.ones(31, 32, dtype=torch.bool))
