@@ -1097,7 +1097,9 @@ def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Te
     here[:, 1].clamp_(0, w2 - 1)
     at_here = maps[torch.arange(n), here[:, 0], here[:, 1]]
     far = torch.linalg.norm(s_best / 2 - origin[idx].to(maps.dtype), dim=1) > 0.5 * radius
-    take = far & (best.values >= at_here + INTENSITY_MARGIN)
+    # (where the inversion about the origin keeps too little of the detector to score it,
+    # a beam at the detector's edge, nothing is compared)
+    take = far & (at_here > -1) & (best.values >= at_here + INTENSITY_MARGIN)
     if not take.any():
         return moved, origin, score
     k = torch.nonzero(take)[:, 0]
