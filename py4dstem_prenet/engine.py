@@ -1063,6 +1063,11 @@ def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor
 #: there and 0.89-0.92 at the origin.
 INTENSITY_MARGIN = 0.1
 
+#: ... scored only where the inversion keeps this fraction of the detector: scikit-ued's
+#: test pattern (a rod from the detector's edge over the beam, an intensity gradient)
+#: scored higher about a point 23 px from the edge, on the rod, at LOCAL_MIN_OVERLAP.
+INTENSITY_MIN_OVERLAP = 0.4
+
 
 def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor, score: torch.Tensor,
                           radius: float, select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1086,7 +1091,9 @@ def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Te
     idx = torch.nonzero(under)[:, 0]
     v = _valid_for(valid, idx)
     xi = x[idx.to(x.device)]
-    maps = intensity_symmetry_map(xi, v, min_overlap=LOCAL_MIN_OVERLAP).cpu()
+    # scored where the inversion keeps INTENSITY_MIN_OVERLAP of the detector: about a point
+    # near its edge, a small overlap of a sparse pattern can correlate by chance
+    maps = intensity_symmetry_map(xi, v, min_overlap=INTENSITY_MIN_OVERLAP).cpu()
     n, h2, w2 = maps.shape
     allowed = (region[idx] if region.shape[0] > 1 else region[:1].expand(n, -1, -1))
     allowed = allowed.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # sample s = 2 * centre
@@ -1098,7 +1105,7 @@ def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Te
     at_here = maps[torch.arange(n), here[:, 0], here[:, 1]]
     far = torch.linalg.norm(s_best / 2 - origin[idx].to(maps.dtype), dim=1) > 0.5 * radius
     # (where the inversion about the origin keeps too little of the detector to score it,
-    # a beam at the detector's edge, nothing is compared)
+    # a beam near the detector's edge, nothing is compared)
     take = far & (at_here > -1) & (best.values >= at_here + INTENSITY_MARGIN)
     if not take.any():
         return moved, origin, score

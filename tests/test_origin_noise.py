@@ -466,7 +466,7 @@ def test_an_origin_on_another_lattice_point_under_a_stop_moves_to_the_intensitys
     from py4dstem_prenet.refine import intensity_symmetry_map
 
     x, valid, origin, a = _lattice_under_stop()
-    maps = intensity_symmetry_map(x, valid, min_overlap=0.15)
+    maps = intensity_symmetry_map(x, valid, min_overlap=0.4)
     s_true, s_wrong = np.round(2 * origin).astype(int), np.round(2 * (origin + a)).astype(int)
     assert maps.shape == (1, 256, 256) and maps[0, s_true[0], s_true[1]] > maps[0, s_wrong[0], s_wrong[1]] + 0.2
     before = x.clone()
