@@ -281,22 +281,23 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     around = _per_pixel(window, block, (h, w)) / block**2
     wide = _per_pixel(_window_level(_block_sums(x, 2 * block), reach, 4 * floor), 2 * block, (h, w)) / (2 * block)**2
     around = np.where(np.isfinite(around), around, wide)
+    mean3 = ndimage.uniform_filter(x, 3, mode="nearest")
     # of the stops found through each centre, the one off which the pattern is most
     # nearly symmetric (a stop grown about a wrong centre leaves a bright crescent or
     # disk whose mate is dark)
-    found = [_stop_about(x, centre, block, counts, floor, window, around)
+    found = [_stop_about(x, mean3, centre, block, counts, floor, window, around)
              for centre in _centre_candidates(x, MAX_CENTRES)]
     found = [f for f in found if f is not None]
     return max(found, key=lambda f: f[1])[0] if found else None
 
 
-def _stop_about(x: np.ndarray, centre: np.ndarray, block: int, counts: np.ndarray, floor: float,
+def _stop_about(x: np.ndarray, mean3: np.ndarray, centre: np.ndarray, block: int, counts: np.ndarray, floor: float,
                 window: np.ndarray, around: np.ndarray) -> tuple[np.ndarray, float] | None:
     """The stop of :func:`detect_beam_stop` whose Friedel mates are taken through
     ``centre`` (2,) px, and how well it hides the beam (:func:`_hidden_beam`), or None:
-    ``x`` the counts (hot pixels lowered), ``counts`` their sums over blocks of
-    ``block`` px, ``floor`` what the stop reads per block, ``window`` the level of the
-    blocks around (per block) and ``around`` (per pixel)."""
+    ``x`` the counts (hot pixels lowered), ``mean3`` their 3 x 3 means, ``counts``
+    their sums over blocks of ``block`` px, ``floor`` what the stop reads per block,
+    ``window`` the level of the blocks around (per block) and ``around`` (per pixel)."""
     h, w = x.shape
     mirror = _mirrored(x, centre)
     # the mate's counts: the least of the 3 x 3 blocks about it (a mirror image a pixel
@@ -319,7 +320,6 @@ def _stop_about(x: np.ndarray, centre: np.ndarray, block: int, counts: np.ndarra
     mate_px = ndimage.minimum_filter(ndimage.uniform_filter(np.nan_to_num(mirror), 3, mode="nearest"), 5,
                                      mode="nearest")
     expected_px = np.nan_to_num(np.where(off, around, mate_px))
-    mean3 = ndimage.uniform_filter(x, 3, mode="nearest")
     telling = 9 * (expected_px - floor / block**2) >= PIXEL_EXPECTED
     for k in np.argsort(-hidden)[:MAX_STOP_CANDIDATES]:
         if hidden[k] < MIN_HIDDEN:
