@@ -943,9 +943,24 @@ def _out_of_gaps(x: torch.Tensor, filtered: torch.Tensor, valid: torch.Tensor | 
     return moved, origin, score
 
 
-def _behind_beam_stops(x: torch.Tensor, origin: torch.Tensor, select: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _behind_beam_stops(x: torch.Tensor, origin: torch.Tensor, select: torch.Tensor, stops: np.ndarray | None,
+                       search: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Origins of the selected patterns that a beam stop hides (see STOP_MARGIN).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, 1, H, W) counts.
+    origin : torch.Tensor
+        (N, 2) origins, pixels.
+    select : torch.Tensor
+        (N,) bool, the patterns to try.
+    stops : numpy.ndarray or None
+        (1 or N, H, W) bool, the beam stop that the mask holds (:func:`_mask_stop`;
+        an empty row: none in that pattern), or None where the mask holds none.
+    search : bool
+        Where ``stops`` is None, search each selected pattern for a stop
+        (:func:`~py4dstem_prenet.beamstop.detect_beam_stop`).
 
     Returns
     -------
@@ -958,11 +973,13 @@ def _behind_beam_stops(x: torch.Tensor, origin: torch.Tensor, select: torch.Tens
     moved = torch.zeros(len(origin), dtype=torch.bool)
     origin = origin.clone()
     sigma = torch.full((len(origin),), float("nan"), dtype=torch.float64)
+    if stops is None and not search:
+        return moved, origin, sigma
     h, w = x.shape[2:]
     for i in torch.nonzero(select)[:, 0].tolist():
         img = x[i, 0].double().cpu().numpy()
-        stop = detect_beam_stop(img)
-        if stop is None:
+        stop = detect_beam_stop(img) if stops is None else stops[i if len(stops) > 1 else 0]
+        if stop is None or not stop.any():
             continue
         qx, qy = (int(np.clip(round(float(v)), 0, n - 1)) for v, n in zip(origin[i], (h, w)))
         if ndimage.binary_dilation(stop, iterations=3)[qx, qy]:
@@ -973,6 +990,29 @@ def _behind_beam_stops(x: torch.Tensor, origin: torch.Tensor, select: torch.Tens
             origin[i] = torch.from_numpy(behind).to(origin.dtype)
             sigma[i] = s
     return moved, origin, sigma
+
+
+def _mask_stop(valid: torch.Tensor, region: torch.Tensor | None) -> np.ndarray | None:
+    """The beam stop that a mask holds: (1 or N, H, W) bool, or None.
+
+    The connected parts of the masked pixels (False in ``valid``, (H, W) or (N, H, W))
+    that reach the stop's region (:func:`_stop_region`, (1 or N, H, W) or None), with
+    the rod that holds the stop; dead pixels and annotations elsewhere are left out.
+    """
+    from scipy import ndimage
+
+    if region is None:
+        return None
+    inv = (~valid if valid.dim() == 3 else ~valid[None]).cpu().numpy()
+    reg = region.cpu().numpy()
+    out = np.zeros(inv.shape, bool)
+    for i, m in enumerate(inv):
+        r = reg[i if len(reg) > 1 else 0]
+        if not r.any():
+            continue
+        labels, _ = ndimage.label(m)
+        out[i] = np.isin(labels, np.unique(labels[r & m])) & m
+    return out
 
 
 def _stop_region(valid: torch.Tensor, radius: float) -> torch.Tensor | None:
@@ -1017,11 +1057,12 @@ def _inside(region: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
     return region[rows, r, c]
 
 
-def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor, score: torch.Tensor,
-                      radius: float, select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, region: torch.Tensor | None, origin: torch.Tensor,
+                      score: torch.Tensor, select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Origins outside a given beam stop replaced by the most symmetric point under it.
 
-    See STOP_PRIOR_FRACTION. ``select`` (N,) marks the patterns that may move (edge-
+    See STOP_PRIOR_FRACTION. ``region`` is where the stop may hide the direct beam
+    (:func:`_stop_region`); ``select`` (N,) marks the patterns that may move (edge-
     symmetry origins of patterns with enough counts).
 
     Returns
@@ -1030,7 +1071,6 @@ def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor
         (N,) bool, (N, 2) pixels and (N,) scores (the inputs' where not moved).
     """
     moved = torch.zeros(len(origin), dtype=torch.bool)
-    region = _stop_region(valid, radius)
     if region is None:
         return moved, origin, score
     region = region.cpu()
@@ -1069,11 +1109,14 @@ INTENSITY_MARGIN = 0.1
 INTENSITY_MIN_OVERLAP = 0.4
 
 
-def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Tensor, score: torch.Tensor,
-                          radius: float, select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, region: torch.Tensor | None, origin: torch.Tensor,
+                          score: torch.Tensor, radius: float, select: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Origins under a given stop moved to the lattice point under it about which the
     intensity is symmetric (see INTENSITY_MARGIN), the edge map's most symmetric point
-    within SEARCH_PX of it. ``select`` (N,) marks the patterns that may move.
+    within SEARCH_PX of it. ``region`` is where the stop may hide the direct beam
+    (:func:`_stop_region`), ``radius`` the bright-field radius (px); ``select`` (N,)
+    marks the patterns that may move.
 
     Returns
     -------
@@ -1081,8 +1124,7 @@ def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Te
         (N,) bool, (N, 2) pixels and (N,) edge-symmetry scores (the inputs' where not moved).
     """
     moved = torch.zeros(len(origin), dtype=torch.bool)
-    region = _stop_region(valid, radius) if select.any() else None
-    if region is None:
+    if region is None or not select.any():
         return moved, origin, score
     region = region.cpu()
     under = _inside(region, origin) & select
@@ -1248,6 +1290,13 @@ class PreNet:
         'cpu', 'cuda', ...; CUDA when available if None.
     weights_dir : str, optional
         Folder of retrained weights (the shipped ones when None).
+    find_beam_stops : bool
+        Where no mask holds a beam stop, search each pattern whose origin the network
+        is unsure of for one that hides its direct beam
+        (:func:`~py4dstem_prenet.beamstop.detect_beam_stop`, ~0.1-0.8 s a 128 px
+        pattern). :func:`~py4dstem_prenet.preprocess.preprocess` turns this off where it
+        searched the scan's sum: a stop stays put on the detector, so it shows there
+        with the whole scan's counts.
 
     Notes
     -----
@@ -1261,6 +1310,7 @@ class PreNet:
     refine: bool = True
     device: str | None = None
     weights_dir: str | None = None
+    find_beam_stops: bool = True
 
     @property
     def stages(self) -> list[str]:
@@ -1426,10 +1476,13 @@ class PreNet:
                     source = torch.where(out_of_gap, torch.ones_like(source), source)
                     out["origin_symmetry"] = score.numpy().astype(np.float64)
                     behind = unsure & eligible
+                    stops = None
                     if valid is not None:
                         # a given beam stop hides the direct beam: an origin outside it is suspect
                         sym = torch.from_numpy(out["origin_symmetry"]).to(o.dtype)
-                        under, o, sym = _under_given_stop(xr, valid, o, sym, float(np.median(out["disk_radius"])),
+                        r_bf = float(np.median(out["disk_radius"]))
+                        region = _stop_region(valid, r_bf)
+                        under, o, sym = _under_given_stop(xr, valid, region, o, sym,
                                                           ((source == 1) | (source == 2)) & eligible)
                         source = torch.where(under, torch.full_like(source, 7), source)
                         # rings under the stop: the intensity's symmetry, not the speckle's edges
@@ -1437,15 +1490,16 @@ class PreNet:
                         sym[rings] = float("nan")  # not an edge-symmetry score
                         source = torch.where(rings, torch.full_like(source, 8), source)
                         # another lattice point under the stop, as symmetric in its edges
-                        lattice, o, sym = _intensity_under_stop(xr, valid, o, sym, float(np.median(out["disk_radius"])),
+                        lattice, o, sym = _intensity_under_stop(xr, valid, region, o, sym, r_bf,
                                                                 ((source == 1) | (source == 2) | (source == 7)) & eligible)
                         out["origin_symmetry"] = sym.numpy().astype(np.float64)
                         source = torch.where(lattice, torch.full_like(source, 7), source)
                         under |= lattice
                         behind &= ~under & ~rings  # placed under the given stop already
+                        stops = _mask_stop(valid, region)
                     # an unsure network, and no symmetric centre under a beam stop: the direct
                     # beam may be hidden behind the stop (only the diffuse fall-off shows it)
-                    moved, o, s_stop = _behind_beam_stops(xm, o, behind)
+                    moved, o, s_stop = _behind_beam_stops(xm, o, behind, stops, self.find_beam_stops)
                     if moved.any():
                         out["origin_sigma"] = np.where(moved.numpy(), s_stop.numpy(), out["origin_sigma"])
                         out["origin_symmetry"][moved.numpy()] = np.nan

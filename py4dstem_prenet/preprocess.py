@@ -1659,8 +1659,12 @@ def preprocess(
             raise ValueError("the ellipse stage needs origins: pass center=True or set "
                              "datacube.calibration.set_origin(...) first")
 
-    # a beam stop found on the scan's sum is the mask where none is given
-    found_stop = scan_beam_stop(data) if mask is None and (center or ellipse) else None
+    # a beam stop found on the scan's sum is the mask where none is given (and the
+    # patterns are not searched one by one: the sum holds the whole scan's counts)
+    found_stop = None
+    if mask is None and (center or ellipse):
+        found_stop = scan_beam_stop(data)
+        engine = dataclasses.replace(engine, find_beam_stops=False)
     if found_stop is not None:
         mask = ~found_stop
     bounds = block_bounds(n, int(batch_size))

@@ -462,22 +462,23 @@ def _lattice_under_stop(seed=0):
 
 
 def test_an_origin_on_another_lattice_point_under_a_stop_moves_to_the_intensitys_centre():
-    from py4dstem_prenet.engine import _intensity_under_stop
+    from py4dstem_prenet.engine import _intensity_under_stop, _stop_region
     from py4dstem_prenet.refine import intensity_symmetry_map
 
     x, valid, origin, a = _lattice_under_stop()
+    region = _stop_region(valid, 6.0)
     maps = intensity_symmetry_map(x, valid, min_overlap=0.4)
     s_true, s_wrong = np.round(2 * origin).astype(int), np.round(2 * (origin + a)).astype(int)
     assert maps.shape == (1, 256, 256) and maps[0, s_true[0], s_true[1]] > maps[0, s_wrong[0], s_wrong[1]] + 0.2
     before = x.clone()
     wrong = torch.tensor([origin + a])
-    moved, o, score = _intensity_under_stop(x, valid, wrong, torch.tensor([0.5]), 6.0, torch.tensor([True]))
+    moved, o, score = _intensity_under_stop(x, valid, region, wrong, torch.tensor([0.5]), 6.0, torch.tensor([True]))
     assert moved.item() and np.hypot(*(o[0].numpy() - origin)) < 0.5 and torch.isfinite(score).all()
     # an origin already there stays, and the inputs are not changed
     right = torch.tensor([origin])
-    moved, o, _ = _intensity_under_stop(x, valid, right, torch.tensor([0.5]), 6.0, torch.tensor([True]))
+    moved, o, _ = _intensity_under_stop(x, valid, region, right, torch.tensor([0.5]), 6.0, torch.tensor([True]))
     assert not moved.item() and torch.equal(o, right) and torch.equal(x, before)
-    moved, _, _ = _intensity_under_stop(x, valid, wrong, torch.tensor([0.5]), 6.0, torch.tensor([False]))
+    moved, _, _ = _intensity_under_stop(x, valid, region, wrong, torch.tensor([0.5]), 6.0, torch.tensor([False]))
     assert not moved.item()
     with pytest.raises(ValueError, match="valid"):
         intensity_symmetry_map(x, torch.ones(31, 32, dtype=torch.bool))
