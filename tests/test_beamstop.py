@@ -136,3 +136,57 @@ def test_preprocess_finds_a_hidden_beam_under_an_unmasked_stop():
     # a given mask is used as it is: nothing is looked for
     given = prenet.preprocess(py4DSTEM.DataCube(data=img[None, None]), progress=False, ellipse=False, mask=~true)
     assert "beam_stop_detected" not in given.metadata["prenet"].keys
+
+
+def test_the_engine_takes_the_stop_a_mask_holds_and_searches_only_where_told(monkeypatch):
+    import torch
+
+    import py4dstem_prenet.engine as engine
+    from py4dstem_prenet.engine import _behind_beam_stops, _mask_stop, _stop_region
+
+    true = (70.0, 10.0)
+    img, stop_true = _halo_pattern(true)
+    valid = ~stop_true.copy()
+    valid[:, 100] = False  # a dead column and a hot pixel elsewhere: masked, but no stop
+    valid[20, 60] = False
+    valid_t = torch.from_numpy(valid)
+    stops = _mask_stop(valid_t, _stop_region(valid_t, 8.0))
+    assert stops.shape == (1, 128, 128) and np.array_equal(stops[0], stop_true)
+    assert _mask_stop(valid_t, None) is None
+    calls = []
+    monkeypatch.setattr(engine, "detect_beam_stop", lambda p: calls.append(1) or detect_beam_stop(p))
+    x = torch.from_numpy(img * valid)[None, None]
+    far = torch.tensor([[64.0, 90.0]], dtype=torch.float64)
+    before = x.clone()
+    # the mask's stop: the origin from the halo behind it, with no search
+    moved, o, sigma = _behind_beam_stops(x, far, torch.tensor([True]), stops, search=True)
+    assert moved.item() and np.hypot(*(o[0].numpy() - true)) <= sigma.item() and not calls
+    # no stop known and no search (the scan's sum was searched): nothing moves
+    moved, o, _ = _behind_beam_stops(x, far, torch.tensor([True]), None, search=False)
+    assert not moved.item() and torch.equal(o, far) and not calls
+    # no stop known: the pattern is searched
+    moved, o, _ = _behind_beam_stops(x, far, torch.tensor([True]), None, search=True)
+    assert calls and moved.item() and np.hypot(*(o[0].numpy() - true)) <= 4
+    assert torch.equal(x, before)
+
+
+def test_preprocess_searches_the_scans_sum_not_each_pattern(monkeypatch):
+    import importlib
+
+    import py4dstem_prenet.engine as engine
+    from py4dstem_prenet.evaluation.benchmark import flat_lattice_scene
+    from py4dstem_prenet.simulation import simulate_datacube
+
+    # a dense flat lattice (dev seed): the network is unsure of most origins
+    shape = (128, 128)
+    dc, _ = simulate_datacube((3, 3), shape, "crystal", 1e5, None,
+                              scene=flat_lattice_scene(np.random.default_rng(31_006_700), shape), seed=31_006_700)
+    pp = importlib.import_module("py4dstem_prenet.preprocess")  # the package's name is the function
+    per_pattern, on_sum = [], []
+    monkeypatch.setattr(engine, "detect_beam_stop", lambda p: per_pattern.append(1) or detect_beam_stop(p))
+    monkeypatch.setattr(pp, "detect_beam_stop", lambda p: on_sum.append(1) or detect_beam_stop(p))
+    res = engine.PreNet(ellipse=False).run(dc.data.reshape(-1, *shape))
+    assert (res["origin_source"] >= 0).all() and per_pattern  # the engine alone searches the patterns
+    per_pattern.clear()
+    pp.preprocess(dc, ellipse=False, progress=False)
+    assert on_sum and not per_pattern
