@@ -1989,7 +1989,8 @@ def combine_disk_ellipses(e12: np.ndarray, covariance: np.ndarray) -> tuple[floa
     Raises
     ------
     ValueError
-        If the shapes do not match, there are fewer than 2 fits, or a value is not finite.
+        If the shapes do not match, there are fewer than 2 fits, a value is not finite
+        or a covariance is not positive-definite.
     """
     e = np.asarray(e12, float)
     c = np.asarray(covariance, float)
@@ -1997,13 +1998,15 @@ def combine_disk_ellipses(e12: np.ndarray, covariance: np.ndarray) -> tuple[floa
         raise ValueError(f"need e12 (K, 2) and covariance (K, 2, 2) with K >= 2, got {e.shape} and {c.shape}")
     if not (np.isfinite(e).all() and np.isfinite(c).all()):
         raise ValueError("e12 and covariance must be finite (pass only the fits that count)")
+    if not ((c[:, 0, 0] > 0) & (np.linalg.det(c) > 0)).all():
+        raise ValueError("every covariance must be positive-definite (pass only the fits that count)")
     inv = np.linalg.inv(c + DISK_SHAPE_FLOOR**2 * np.eye(2))
     weight = np.ones(len(e))
     for _ in range(10):
         info = (inv * weight[:, None, None]).sum(0)
         mean = np.linalg.solve(info, (inv * weight[:, None, None] @ e[..., None]).sum(0))[:, 0]
         d = e - mean
-        dist = np.sqrt(np.einsum("ki,kij,kj->k", d, inv, d))
+        dist = np.sqrt(np.maximum(np.einsum("ki,kij,kj->k", d, inv, d), 0.0))  # >= 0 but for rounding
         weight = np.minimum(1.0, DISK_SHAPE_HUBER / np.maximum(dist, 1e-12))
     scale = max(1.0, float((weight * dist**2).sum() / max(weight.sum() - 2, 1)))
     sigma = math.sqrt(0.5 * np.trace(np.linalg.inv(info)) * scale)

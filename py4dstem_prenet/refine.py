@@ -840,8 +840,11 @@ def disk_ellipses(x: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor | 
     jac = -2 / (1 - m)[:, None, None] * (torch.eye(2, dtype=eps.dtype) + (m / (1 - m))[:, None, None]
                                         * u[:, :, None] * u[:, None, :])
     covariance = jac @ fit.covariance[:, 4:6, 4:6] @ jac.transpose(1, 2)
+    # positive-definite: a 2 x 2 matrix with a positive diagonal entry and determinant (a
+    # determinant alone lets a negative-definite one through: on numpy 2.5 a 32x32 scan's
+    # combined a/b came out nan, the square root of a negative Mahalanobis distance)
     ok = (fit.ok & (m <= DISK_ELLIPSE_MAX) & torch.isfinite(covariance).flatten(1).all(dim=1)
-          & (torch.linalg.det(covariance) > 0))
+          & (covariance[:, 0, 0] > 0) & (torch.linalg.det(covariance) > 0))
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     return torch.where(ok[:, None], e12, nan), torch.where(ok[:, None, None], covariance, nan), ok
 

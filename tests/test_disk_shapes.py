@@ -73,6 +73,24 @@ def test_disk_ellipses_of_round_disks_are_round():
     assert ratio - 1 < 0.0015 and sigma < 0.001
 
 
+def test_a_fit_whose_covariance_is_not_positive_definite_does_not_count(monkeypatch):
+    import py4dstem_prenet.refine as refine
+
+    patterns, origin = _scan(1.0, 0.0, n=2, dose=2000.0, seed=3)
+    centre = torch.from_numpy((origin[:, None] + SPOTS).reshape(-1, 2))
+    which = torch.from_numpy(np.repeat(np.arange(len(origin)), len(SPOTS)))
+
+    def negated(*args, **kwargs):  # the first fit's covariance negative-definite (its determinant positive)
+        fit = disk_fits(*args, **kwargs)
+        cov = fit.covariance.clone()
+        cov[0] = -cov[0]
+        return fit._replace(covariance=cov)
+
+    monkeypatch.setattr(refine, "disk_fits", negated)
+    e12, cov, ok = disk_ellipses(torch.from_numpy(patterns)[:, None], centre, 9.0, which)
+    assert not ok[0] and bool(ok[1:].all()) and torch.isnan(cov[0]).all()
+
+
 def test_disk_ellipses_answer_bad_input_clearly():
     x = torch.zeros(2, 1, 64, 64)
     c = torch.tensor([[30.0, 30.0]])
@@ -114,6 +132,11 @@ def test_combine_disk_ellipses_weighs_down_stray_fits():
         combine_disk_ellipses(e12, cov[:, :1])
     with pytest.raises(ValueError, match="finite"):
         combine_disk_ellipses(np.where(np.arange(200)[:, None] == 3, np.nan, e12), cov)
+    # a negative-definite covariance (positive determinant) is no fit that counts
+    bad = cov.copy()
+    bad[5] = -bad[5]
+    with pytest.raises(ValueError, match="positive-definite"):
+        combine_disk_ellipses(e12, bad)
 
 
 def test_disk_offsets_find_the_disks_on_the_aligned_mean():
