@@ -30,7 +30,8 @@ from .refine import (DISK_MODEL_MARGIN, LOCAL_MIN_OVERLAP, beam_stop_radius, bri
                      disk_fits, disk_model_centre, edge_blur_bias, edge_curvature_factor, gaussian_blur,
                      intensity_symmetry_centre, intensity_symmetry_halves, intensity_symmetry_map,
                      log_polar_view,
-                     nearest_symmetric_centre, refine_ellipse, refine_origin, symmetry_centre, symmetry_centres)
+                     nearest_symmetric_centre, refine_ellipse, refine_origin, smallest_eigenvalue, symmetry_centre,
+                     symmetry_centres)
 from .training import E12_SCALE
 from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detector
 
@@ -1990,7 +1991,7 @@ def combine_disk_ellipses(e12: np.ndarray, covariance: np.ndarray) -> tuple[floa
     ------
     ValueError
         If the shapes do not match, there are fewer than 2 fits, a value is not finite
-        or a covariance is not positive-definite.
+        or a covariance plus DISK_SHAPE_FLOOR^2 is not positive-definite.
     """
     e = np.asarray(e12, float)
     c = np.asarray(covariance, float)
@@ -1998,9 +1999,10 @@ def combine_disk_ellipses(e12: np.ndarray, covariance: np.ndarray) -> tuple[floa
         raise ValueError(f"need e12 (K, 2) and covariance (K, 2, 2) with K >= 2, got {e.shape} and {c.shape}")
     if not (np.isfinite(e).all() and np.isfinite(c).all()):
         raise ValueError("e12 and covariance must be finite (pass only the fits that count)")
-    if not ((c[:, 0, 0] > 0) & (np.linalg.det(c) > 0)).all():
+    c = c + DISK_SHAPE_FLOOR**2 * np.eye(2)
+    if not (smallest_eigenvalue(c) > 0).all():
         raise ValueError("every covariance must be positive-definite (pass only the fits that count)")
-    inv = np.linalg.inv(c + DISK_SHAPE_FLOOR**2 * np.eye(2))
+    inv = np.linalg.inv(c)
     weight = np.ones(len(e))
     for _ in range(10):
         info = (inv * weight[:, None, None]).sum(0)

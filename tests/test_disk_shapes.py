@@ -73,22 +73,23 @@ def test_disk_ellipses_of_round_disks_are_round():
     assert ratio - 1 < 0.0015 and sigma < 0.001
 
 
-def test_a_fit_whose_covariance_is_not_positive_definite_does_not_count(monkeypatch):
+def test_a_fit_with_a_covariance_not_positive_definite_or_a_collapsed_edge_does_not_count(monkeypatch):
     import py4dstem_prenet.refine as refine
 
     patterns, origin = _scan(1.0, 0.0, n=2, dose=2000.0, seed=3)
     centre = torch.from_numpy((origin[:, None] + SPOTS).reshape(-1, 2))
     which = torch.from_numpy(np.repeat(np.arange(len(origin)), len(SPOTS)))
 
-    def negated(*args, **kwargs):  # the first fit's covariance negative-definite (its determinant positive)
+    def broken(*args, **kwargs):
         fit = disk_fits(*args, **kwargs)
-        cov = fit.covariance.clone()
-        cov[0] = -cov[0]
-        return fit._replace(covariance=cov)
+        cov, shape = fit.covariance.clone(), fit.shape.clone()
+        cov[0] = -cov[0]  # negative-definite, its determinant positive
+        shape[1, 3] = np.log(0.001)  # an edge collapsed to a step between pixel centres
+        return fit._replace(covariance=cov, shape=shape)
 
-    monkeypatch.setattr(refine, "disk_fits", negated)
+    monkeypatch.setattr(refine, "disk_fits", broken)
     e12, cov, ok = disk_ellipses(torch.from_numpy(patterns)[:, None], centre, 9.0, which)
-    assert not ok[0] and bool(ok[1:].all()) and torch.isnan(cov[0]).all()
+    assert not ok[:2].any() and bool(ok[2:].all()) and torch.isnan(cov[:2]).all()
 
 
 def test_disk_ellipses_answer_bad_input_clearly():
@@ -218,3 +219,17 @@ def test_a_mixed_scan_takes_the_disk_shapes_only_where_they_beat_its_rings(monke
         assert abs(a / b - 1.03) < 0.003 and np.degrees(angle_difference(theta, 0.4)) < 3
     assert bands == {0.0: "isotropic patterns", 1.0: "disk shapes"}
     assert np.array_equal(dc.data, before)
+
+
+def test_smallest_eigenvalue_of_2x2_matrices():
+    from py4dstem_prenet.refine import smallest_eigenvalue
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 2, 2))
+    c = a @ a.transpose(0, 2, 1) - 0.5 * np.eye(2)  # some positive-, some indefinite
+    expected = np.linalg.eigvalsh(c)[:, 0]
+    assert np.allclose(smallest_eigenvalue(c), expected)
+    assert torch.allclose(smallest_eigenvalue(torch.from_numpy(c)), torch.from_numpy(expected))
+    assert smallest_eigenvalue(-np.eye(2)) == -1.0  # negative-definite, determinant 1
+    with pytest.raises(ValueError, match="2, 2"):
+        smallest_eigenvalue(np.ones((3, 3)))
