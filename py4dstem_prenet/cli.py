@@ -197,6 +197,7 @@ def _cmd_benchmark_throughput(args: argparse.Namespace) -> int:
     if args.out:
         command = (f"prenet benchmark-throughput --device {device}" + (" --quick" if args.quick else "")
                    + (f" --data {args.data}" if args.data else "")
+                   + (f" --dataset {args.dataset}" if args.dataset else "")
                    + ("" if args.quick else " --batch-sizes " + " ".join(map(str, cfg.batch_sizes)))
                    + f" --out {args.out}")
         kind = device.split(":")[0]
