@@ -693,7 +693,7 @@ def disk_model_centre(x: torch.Tensor, origin: torch.Tensor, radius: torch.Tenso
     return fit.centre, fit.ok, fit.sigma
 
 
-def smallest_eigenvalue(c):
+def smallest_eigenvalue(c: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """The smallest eigenvalue of each symmetric 2 x 2 matrix, in closed form.
 
     Parameters
