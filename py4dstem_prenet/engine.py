@@ -1012,7 +1012,7 @@ def _mask_stop(valid: torch.Tensor, region: torch.Tensor | None) -> np.ndarray |
         if not r.any():
             continue
         labels, _ = ndimage.label(m)
-        out[i] = np.isin(labels, np.unique(labels[r & m])) & m
+        out[i] = np.isin(labels, np.unique(labels[r & m]))  # labels[r & m] > 0: masked parts only
     return out
 
 

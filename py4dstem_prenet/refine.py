@@ -878,9 +878,9 @@ def disk_ellipses(x: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor | 
     # positive-definite: both eigenvalues positive (a determinant alone lets a negative-
     # definite one through: on numpy 2.5 a 32x32 scan's combined a/b came out nan, the
     # square root of a negative Mahalanobis distance)
-    finite = torch.isfinite(covariance).flatten(1).all(dim=1)
-    ok = (fit.ok & (m <= DISK_ELLIPSE_MAX) & finite & (fit.shape[:, 3] >= math.log(DISK_MIN_EDGE_WIDTH))
-          & (smallest_eigenvalue(torch.where(finite[:, None, None], covariance, 0.0)) > 0))
+    # (a nan covariance has a nan eigenvalue, which is not > 0)
+    ok = (fit.ok & (m <= DISK_ELLIPSE_MAX) & torch.isfinite(covariance).flatten(1).all(dim=1)
+          & (fit.shape[:, 3] >= math.log(DISK_MIN_EDGE_WIDTH)) & (smallest_eigenvalue(covariance) > 0))
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     return torch.where(ok[:, None], e12, nan), torch.where(ok[:, None, None], covariance, nan), ok
 
