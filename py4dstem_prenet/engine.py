@@ -1110,6 +1110,34 @@ INTENSITY_MARGIN = 0.1
 INTENSITY_MIN_OVERLAP = 0.4
 
 
+def _most_symmetric_under(x: torch.Tensor, valid: torch.Tensor | None, region: torch.Tensor, idx: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The point of a stop's region about which each pattern's intensity is most symmetric.
+
+    ``x`` (n, 1, H, W) holds the patterns ``idx`` (n,) of a block, ``valid`` their valid
+    map, ``region`` (1 or N, H, W) the block's (:func:`_stop_region`). The scores are
+    :func:`~py4dstem_prenet.refine.intensity_symmetry_map`'s, where the inversion keeps
+    INTENSITY_MIN_OVERLAP of the detector.
+
+    Returns
+    -------
+    maps, allowed, best_sample, best_score : torch.Tensor
+        (n, 2H, 2W) scores and whether each sample lies on the region (sample s is the
+        centre s / 2 px), (n, 2) the best sample on the region and (n,) its score
+        (-1 where none is scored).
+    """
+    # scored where the inversion keeps INTENSITY_MIN_OVERLAP of the detector: about a point
+    # near its edge, a small overlap of a sparse pattern can correlate by chance
+    maps = intensity_symmetry_map(x, valid, min_overlap=INTENSITY_MIN_OVERLAP).cpu()
+    n, h2, w2 = maps.shape
+    region = region.cpu()
+    allowed = (region[idx] if region.shape[0] > 1 else region[:1].expand(n, -1, -1))
+    allowed = allowed.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # sample s = 2 * centre
+    best = torch.where(allowed, maps, torch.full_like(maps, -1.0)).reshape(n, -1).max(dim=1)
+    s_best = torch.stack([best.indices // w2, best.indices % w2], dim=1)
+    return maps, allowed, s_best, best.values
+
+
 def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, region: torch.Tensor | None, origin: torch.Tensor,
                           score: torch.Tensor, radius: float, select: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1134,14 +1162,8 @@ def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, region: torch.Te
     idx = torch.nonzero(under)[:, 0]
     v = _valid_for(valid, idx)
     xi = x[idx.to(x.device)]
-    # scored where the inversion keeps INTENSITY_MIN_OVERLAP of the detector: about a point
-    # near its edge, a small overlap of a sparse pattern can correlate by chance
-    maps = intensity_symmetry_map(xi, v, min_overlap=INTENSITY_MIN_OVERLAP).cpu()
+    maps, allowed, s_best, best = _most_symmetric_under(xi, v, region, idx)
     n, h2, w2 = maps.shape
-    allowed = (region[idx] if region.shape[0] > 1 else region[:1].expand(n, -1, -1))
-    allowed = allowed.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # sample s = 2 * centre
-    best = torch.where(allowed, maps, torch.full_like(maps, -1.0)).reshape(n, -1).max(dim=1)
-    s_best = torch.stack([best.indices // w2, best.indices % w2], dim=1)
     here = torch.round(2 * origin[idx]).long()
     here[:, 0].clamp_(0, h2 - 1)
     here[:, 1].clamp_(0, w2 - 1)
@@ -1149,7 +1171,7 @@ def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, region: torch.Te
     far = torch.linalg.norm(s_best / 2 - origin[idx].to(maps.dtype), dim=1) > 0.5 * radius
     # (where the inversion about the origin keeps too little of the detector to score it,
     # a beam near the detector's edge, nothing is compared)
-    take = far & (at_here > -1) & (best.values >= at_here + INTENSITY_MARGIN)
+    take = far & (at_here > -1) & (best >= at_here + INTENSITY_MARGIN)
     if not take.any():
         return moved, origin, score
     k = torch.nonzero(take)[:, 0]
@@ -1216,8 +1238,11 @@ def _diffuse_behind_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Ten
     guess) and the pattern is rings only (:func:`_angular_fraction` <= 1 - ISOTROPY_MIN), the edge
     map has no bright-field edge left, only speckle: the inversion symmetry of the
     smoothed intensity (:func:`~py4dstem_prenet.refine.intensity_symmetry_centre`)
-    within SEARCH_PX replaces the origin. ``select`` (N,) marks the patterns that
-    may move.
+    replaces the origin, searched within SEARCH_PX of the region's most symmetric point
+    (:func:`_most_symmetric_under`), not of the origin: the edge steps before leave
+    speckle's symmetry centres, and on a dev scan (rings of 52 px radius running off the
+    detector, 1e5 counts) 77 of 144 origins started 4-10 px off and ended 1.5-3.4 px off.
+    ``select`` (N,) marks the patterns that may move.
 
     Returns
     -------
@@ -1239,7 +1264,12 @@ def _diffuse_behind_stop(x: torch.Tensor, valid: torch.Tensor, origin: torch.Ten
         return moved, origin
     k = torch.nonzero(rings)[:, 0]
     vk = _valid_for(v, k)
-    found = intensity_symmetry_centre(xi[k.to(x.device)], oi[k.to(x.device)], SEARCH_PX, vk).cpu()
+    xk = xi[k.to(x.device)]
+    # rings are symmetric about their centre alone: the search starts at the region's most
+    # symmetric point, wherever the edge steps before it left the origin
+    _, _, s_best, best = _most_symmetric_under(xk, vk, region, idx[k])
+    start = torch.where((best > -1)[:, None], s_best.to(oi.dtype) / 2, oi[k].cpu()).to(x.device)
+    found = intensity_symmetry_centre(xk, start, SEARCH_PX, vk).cpu()
     moved[idx[k]] = True
     origin = origin.clone()
     origin[idx[k]] = found.to(origin.dtype)

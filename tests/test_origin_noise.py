@@ -132,6 +132,19 @@ def test_origin_noise_of_rings_behind_a_stop_counts_their_speckle():
     assert 0.5 * err < noise < 2 * err
 
 
+def test_rings_behind_a_stop_are_searched_from_the_stops_most_symmetric_point():
+    # broad rings (52 px) running off the detector behind a stop, 1e5 counts (dev seed): the
+    # edge steps left origins 4-10 px off under the stop, and a search about them ended
+    # 1-3 px off (8 of these 12); the rings are symmetric about their centre alone
+    from py4dstem_prenet.engine import PreNet
+
+    dc, truth = simulate_datacube((2, 6), (128, 128), "amorphous", 1e5, (1.02, 0.6), seed=36_505_400,
+                                  beam_stop=True)
+    res = PreNet(denoise=False, ellipse=False).run(dc.data.reshape(12, 128, 128), mask=truth.transmission > 0.5)
+    assert np.all(res["origin_source"] == 8)
+    assert np.linalg.norm(res["origin"] - truth.origin.reshape(-1, 2), axis=1).max() < 0.3
+
+
 def test_angular_fraction_tells_rings_from_bragg_disks_behind_a_stop():
     fractions = {}
     for kind in ("amorphous", "crystal"):
