@@ -134,8 +134,8 @@ def test_origin_noise_of_rings_behind_a_stop_counts_their_speckle():
 
 def test_rings_behind_a_stop_are_searched_from_the_stops_most_symmetric_point():
     # broad rings (52 px) running off the detector behind a stop, 1e5 counts (dev seed): the
-    # edge steps left origins 4-10 px off under the stop, and a search about them ended
-    # 1-3 px off (8 of these 12); the rings are symmetric about their centre alone
+    # edge steps left origins up to 10 px off under the stop, and a search about them left
+    # 8 of these 12 0.4-2.7 px off; the rings are symmetric about their centre alone
     from py4dstem_prenet.engine import PreNet
 
     dc, truth = simulate_datacube((2, 6), (128, 128), "amorphous", 1e5, (1.02, 0.6), seed=36_505_400,
