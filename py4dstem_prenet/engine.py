@@ -110,7 +110,11 @@ STOP_CORE_ERODE = 3
 #: (which hides the direct beam) replaces it when it scores at least this fraction of the
 #: origin's score: with the bright-field disk hidden, a crystal's Bragg lattice is about as
 #: symmetric about other lattice points (a dev scan: 0.26 at a point 37 px away, 0.15 at
-#: the true origin under the stop).
+#: the true origin under the stop). Not where the intensity is clearly more symmetric
+#: about the origin found (INTENSITY_MARGIN): a stop off the direct beam leaves part of
+#: the bright-field disk in view and the origin outside the stop's region (a dev scan at
+#: 1e3 counts, the stop half a tip radius off the beam: every origin of its summed scan
+#: tiles, 0.1 px off, moved 31.6 px onto the stop, and the whole scan followed).
 STOP_PRIOR_FRACTION = 0.5
 
 #: An edge-symmetry origin whose local intensity (Gaussian-smoothed over a tenth of the
@@ -1058,11 +1062,19 @@ def _inside(region: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
     return region[rows, r, c]
 
 
+def _map_at(maps: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """Each (n, 2H, 2W) map of half-pixel samples (sample s: the centre s / 2 px) at its (n, 2) point, px."""
+    n, h2, w2 = maps.shape
+    s = torch.round(2 * point.to(maps.dtype)).long()
+    return maps[torch.arange(n), s[:, 0].clamp(0, h2 - 1), s[:, 1].clamp(0, w2 - 1)]
+
+
 def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, region: torch.Tensor | None, origin: torch.Tensor,
                       score: torch.Tensor, select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Origins outside a given beam stop replaced by the most symmetric point under it.
 
-    See STOP_PRIOR_FRACTION. ``region`` is where the stop may hide the direct beam
+    See STOP_PRIOR_FRACTION; not where the intensity is more symmetric, by
+    INTENSITY_MARGIN, about the origin found than about any point of the region. ``region`` is where the stop may hide the direct beam
     (:func:`_stop_region`); ``select`` (N,) marks the patterns that may move (edge-
     symmetry origins of patterns with enough counts).
 
@@ -1084,9 +1096,15 @@ def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, region: torch.Tensor
     allowed = (region[idx] if region.shape[0] > 1 else region[0]).to(x.device)
     # the stop's region is a small set of candidates, like the refinement's window: the
     # inversion about a beam far off centre keeps little of the detector (LOCAL_MIN_OVERLAP)
-    og, sg = (t.cpu() for t in symmetry_centre(x[idx.to(x.device)], search=2.0, valid=v,
-                                               min_overlap=LOCAL_MIN_OVERLAP, allowed=allowed))
-    take = sg >= STOP_PRIOR_FRACTION * score[idx]
+    xi = x[idx.to(x.device)]
+    og, sg = (t.cpu() for t in symmetry_centre(xi, search=2.0, valid=v, min_overlap=LOCAL_MIN_OVERLAP,
+                                               allowed=allowed))
+    # not where the intensity is clearly more symmetric about the origin found than about
+    # any point of the region: a stop off the direct beam leaves part of the bright-field
+    # disk in view, and the origin outside its region (see INTENSITY_MARGIN)
+    maps, _, _, best = _most_symmetric_under(xi, v, region, idx)
+    here = _map_at(maps, origin[idx])
+    take = (sg >= STOP_PRIOR_FRACTION * score[idx]) & ~((here > -1) & (here >= best + INTENSITY_MARGIN))
     moved[idx[take]] = True
     origin, score = origin.clone(), score.clone()
     origin[idx[take]] = og[take].to(origin.dtype)
@@ -1108,6 +1126,13 @@ INTENSITY_MARGIN = 0.1
 #: test pattern (a rod from the detector's edge over the beam, an intensity gradient)
 #: scored higher about a point 23 px from the edge, on the rod, at LOCAL_MIN_OVERLAP.
 INTENSITY_MIN_OVERLAP = 0.4
+
+#: ... and where the origin is too near the detector's edge for its intensity to be scored,
+#: the point under the stop must score at least this. A dev crystal scan (1e4 counts, the
+#: stop half a tip radius off the beam, its rod included in the stop's region) had half
+#: its origins moved onto the rod 50-56 px away, unscored there, while the intensity
+#: scored 0.70-0.77 at the true origin, its maximum over the whole detector.
+INTENSITY_MIN_SCORE = 0.5
 
 
 def _most_symmetric_under(x: torch.Tensor, valid: torch.Tensor | None, region: torch.Tensor, idx: torch.Tensor
@@ -1139,13 +1164,15 @@ def _most_symmetric_under(x: torch.Tensor, valid: torch.Tensor | None, region: t
 
 
 def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, region: torch.Tensor | None, origin: torch.Tensor,
-                          score: torch.Tensor, radius: float, select: torch.Tensor
+                          score: torch.Tensor, radius: float, select: torch.Tensor, placed: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Origins under a given stop moved to the lattice point under it about which the
     intensity is symmetric (see INTENSITY_MARGIN), the edge map's most symmetric point
     within SEARCH_PX of it. ``region`` is where the stop may hide the direct beam
     (:func:`_stop_region`), ``radius`` the bright-field radius (px); ``select`` (N,)
-    marks the patterns that may move.
+    marks the patterns that may move, ``placed`` (N,) those that :func:`_under_given_stop`
+    placed under the stop (counted as under it: their sub-pixel refinement can leave the
+    region by a few pixels).
 
     Returns
     -------
@@ -1156,7 +1183,7 @@ def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, region: torch.Te
     if region is None or not select.any():
         return moved, origin, score
     region = region.cpu()
-    under = _inside(region, origin) & select
+    under = (_inside(region, origin) | placed) & select
     if not under.any():
         return moved, origin, score
     idx = torch.nonzero(under)[:, 0]
@@ -1164,14 +1191,12 @@ def _intensity_under_stop(x: torch.Tensor, valid: torch.Tensor, region: torch.Te
     xi = x[idx.to(x.device)]
     maps, allowed, s_best, best = _most_symmetric_under(xi, v, region, idx)
     n, h2, w2 = maps.shape
-    here = torch.round(2 * origin[idx]).long()
-    here[:, 0].clamp_(0, h2 - 1)
-    here[:, 1].clamp_(0, w2 - 1)
-    at_here = maps[torch.arange(n), here[:, 0], here[:, 1]]
+    at_here = _map_at(maps, origin[idx])
     far = torch.linalg.norm(s_best / 2 - origin[idx].to(maps.dtype), dim=1) > 0.5 * radius
-    # (where the inversion about the origin keeps too little of the detector to score it,
-    # a beam near the detector's edge, nothing is compared)
-    take = far & (at_here > -1) & (best >= at_here + INTENSITY_MARGIN)
+    # where the inversion about the origin keeps too little of the detector to score it (an
+    # origin near the detector's edge), only a point under the stop whose intensity is
+    # clearly symmetric replaces it (see INTENSITY_MIN_SCORE)
+    take = far & torch.where(at_here > -1, best >= at_here + INTENSITY_MARGIN, best >= INTENSITY_MIN_SCORE)
     if not take.any():
         return moved, origin, score
     k = torch.nonzero(take)[:, 0]
@@ -1523,7 +1548,8 @@ class PreNet:
                         source = torch.where(rings, torch.full_like(source, 8), source)
                         # another lattice point under the stop, as symmetric in its edges
                         lattice, o, sym = _intensity_under_stop(xr, valid, region, o, sym, r_bf,
-                                                                ((source == 1) | (source == 2) | (source == 7)) & eligible)
+                                                                ((source == 1) | (source == 2) | (source == 7)) & eligible,
+                                                                under)
                         out["origin_symmetry"] = sym.numpy().astype(np.float64)
                         source = torch.where(lattice, torch.full_like(source, 7), source)
                         under |= lattice

@@ -485,13 +485,68 @@ def test_an_origin_on_another_lattice_point_under_a_stop_moves_to_the_intensitys
     assert maps.shape == (1, 256, 256) and maps[0, s_true[0], s_true[1]] > maps[0, s_wrong[0], s_wrong[1]] + 0.2
     before = x.clone()
     wrong = torch.tensor([origin + a])
-    moved, o, score = _intensity_under_stop(x, valid, region, wrong, torch.tensor([0.5]), 6.0, torch.tensor([True]))
+    moved, o, score = _intensity_under_stop(x, valid, region, wrong, torch.tensor([0.5]), 6.0, torch.tensor([True]),
+                                            torch.tensor([False]))
     assert moved.item() and np.hypot(*(o[0].numpy() - origin)) < 0.5 and torch.isfinite(score).all()
     # an origin already there stays, and the inputs are not changed
     right = torch.tensor([origin])
-    moved, o, _ = _intensity_under_stop(x, valid, region, right, torch.tensor([0.5]), 6.0, torch.tensor([True]))
+    moved, o, _ = _intensity_under_stop(x, valid, region, right, torch.tensor([0.5]), 6.0, torch.tensor([True]),
+                                        torch.tensor([False]))
     assert not moved.item() and torch.equal(o, right) and torch.equal(x, before)
-    moved, _, _ = _intensity_under_stop(x, valid, region, wrong, torch.tensor([0.5]), 6.0, torch.tensor([False]))
+    moved, _, _ = _intensity_under_stop(x, valid, region, wrong, torch.tensor([0.5]), 6.0, torch.tensor([False]),
+                                        torch.tensor([False]))
     assert not moved.item()
     with pytest.raises(ValueError, match="valid"):
         intensity_symmetry_map(x, torch.ones(31, 32, dtype=torch.bool))
+
+
+def test_an_origin_beside_a_stop_off_the_beam_stays_where_the_intensity_is_symmetric():
+    # the stop's tip lies 12 px off the direct beam: the bright-field disk is mostly in view
+    # and the origin outside the stop's region, which holds the lattice point origin + a;
+    # the Bragg disks' envelope (20 px) falls off about the origin alone
+    from py4dstem_prenet.engine import _inside, _stop_region, _under_given_stop
+    from py4dstem_prenet.refine import symmetry_centre
+
+    rng = np.random.default_rng(1)
+    origin, a, b = np.array([60.3, 58.7]), np.array([20.0, 3.0]), np.array([-4.0, 19.0])
+    rr, cc = np.indices((128, 128))
+    expected = 5.0 * np.exp(-np.hypot(rr - origin[0], cc - origin[1]) / 30.0)
+    for i in range(-6, 7):
+        for j in range(-6, 7):
+            p = origin + i * a + j * b
+            expected += (1000.0 if i == j == 0 else 200.0 * np.exp(-np.sum((p - origin) ** 2) / (2 * 20.0**2))) * (
+                (rr - p[0]) ** 2 + (cc - p[1]) ** 2 <= 36)
+    stop = (rr - origin[0] - 12.0) ** 2 + (cc - origin[1]) ** 2 <= 14**2
+    x = torch.from_numpy(np.where(stop, 0.0, rng.poisson(expected)).astype(np.float32))[None, None]
+    valid = torch.from_numpy(~stop)
+    region = _stop_region(valid, 6.0)
+    here = torch.tensor([origin])
+    assert not _inside(region, here).item() and _inside(region, torch.tensor([origin + a])).item()
+    score = symmetry_centre(x, search=2.0, valid=valid)[1]
+    # the lattice point under the stop is symmetric enough in its edges for the stop prior
+    sg = symmetry_centre(x, search=2.0, valid=valid, min_overlap=0.15, allowed=region)[1]
+    assert sg.item() >= 0.5 * score.item()
+    moved, o, _ = _under_given_stop(x, valid, region, here, score, torch.tensor([True]))
+    assert not moved.item() and torch.equal(o, here)
+
+
+def test_an_origin_placed_at_the_detectors_edge_by_the_stop_search_moves_to_the_intensitys_centre():
+    # _under_given_stop can place an origin on a stop's rod near the detector's edge, a
+    # few pixels outside the stop's region after its sub-pixel refinement; the inversion
+    # about it keeps too little of the detector for its intensity to be scored there
+    from py4dstem_prenet.engine import INTENSITY_MIN_SCORE, _inside, _intensity_under_stop, _stop_region
+    from py4dstem_prenet.refine import intensity_symmetry_map
+
+    x, valid, origin, a = _lattice_under_stop()
+    region = _stop_region(valid, 6.0)
+    edge = torch.tensor([[124.0, 60.0]])
+    maps = intensity_symmetry_map(x, valid, min_overlap=0.4)
+    assert not _inside(region, edge).item() and maps[0, 248, 120] == -1
+    assert maps[0, round(2 * origin[0]), round(2 * origin[1])] >= INTENSITY_MIN_SCORE
+    moved, o, score = _intensity_under_stop(x, valid, region, edge, torch.tensor([0.9]), 6.0, torch.tensor([True]),
+                                            torch.tensor([True]))
+    assert moved.item() and np.hypot(*(o[0].numpy() - origin)) < 0.5 and torch.isfinite(score).all()
+    # not placed there by the stop search, an origin outside the region stays
+    moved, o, _ = _intensity_under_stop(x, valid, region, edge, torch.tensor([0.9]), 6.0, torch.tensor([True]),
+                                        torch.tensor([False]))
+    assert not moved.item() and torch.equal(o, edge)
