@@ -1063,9 +1063,9 @@ def _inside(region: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
 
 
 def _map_at(maps: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-    """Each (n, 2H, 2W) map of half-pixel samples (sample s: the centre s / 2 px) at its (n, 2) point, px."""
+    """Each (n, 2H, 2W) map of half-pixel samples (sample s: the centre s / 2 px) at its (n, 2) point (px)."""
     n, h2, w2 = maps.shape
-    s = torch.round(2 * point.to(maps.dtype)).long()
+    s = torch.round(2 * point).long()
     return maps[torch.arange(n), s[:, 0].clamp(0, h2 - 1), s[:, 1].clamp(0, w2 - 1)]
 
 
@@ -1074,9 +1074,10 @@ def _under_given_stop(x: torch.Tensor, valid: torch.Tensor, region: torch.Tensor
     """Origins outside a given beam stop replaced by the most symmetric point under it.
 
     See STOP_PRIOR_FRACTION; not where the intensity is more symmetric, by
-    INTENSITY_MARGIN, about the origin found than about any point of the region. ``region`` is where the stop may hide the direct beam
-    (:func:`_stop_region`); ``select`` (N,) marks the patterns that may move (edge-
-    symmetry origins of patterns with enough counts).
+    INTENSITY_MARGIN, about the origin found than about any point of the region.
+    ``region`` is where the stop may hide the direct beam (:func:`_stop_region`);
+    ``select`` (N,) marks the patterns that may move (edge-symmetry origins of patterns
+    with enough counts).
 
     Returns
     -------
@@ -1547,9 +1548,8 @@ class PreNet:
                         sym[rings] = float("nan")  # not an edge-symmetry score
                         source = torch.where(rings, torch.full_like(source, 8), source)
                         # another lattice point under the stop, as symmetric in its edges
-                        lattice, o, sym = _intensity_under_stop(xr, valid, region, o, sym, r_bf,
-                                                                ((source == 1) | (source == 2) | (source == 7)) & eligible,
-                                                                under)
+                        edge_origin = ((source == 1) | (source == 2) | (source == 7)) & eligible
+                        lattice, o, sym = _intensity_under_stop(xr, valid, region, o, sym, r_bf, edge_origin, under)
                         out["origin_symmetry"] = sym.numpy().astype(np.float64)
                         source = torch.where(lattice, torch.full_like(source, 7), source)
                         under |= lattice
