@@ -453,11 +453,12 @@ def test_preprocess_shrinks_origins_towards_the_descan_by_their_noise():
     assert final < 0.92 * measured
 
 
-def _lattice_under_stop(seed=0):
+def _lattice_under_stop(seed=0, envelope=35.0, stop_offset=None, stop_radius=24.0):
     """Poisson counts of a lattice of disks (radius 6) whose intensity falls off about the
-    origin, and a stop (radius 24) that hides the origin's disk and its neighbour at
-    origin + a: the disks' edges are about as symmetric about either, the envelope about
-    the origin alone."""
+    origin (the Bragg disks' envelope a Gaussian of ``envelope`` px), and a stop of
+    ``stop_radius`` px centred ``stop_offset`` (2,) px from the origin; by default one
+    (radius 24) that hides the origin's disk and its neighbour at origin + a: the disks'
+    edges are about as symmetric about either, the envelope about the origin alone."""
     rng = np.random.default_rng(seed)
     origin, a, b = np.array([60.3, 58.7]), np.array([20.0, 3.0]), np.array([-4.0, 19.0])
     rr, cc = np.indices((128, 128))
@@ -466,10 +467,10 @@ def _lattice_under_stop(seed=0):
         for j in range(-6, 7):
             p = origin + i * a + j * b
             d2 = (rr - p[0]) ** 2 + (cc - p[1]) ** 2
-            expected += (1000.0 if i == j == 0 else 200.0 * np.exp(-np.sum((p - origin) ** 2) / (2 * 35.0**2))) * (
+            expected += (1000.0 if i == j == 0 else 200.0 * np.exp(-np.sum((p - origin) ** 2) / (2 * envelope**2))) * (
                 d2 <= 36)
-    centre = origin + a / 2
-    stop = (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= 24**2
+    centre = origin + (a / 2 if stop_offset is None else np.asarray(stop_offset, float))
+    stop = (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= stop_radius**2
     x = torch.from_numpy(np.where(stop, 0.0, rng.poisson(expected)).astype(np.float32))[None, None]
     return x, torch.from_numpy(~stop), origin, a
 
@@ -507,18 +508,7 @@ def test_an_origin_beside_a_stop_off_the_beam_stays_where_the_intensity_is_symme
     from py4dstem_prenet.engine import _inside, _stop_region, _under_given_stop
     from py4dstem_prenet.refine import symmetry_centre
 
-    rng = np.random.default_rng(1)
-    origin, a, b = np.array([60.3, 58.7]), np.array([20.0, 3.0]), np.array([-4.0, 19.0])
-    rr, cc = np.indices((128, 128))
-    expected = 5.0 * np.exp(-np.hypot(rr - origin[0], cc - origin[1]) / 30.0)
-    for i in range(-6, 7):
-        for j in range(-6, 7):
-            p = origin + i * a + j * b
-            expected += (1000.0 if i == j == 0 else 200.0 * np.exp(-np.sum((p - origin) ** 2) / (2 * 20.0**2))) * (
-                (rr - p[0]) ** 2 + (cc - p[1]) ** 2 <= 36)
-    stop = (rr - origin[0] - 12.0) ** 2 + (cc - origin[1]) ** 2 <= 14**2
-    x = torch.from_numpy(np.where(stop, 0.0, rng.poisson(expected)).astype(np.float32))[None, None]
-    valid = torch.from_numpy(~stop)
+    x, valid, origin, a = _lattice_under_stop(seed=1, envelope=20.0, stop_offset=(12.0, 0.0), stop_radius=14.0)
     region = _stop_region(valid, 6.0)
     here = torch.tensor([origin])
     assert not _inside(region, here).item() and _inside(region, torch.tensor([origin + a])).item()
