@@ -94,6 +94,33 @@ def test_a_stop_half_off_the_beam_is_found_where_the_pattern_is_more_symmetric_a
     assert found is not None and (found & true).sum() / (found | true).sum() >= 0.8
 
 
+def _off_stop_scan(seed):
+    """A dev scan sum (12 x 12 patterns of 1e4 counts) of a crystal whose stop sits half a tip radius off the beam."""
+    from py4dstem_prenet.simulation import simulate_datacube
+
+    dc, truth = simulate_datacube((12, 12), (128, 128), "crystal", 1e4, (1.02, 0.6), beam_stop=True,
+                                  beam_stop_offset=0.5, seed=seed)
+    return dc.data, truth.transmission < 0.5
+
+
+def test_a_stop_over_a_dim_background_is_judged_on_blocks_sized_by_the_median():
+    # the direct beam and Bragg disks hold most counts: blocks sized by the mean level
+    # hold ~5 counts off them, and the stop does not read dark there
+    data, true = _off_stop_scan(38900000)
+    total = data.reshape(-1, 128, 128).sum(0).astype(float)
+    assert np.median(total) < 0.1 * total.mean()
+    found = scan_beam_stop(data)
+    assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
+
+
+def test_a_small_tip_beside_a_bright_crescent_is_grown_from_two_pixels():
+    # the 3 x 3 mean takes a pixel off the tip beside the bright-field crescent, so it
+    # reads as dark over only 2 px about the origin
+    data, true = _off_stop_scan(38900001)
+    found = scan_beam_stop(data)
+    assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
+
+
 def test_dark_gaps_between_disks_are_not_a_stop():
     # a dense lattice with no diffuse background: its gaps read nothing, but Friedel's
     # law maps them onto gaps, and their centre of symmetry is not hidden under them
