@@ -235,11 +235,11 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     A beam stop is opaque and hides the direct beam: it reads (next to) nothing where
     the pattern would read many counts, and it breaks Friedel's law, which pairs the
     pattern at q with the pattern at -q about the origin. Darkness is judged on a grid
-    of blocks (BLOCK_COUNTS counts at the pattern's mean level, or where that finds
-    no stop at its median level; at most GRID_BLOCKS across; see DARK_FRACTION): against the block's Friedel mate through the
-    pattern's inversion centre (each of the MAX_CENTRES most likely in turn), so that
-    the dark gaps between Bragg disks or rings,
-    and a pattern's fall-off into a dim corner, which Friedel's law maps onto gaps
+    of blocks (BLOCK_COUNTS counts at the pattern's mean level, or, where that finds
+    no stop, at its median level; at most GRID_BLOCKS across; see DARK_FRACTION):
+    against the block's Friedel mate through the pattern's inversion centre (each of
+    the MAX_CENTRES most likely in turn), so that the dark gaps between Bragg disks or
+    rings, and a pattern's fall-off into a dim corner, which Friedel's law maps onto gaps
     and fall-off, are not dark; or, where the mate is off the detector, against the
     pattern around. Of the connected sets of dark blocks that hide at least MIN_HIDDEN
     expected counts (most first, up to MAX_STOP_CANDIDATES), the stop is the first

@@ -79,34 +79,33 @@ def test_an_off_centre_stop_is_found_on_a_crystal_and_no_stop_where_there_is_non
     assert detect_beam_stop(clean) is None
 
 
+def _off_stop_scan(seed, dose=1e4):
+    """A crystal scan (12 x 12 patterns of ``dose`` counts), its stop half a tip radius off the beam: data, truth."""
+    from py4dstem_prenet.simulation import simulate_datacube
+
+    dc, truth = simulate_datacube((12, 12), (128, 128), "crystal", dose, (1.02, 0.6), beam_stop=True,
+                                  beam_stop_offset=0.5, seed=seed)
+    return dc.data, truth
+
+
 def test_a_stop_half_off_the_beam_is_found_where_the_pattern_is_more_symmetric_about_another_point():
     # the bright-field crescent beside the stop and the lattice's half-lattice points pull
     # the self-convolution's highest peak ~19 px away; the stop is found through a lower one
     from py4dstem_prenet.engine import measurement_block
-    from py4dstem_prenet.simulation import simulate_datacube
 
-    dc, truth = simulate_datacube((12, 12), (128, 128), "crystal", 1e5, (1.02, 0.6), beam_stop=True,
-                                  beam_stop_offset=0.5, seed=36005000)
-    total = measurement_block(dc.data.reshape(-1, 128, 128))[:, 0].double().sum(0).numpy()
+    data, truth = _off_stop_scan(36005000, 1e5)
+    total = measurement_block(data.reshape(-1, 128, 128))[:, 0].double().sum(0).numpy()
     assert np.hypot(*(inversion_centre(total) - truth.origin.reshape(-1, 2).mean(0))) > 10
     true = truth.transmission < 0.5
     found = detect_beam_stop(total)
     assert found is not None and (found & true).sum() / (found | true).sum() >= 0.8
 
 
-def _off_stop_scan(seed):
-    """A dev scan sum (12 x 12 patterns of 1e4 counts) of a crystal whose stop sits half a tip radius off the beam."""
-    from py4dstem_prenet.simulation import simulate_datacube
-
-    dc, truth = simulate_datacube((12, 12), (128, 128), "crystal", 1e4, (1.02, 0.6), beam_stop=True,
-                                  beam_stop_offset=0.5, seed=seed)
-    return dc.data, truth.transmission < 0.5
-
-
 def test_a_stop_over_a_dim_background_is_judged_on_blocks_sized_by_the_median():
     # the direct beam and Bragg disks hold most counts: blocks sized by the mean level
     # hold ~5 counts off them, and the stop does not read dark there
-    data, true = _off_stop_scan(38900000)
+    data, truth = _off_stop_scan(38900000)
+    true = truth.transmission < 0.5
     total = data.reshape(-1, 128, 128).sum(0).astype(float)
     assert np.median(total) < 0.1 * total.mean()
     found = scan_beam_stop(data)
@@ -116,7 +115,8 @@ def test_a_stop_over_a_dim_background_is_judged_on_blocks_sized_by_the_median():
 def test_a_small_tip_beside_a_bright_crescent_is_grown_from_two_pixels():
     # the 3 x 3 mean takes a pixel off the tip beside the bright-field crescent, so it
     # reads as dark over only 2 px about the origin
-    data, true = _off_stop_scan(38900001)
+    data, truth = _off_stop_scan(38900001)
+    true = truth.transmission < 0.5
     found = scan_beam_stop(data)
     assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
 
