@@ -17,7 +17,10 @@ centres at integers.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import ndimage
+
+from .refine import intensity_symmetry_map
 
 __all__ = ["detect_beam_stop", "inversion_centre", "origin_behind_stop"]
 
@@ -249,7 +252,10 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     direct beam (see HIDDEN_RADIUS, MIN_SYMMETRY, RADIAL_MIN). Of the stops so found
     through each centre, the one off which the pattern is most nearly symmetric is
     returned, with its rod (:func:`_rod`, where its mates did not show it) and its edge
-    pixels.
+    pixels. Where none hides the beam about its centre, each is judged again about the
+    centre of the pattern off it: through the origin, a stop well off the beam may
+    have as mates its own tip and a dim background, and read no darker than they,
+    while grown through another centre it does not cover that centre.
 
     A pattern summed over a scan shows a stop far better than one pattern: the stop
     stays on the detector while the counts add up.
@@ -286,31 +292,36 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     median = float(np.median(x))
     blocks = [int(np.clip(max(np.ceil(np.sqrt(BLOCK_COUNTS / level)), np.ceil(min(h, w) / GRID_BLOCKS)), 2,
                           min(h, w) // 8)) for level in ((mean, median) if median > 0 else (mean,))]
-    for block in dict.fromkeys(blocks):
-        counts = _block_sums(x, block)
-        floor = float(np.percentile(counts, FLOOR_PERCENTILE))
-        reach = max(1, int(round(STOP_WINDOW * min(counts.shape))))
-        window = _window_level(counts, reach, floor)
-        # what the pattern around reads, per pixel (inside a large stop from twice the
-        # window, on blocks twice as large)
-        around = _per_pixel(window, block, (h, w)) / block**2
-        wide = _per_pixel(_window_level(_block_sums(x, 2 * block), reach, 4 * floor), 2 * block,
-                          (h, w)) / (2 * block)**2
-        around = np.where(np.isfinite(around), around, wide)
-        # of the stops found through each centre, the one off which the pattern is most
-        # nearly symmetric (a stop grown about a wrong centre leaves a bright crescent or
-        # disk whose mate is dark)
-        found = [_stop_about(x, mean3, centre, block, counts, floor, window, around) for centre in centres]
-        found = [f for f in found if f is not None]
-        if found:
-            return max(found, key=lambda f: f[1])[0]
+    # where no stop hides the beam about the centre it was grown through, each is judged
+    # again about the centre of the pattern off it
+    for recentre in (False, True):
+        for block in dict.fromkeys(blocks):
+            counts = _block_sums(x, block)
+            floor = float(np.percentile(counts, FLOOR_PERCENTILE))
+            reach = max(1, int(round(STOP_WINDOW * min(counts.shape))))
+            window = _window_level(counts, reach, floor)
+            # what the pattern around reads, per pixel (inside a large stop from twice the
+            # window, on blocks twice as large)
+            around = _per_pixel(window, block, (h, w)) / block**2
+            wide = _per_pixel(_window_level(_block_sums(x, 2 * block), reach, 4 * floor), 2 * block,
+                              (h, w)) / (2 * block)**2
+            around = np.where(np.isfinite(around), around, wide)
+            # of the stops found through each centre, the one off which the pattern is most
+            # nearly symmetric (a stop grown about a wrong centre leaves a bright crescent or
+            # disk whose mate is dark)
+            found = [_stop_about(x, mean3, centre, block, counts, floor, window, around, recentre)
+                     for centre in centres]
+            found = [f for f in found if f is not None]
+            if found:
+                return max(found, key=lambda f: f[1])[0]
     return None
 
 
 def _stop_about(x: np.ndarray, mean3: np.ndarray, centre: np.ndarray, block: int, counts: np.ndarray, floor: float,
-                window: np.ndarray, around: np.ndarray) -> tuple[np.ndarray, float] | None:
+                window: np.ndarray, around: np.ndarray, recentre: bool = False) -> tuple[np.ndarray, float] | None:
     """The stop of :func:`detect_beam_stop` whose Friedel mates are taken through
-    ``centre`` (2,) px, and how well it hides the beam (:func:`_hidden_beam`), or None:
+    ``centre`` (2,) px, and how well it hides the beam (:func:`_hidden_beam`, about
+    the pattern's own centre off the stop where ``recentre``), or None:
     ``x`` the counts (hot pixels lowered), ``mean3`` their 3 x 3 means, ``counts``
     their sums over blocks of ``block`` px, ``floor`` what the stop reads per block,
     ``window`` the level of the blocks around (per block) and ``around`` (per pixel)."""
@@ -365,7 +376,7 @@ def _stop_about(x: np.ndarray, mean3: np.ndarray, centre: np.ndarray, block: int
         if not MIN_AREA * x.size <= stop.sum() <= MAX_AREA * x.size:
             continue
         # judged with its edge pixels, as it is returned (the pixel the 3 x 3 mean took)
-        score = _hidden_beam(x, ndimage.binary_dilation(stop), centre, block)
+        score = _hidden_beam(x, ndimage.binary_dilation(stop), None if recentre else centre, block)
         if score is not None:
             # with its edge pixels, which it partly covers (and whose edge would pull the symmetry)
             return ndimage.binary_dilation(stop | _rod(stop, dark_around)), score
@@ -441,10 +452,12 @@ def _on(region: np.ndarray, point: np.ndarray) -> bool:
     return bool(ndimage.binary_dilation(region, iterations=HIDES_BEAM_PX)[i, j])
 
 
-def _hidden_beam(x: np.ndarray, stop: np.ndarray, centre: np.ndarray, block: int) -> float | None:
+def _hidden_beam(x: np.ndarray, stop: np.ndarray, centre: np.ndarray | None, block: int) -> float | None:
     """How well ``stop`` hides the direct beam: None where it does not; else the
     pattern's Friedel symmetry about ``centre`` off the stop, or 0 where the radial
-    fall-off alone places the beam on it.
+    fall-off alone places the beam on it. Where ``centre`` is None, the centre about
+    which the pattern off the stop is most nearly symmetric (:func:`_centre_off`), and
+    no fall-off.
 
     It covers the disk of HIDDEN_RADIUS about the pattern's inversion centre (see
     COVERED; the half-lattice point of a lattice, as symmetric as its origin, lies in
@@ -456,9 +469,14 @@ def _hidden_beam(x: np.ndarray, stop: np.ndarray, centre: np.ndarray, block: int
     background is most nearly a function of the distance (see
     :func:`origin_behind_stop`; an adjusted R^2 of at least RADIAL_MIN) lies on it.
     """
+    recentre = centre is None
+    if recentre:
+        centre = _centre_off(x, stop)
     if _covered_radius(stop, centre) >= HIDDEN_RADIUS:
         symmetry = _friedel_symmetry(x, stop, centre, block)
         return symmetry if symmetry >= MIN_SYMMETRY else None
+    if recentre:
+        return None
     step = max(2, int(round(min(x.shape) / 32)))
     centres, z = _block_background(x, stop, step)
     if len(z) < 16:
@@ -467,6 +485,17 @@ def _hidden_beam(x: np.ndarray, stop: np.ndarray, centre: np.ndarray, block: int
     grid = np.stack([rows.ravel(), cols.ravel()], axis=1) * step + (step - 1) / 2
     quality = _radial_fit_quality(centres, z, grid, step)
     return 0.0 if quality.max() >= RADIAL_MIN and _on(stop, grid[int(np.argmax(quality))]) else None
+
+
+def _centre_off(x: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """The centre (2,) px, on the half-pixel grid, about which the counts ``x`` off
+    ``stop`` (widened by 2 px) are most nearly inversion-symmetric: the peak of
+    :func:`~py4dstem_prenet.refine.intensity_symmetry_map`, a correlation over the
+    pixels that the inversion keeps, which the stop's dark does not pull as it pulls
+    the self-convolution."""
+    valid = torch.from_numpy(~ndimage.binary_dilation(stop, iterations=2))
+    score = intensity_symmetry_map(torch.from_numpy(x)[None, None], valid)[0]
+    return np.array(np.unravel_index(int(torch.argmax(score)), score.shape), float) / 2
 
 
 def _friedel_symmetry(x: np.ndarray, stop: np.ndarray, centre: np.ndarray, block: int) -> float:

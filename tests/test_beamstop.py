@@ -121,6 +121,28 @@ def test_a_small_tip_beside_a_bright_crescent_is_grown_from_two_pixels():
     assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
 
 
+def test_a_stop_that_hides_too_little_about_the_beam_is_judged_about_the_centre_of_the_pattern_off_it():
+    # at 1e3 counts a pattern the stop's mates through the origin are its own tip and a
+    # dim background: no dark region there; grown through a centre 23 px away, the stop
+    # does not cover that centre, but the pattern off it is symmetric about the origin
+    data, truth = _off_stop_scan(38900009, 1e3)
+    true = truth.transmission < 0.5
+    found = scan_beam_stop(data)
+    assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
+
+
+def test_origins_under_a_stop_found_about_the_centre_of_the_pattern_off_it():
+    # without the stop the origins went 37 px off, to the brightest Bragg disk
+    import py4dstem_prenet as prenet
+    from py4dstem_prenet.simulation import simulate_datacube
+
+    dc, truth = simulate_datacube((12, 12), (128, 128), "crystal", 1e3, (1.02, 0.6), beam_stop=True,
+                                  beam_stop_offset=0.5, seed=38900015)
+    out = prenet.preprocess(dc, denoise=False, ellipse=False, progress=False)
+    qx0, qy0 = out.calibration.get_origin()
+    assert np.hypot(qx0 - truth.origin[..., 0], qy0 - truth.origin[..., 1]).mean() < 0.5
+
+
 def test_dark_gaps_between_disks_are_not_a_stop():
     # a dense lattice with no diffuse background: its gaps read nothing, but Friedel's
     # law maps them onto gaps, and their centre of symmetry is not hidden under them
