@@ -16,6 +16,9 @@ centres at integers.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -292,39 +295,73 @@ def detect_beam_stop(pattern: np.ndarray) -> np.ndarray | None:
     median = float(np.median(x))
     blocks = [int(np.clip(max(np.ceil(np.sqrt(BLOCK_COUNTS / level)), np.ceil(min(h, w) / GRID_BLOCKS)), 2,
                           min(h, w) // 8)) for level in ((mean, median) if median > 0 else (mean,))]
-    # where no stop hides the beam about the centre it was grown through, each is judged
-    # again about the centre of the pattern off it
-    for recentre in (False, True):
-        for block in dict.fromkeys(blocks):
-            counts = _block_sums(x, block)
-            floor = float(np.percentile(counts, FLOOR_PERCENTILE))
-            reach = max(1, int(round(STOP_WINDOW * min(counts.shape))))
-            window = _window_level(counts, reach, floor)
-            # what the pattern around reads, per pixel (inside a large stop from twice the
-            # window, on blocks twice as large)
-            around = _per_pixel(window, block, (h, w)) / block**2
-            wide = _per_pixel(_window_level(_block_sums(x, 2 * block), reach, 4 * floor), 2 * block,
-                              (h, w)) / (2 * block)**2
-            around = np.where(np.isfinite(around), around, wide)
-            # of the stops found through each centre, the one off which the pattern is most
-            # nearly symmetric (a stop grown about a wrong centre leaves a bright crescent or
-            # disk whose mate is dark)
-            found = [_stop_about(x, mean3, centre, block, counts, floor, window, around, recentre)
-                     for centre in centres]
-            found = [f for f in found if f is not None]
-            if found:
-                return max(found, key=lambda f: f[1])[0]
+    # of the stops grown through each centre, the one off which the pattern is most nearly
+    # symmetric (a stop grown about a wrong centre leaves a bright crescent or disk whose
+    # mate is dark); where none hides the beam about the centre it was grown through,
+    # each is judged again about the centre of the pattern off it
+    kept: dict[int, list[Iterator[tuple[np.ndarray, np.ndarray]]]] = {}
+    for block in dict.fromkeys(blocks):
+        levels = _levels(x, block)
+        found = []
+        for centre in centres:
+            stops, kept_stops = itertools.tee(_stops_about(x, mean3, centre, block, *levels))
+            kept.setdefault(block, []).append(kept_stops)
+            found.append(_hiding(x, stops, centre, block))
+        found = [f for f in found if f is not None]
+        if found:
+            return max(found, key=lambda f: f[1])[0]
+    for block, grown in kept.items():
+        scores: dict[bytes, float | None] = {}  # a stop grown through several centres is judged once
+        found = [f for f in (_hiding(x, stops, None, block, scores) for stops in grown) if f is not None]
+        if found:
+            return max(found, key=lambda f: f[1])[0]
     return None
 
 
-def _stop_about(x: np.ndarray, mean3: np.ndarray, centre: np.ndarray, block: int, counts: np.ndarray, floor: float,
-                window: np.ndarray, around: np.ndarray, recentre: bool = False) -> tuple[np.ndarray, float] | None:
-    """The stop of :func:`detect_beam_stop` whose Friedel mates are taken through
-    ``centre`` (2,) px, and how well it hides the beam (:func:`_hidden_beam`, about
-    the pattern's own centre off the stop where ``recentre``), or None:
-    ``x`` the counts (hot pixels lowered), ``mean3`` their 3 x 3 means, ``counts``
-    their sums over blocks of ``block`` px, ``floor`` what the stop reads per block,
-    ``window`` the level of the blocks around (per block) and ``around`` (per pixel)."""
+def _hiding(x: np.ndarray, stops: Iterable[tuple[np.ndarray, np.ndarray]], centre: np.ndarray | None,
+            block: int, scores: dict[bytes, float | None] | None = None) -> tuple[np.ndarray, float] | None:
+    """The first of ``stops`` (pairs of a stop and the pixels as dark, see
+    :func:`_stops_about`) that hides the beam about ``centre`` (:func:`_hidden_beam`),
+    with its edge pixels and its rod (:func:`_rod`), and how well; or None. ``scores``
+    keeps the scores of the stops judged before, by their bytes."""
+    scores = {} if scores is None else scores
+    for stop, dark_around in stops:
+        # judged with its edge pixels, as it is returned (the pixel the 3 x 3 mean took)
+        key = np.packbits(stop).tobytes()
+        if key not in scores:
+            scores[key] = _hidden_beam(x, ndimage.binary_dilation(stop), centre, block)
+        score = scores[key]
+        if score is not None:
+            # with its edge pixels, which it partly covers (and whose edge would pull the symmetry)
+            return ndimage.binary_dilation(stop | _rod(stop, dark_around)), score
+    return None
+
+
+def _levels(x: np.ndarray, block: int) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """The counts ``x`` summed over blocks of ``block`` px, what a stop reads per block
+    (the floor), and the level of the blocks around each, per block and per pixel (see
+    :func:`_stops_about`)."""
+    h, w = x.shape
+    counts = _block_sums(x, block)
+    floor = float(np.percentile(counts, FLOOR_PERCENTILE))
+    reach = max(1, int(round(STOP_WINDOW * min(counts.shape))))
+    window = _window_level(counts, reach, floor)
+    # per pixel (inside a large stop from twice the window, on blocks twice as large)
+    around = _per_pixel(window, block, (h, w)) / block**2
+    wide = _per_pixel(_window_level(_block_sums(x, 2 * block), reach, 4 * floor), 2 * block,
+                      (h, w)) / (2 * block)**2
+    return counts, floor, window, np.where(np.isfinite(around), around, wide)
+
+
+def _stops_about(x: np.ndarray, mean3: np.ndarray, centre: np.ndarray, block: int, counts: np.ndarray,
+                 floor: float, window: np.ndarray, around: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The stops that :func:`detect_beam_stop` grows with Friedel mates taken through
+    ``centre`` (2,) px, most hidden counts first, each that covers MIN_AREA to MAX_AREA
+    of the detector, with the pixels that read as dark as it against the pattern around
+    (where its rod is looked for): ``x`` the counts (hot pixels lowered), ``mean3``
+    their 3 x 3 means, ``counts`` their sums over blocks of ``block`` px, ``floor``
+    what the stop reads per block, ``window`` the level of the blocks around (per
+    block) and ``around`` (per pixel)."""
     h, w = x.shape
     mirror = _mirrored(x, centre)
     # the mate's counts: the least of the 3 x 3 blocks about it (a mirror image a pixel
@@ -373,14 +410,8 @@ def _stop_about(x: np.ndarray, mean3: np.ndarray, centre: np.ndarray, block: int
         if n_holes:
             small = ndimage.sum_labels(np.ones((h, w)), holes, np.arange(1, n_holes + 1)) <= block**2
             stop |= np.concatenate([[False], small])[holes]
-        if not MIN_AREA * x.size <= stop.sum() <= MAX_AREA * x.size:
-            continue
-        # judged with its edge pixels, as it is returned (the pixel the 3 x 3 mean took)
-        score = _hidden_beam(x, ndimage.binary_dilation(stop), None if recentre else centre, block)
-        if score is not None:
-            # with its edge pixels, which it partly covers (and whose edge would pull the symmetry)
-            return ndimage.binary_dilation(stop | _rod(stop, dark_around)), score
-    return None
+        if MIN_AREA * x.size <= stop.sum() <= MAX_AREA * x.size:
+            yield stop, dark_around
 
 
 def _rod(stop: np.ndarray, dark: np.ndarray) -> np.ndarray:
