@@ -143,6 +143,22 @@ def test_origins_under_a_stop_found_about_the_centre_of_the_pattern_off_it():
     assert np.hypot(qx0 - truth.origin[..., 0], qy0 - truth.origin[..., 1]).mean() < 0.5
 
 
+def test_the_centre_of_a_pattern_off_its_stop_is_found_on_blocks_of_a_large_detector():
+    # rings about a known centre, a round stop a little off it with a rod to the edge; a
+    # detector over 1024 px across is judged on 2 px blocks, to a pixel
+    from py4dstem_prenet.beamstop import _centre_off
+
+    for n, centre, tolerance in ((256, (131.5, 120.0), 0.0), (1024, (531.0, 497.0), 0.75)):
+        rows, cols = np.indices((n, n))
+        r = np.hypot(rows - centre[0], cols - centre[1])
+        x = 1e3 * np.exp(-(((r - 0.2 * n) / (0.02 * n)) ** 2)) + 1e2 * np.exp(-r / (0.1 * n))
+        tip = (centre[0] + 0.03 * n, centre[1])
+        stop = (np.hypot(rows - tip[0], cols - tip[1]) <= 0.06 * n) | ((np.abs(cols - tip[1]) <= 0.01 * n)
+                                                                        & (rows >= tip[0]))
+        x[stop] = 0
+        assert np.hypot(*(_centre_off(x, stop) - centre)) <= tolerance
+
+
 def test_dark_gaps_between_disks_are_not_a_stop():
     # a dense lattice with no diffuse background: its gaps read nothing, but Friedel's
     # law maps them onto gaps, and their centre of symmetry is not hidden under them
