@@ -530,8 +530,8 @@ def _centre_off(x: np.ndarray, stop: np.ndarray) -> np.ndarray:
     ``stop`` (widened by 2 px) are most nearly inversion-symmetric: the peak of
     :func:`~py4dstem_prenet.refine.intensity_symmetry_map`, a correlation over the
     pixels that the inversion keeps, which the stop's dark does not pull as it pulls
-    the self-convolution. On a detector over 2 x CENTRE_OFF_PX across, the map is of
-    blocks of pixels (CENTRE_OFF_PX or more across; the centre to half a block)."""
+    the self-convolution. On a detector at least 2 x CENTRE_OFF_PX across, the map is
+    of blocks of pixels (CENTRE_OFF_PX or more across; the centre to half a block)."""
     valid = ~ndimage.binary_dilation(stop, iterations=2)
     step = max(1, min(x.shape) // CENTRE_OFF_PX)
     if step > 1:
