@@ -80,12 +80,12 @@ def test_an_off_centre_stop_is_found_on_a_crystal_and_no_stop_where_there_is_non
 
 
 def _off_stop_scan(seed, dose=1e4):
-    """A crystal scan (12 x 12 patterns of ``dose`` counts), its stop half a tip radius off the beam: data, truth."""
+    """A crystal scan (12 x 12 patterns of ``dose`` counts), its stop half a tip radius off the beam: DataCube, truth."""
     from py4dstem_prenet.simulation import simulate_datacube
 
     dc, truth = simulate_datacube((12, 12), (128, 128), "crystal", dose, (1.02, 0.6), beam_stop=True,
                                   beam_stop_offset=0.5, seed=seed)
-    return dc.data, truth
+    return dc, truth
 
 
 def test_a_stop_half_off_the_beam_is_found_where_the_pattern_is_more_symmetric_about_another_point():
@@ -93,8 +93,8 @@ def test_a_stop_half_off_the_beam_is_found_where_the_pattern_is_more_symmetric_a
     # the self-convolution's highest peak ~19 px away; the stop is found through a lower one
     from py4dstem_prenet.engine import measurement_block
 
-    data, truth = _off_stop_scan(36005000, 1e5)
-    total = measurement_block(data.reshape(-1, 128, 128))[:, 0].double().sum(0).numpy()
+    dc, truth = _off_stop_scan(36005000, 1e5)
+    total = measurement_block(dc.data.reshape(-1, 128, 128))[:, 0].double().sum(0).numpy()
     assert np.hypot(*(inversion_centre(total) - truth.origin.reshape(-1, 2).mean(0))) > 10
     true = truth.transmission < 0.5
     found = detect_beam_stop(total)
@@ -104,20 +104,20 @@ def test_a_stop_half_off_the_beam_is_found_where_the_pattern_is_more_symmetric_a
 def test_a_stop_over_a_dim_background_is_judged_on_blocks_sized_by_the_median():
     # the direct beam and Bragg disks hold most counts: blocks sized by the mean level
     # hold ~5 counts off them, and the stop does not read dark there
-    data, truth = _off_stop_scan(38900000)
+    dc, truth = _off_stop_scan(38900000)
     true = truth.transmission < 0.5
-    total = data.reshape(-1, 128, 128).sum(0).astype(float)
+    total = dc.data.reshape(-1, 128, 128).sum(0).astype(float)
     assert np.median(total) < 0.1 * total.mean()
-    found = scan_beam_stop(data)
+    found = scan_beam_stop(dc.data)
     assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
 
 
 def test_a_small_tip_beside_a_bright_crescent_is_grown_from_two_pixels():
     # the 3 x 3 mean takes a pixel off the tip beside the bright-field crescent, so it
     # reads as dark over only 2 px about the origin
-    data, truth = _off_stop_scan(38900001)
+    dc, truth = _off_stop_scan(38900001)
     true = truth.transmission < 0.5
-    found = scan_beam_stop(data)
+    found = scan_beam_stop(dc.data)
     assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
 
 
@@ -125,19 +125,17 @@ def test_a_stop_that_hides_too_little_about_the_beam_is_judged_about_the_centre_
     # at 1e3 counts a pattern the stop's mates through the origin are its own tip and a
     # dim background: no dark region there; grown through a centre 23 px away, the stop
     # does not cover that centre, but the pattern off it is symmetric about the origin
-    data, truth = _off_stop_scan(38900009, 1e3)
+    dc, truth = _off_stop_scan(38900009, 1e3)
     true = truth.transmission < 0.5
-    found = scan_beam_stop(data)
+    found = scan_beam_stop(dc.data)
     assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
 
 
 def test_origins_under_a_stop_found_about_the_centre_of_the_pattern_off_it():
     # without the stop the origins went 37 px off, to the brightest Bragg disk
     import py4dstem_prenet as prenet
-    from py4dstem_prenet.simulation import simulate_datacube
 
-    dc, truth = simulate_datacube((12, 12), (128, 128), "crystal", 1e3, (1.02, 0.6), beam_stop=True,
-                                  beam_stop_offset=0.5, seed=38900015)
+    dc, truth = _off_stop_scan(38900015, 1e3)
     out = prenet.preprocess(dc, denoise=False, ellipse=False, progress=False)
     qx0, qy0 = out.calibration.get_origin()
     assert np.hypot(qx0 - truth.origin[..., 0], qy0 - truth.origin[..., 1]).mean() < 0.5
@@ -145,7 +143,7 @@ def test_origins_under_a_stop_found_about_the_centre_of_the_pattern_off_it():
 
 def test_the_centre_of_a_pattern_off_its_stop_is_found_on_blocks_of_a_large_detector():
     # rings about a known centre, a round stop a little off it with a rod to the edge; a
-    # detector over 1024 px across is judged on 2 px blocks, to a pixel
+    # detector 1024 px or more across is judged on 2 px blocks, to a pixel
     from py4dstem_prenet.beamstop import _centre_off
 
     for n, centre, tolerance in ((256, (131.5, 120.0), 0.0), (1024, (531.0, 497.0), 0.75)):
