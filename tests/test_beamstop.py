@@ -183,6 +183,54 @@ def test_a_scan_sum_shows_a_stop_that_one_low_dose_pattern_does_not():
         scan_beam_stop(dc.data[0])
 
 
+def test_a_low_dose_scan_is_summed_until_it_holds_enough_counts_to_show_a_stop(monkeypatch):
+    import sys
+
+    pp = sys.modules["py4dstem_prenet.preprocess"]
+    summed = []
+    monkeypatch.setattr(pp, "detect_beam_stop", lambda total: summed.append(total))
+    rng = np.random.default_rng(0)
+    # 256 counts a pattern: the 16 runs of 16 hold 6.6e4, so the whole scan is summed
+    low = rng.poisson(1.0, (40, 40, 16, 16)).astype(np.uint16)
+    before = low.copy()
+    scan_beam_stop(low)
+    assert np.array_equal(summed[-1], low.sum(axis=(0, 1))) and np.array_equal(low, before)
+    # ... up to STOP_MAX_RUNS runs of a scan larger than those
+    big = np.zeros((130, 130, 16, 16), np.uint16)
+    big[..., 6:8, 6:10] = 1  # 8 counts a pattern
+    scan_beam_stop(big)
+    assert summed[-1].max() == pp.STOP_MAX_RUNS * pp.STOP_RUN < 130 * 130
+    # 2.6e4 counts a pattern: the 16 runs of 16 are enough
+    high = rng.poisson(100.0, (40, 40, 16, 16)).astype(np.uint16)
+    scan_beam_stop(high)
+    runs = np.linspace(0, 1600 - pp.STOP_RUN, pp.STOP_RUNS).round().astype(int)
+    flat = high.reshape(1600, 16, 16)
+    assert np.array_equal(summed[-1], sum(flat[i:i + pp.STOP_RUN].sum(axis=0) for i in runs))
+
+
+def test_a_stop_hidden_in_a_low_dose_scans_first_runs_is_found_on_more_of_it():
+    # 1e2 counts a pattern: the 256 patterns of 16 runs hold 2.6e4 counts, and show no stop
+    from py4dstem_prenet.simulation import simulate_datacube
+
+    dc, truth = simulate_datacube((32, 32), (128, 128), "crystal", 1e2, (1.02, 0.6), beam_stop=True,
+                                  beam_stop_offset=0.5, seed=39520007)
+    true = truth.transmission < 0.5
+    found = scan_beam_stop(dc.data)
+    assert found is not None and (found & true).sum() / (found | true).sum() >= 0.6
+
+
+def test_pooled_origins_that_agree_on_a_wrong_point_do_not_overrule_the_whole_scans_sum():
+    # 1e2 counts a pattern, the stop (given) half a tip radius off the beam: every pooled
+    # pattern (9 x 1e2 counts) lands on the same point 19 px off, so the pooled origins
+    # agree with their own descan fit; the tile model, on the whole scan's sum, does not
+    import py4dstem_prenet as prenet
+
+    dc, truth = _off_stop_scan(39520005, 1e2)
+    out = prenet.preprocess(dc, denoise=False, ellipse=False, progress=False, mask=truth.transmission > 0.5)
+    qx0, qy0 = out.calibration.get_origin()
+    assert np.hypot(qx0 - truth.origin[..., 0], qy0 - truth.origin[..., 1]).mean() < 0.5
+
+
 def test_preprocess_finds_a_hidden_beam_under_an_unmasked_stop():
     # the network takes a bright Bragg disk for the hidden direct beam; the stop found on
     # the pattern is then used as the mask, and the origin is looked for under it
