@@ -1443,6 +1443,12 @@ def intensity_symmetry_halves(x: torch.Tensor, origin0: torch.Tensor, search: fl
     return tuple(_intensity_peak(g * half, m * half, origin0, search) for half in (even, 1 - even))
 
 
+#: :func:`log_polar_view` resamples at most this many patterns at a time on the CPU:
+#: larger sampling grids outgrow the cache (1024 patterns of 128 px, preprocess's calls
+#: in blocks of 256: 12.6 s, in blocks of 64: 4.7 s). The views are the same either way.
+CPU_VIEW_CHUNK = 64
+
+
 def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float | torch.Tensor,
                    r_max: float | torch.Tensor, n_rho: int = 256, n_phi: int = 90) -> torch.Tensor:
     """Resample patterns on a log-radius x angle grid around their origins.
@@ -1458,6 +1464,12 @@ def log_polar_view(x: torch.Tensor, origin: torch.Tensor, r_min: float | torch.T
         (N, n_rho, n_phi) intensities (not normalised).
     """
     n, _, h, w = x.shape
+    if x.device.type == "cpu" and n > CPU_VIEW_CHUNK:
+        def rows(b, i):
+            return b[i:i + CPU_VIEW_CHUNK] if isinstance(b, torch.Tensor) and b.numel() == n else b
+
+        return torch.cat([log_polar_view(x[i:i + CPU_VIEW_CHUNK], origin[i:i + CPU_VIEW_CHUNK], rows(r_min, i),
+                                         rows(r_max, i), n_rho, n_phi) for i in range(0, n, CPU_VIEW_CHUNK)])
     t = torch.linspace(0.0, 1.0, n_rho, dtype=x.dtype, device=x.device)
     lo, hi = (torch.log(torch.as_tensor(b, dtype=x.dtype, device=x.device)).reshape(-1, 1) for b in (r_min, r_max))
     r = torch.exp(lo + (hi - lo) * t).expand(n, n_rho)

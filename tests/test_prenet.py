@@ -326,6 +326,19 @@ def test_log_polar_view_takes_a_band_per_pattern():
         assert torch.allclose(view[i], one[0], atol=1e-6)
 
 
+def test_log_polar_view_of_many_patterns_is_taken_in_chunks_with_the_same_result(monkeypatch):
+    import py4dstem_prenet.refine as refine
+
+    torch.manual_seed(0)
+    n = 2 * refine.CPU_VIEW_CHUNK + 3
+    x = torch.rand(n, 1, 40, 40)
+    o = 20.0 + 2 * torch.rand(n, 2)
+    r_min, r_max = 2.0 + torch.rand(n), torch.full((n,), 12.0)
+    chunked = log_polar_view(x, o, r_min, r_max, 16, 8)
+    monkeypatch.setattr(refine, "CPU_VIEW_CHUNK", n)
+    assert torch.equal(chunked, log_polar_view(x, o, r_min, r_max, 16, 8))
+
+
 def test_disk_model_centre_rejects_bad_input():
     x = torch.rand(2, 1, 32, 32)
     with pytest.raises(ValueError, match="origins"):
