@@ -1478,7 +1478,10 @@ class PreNet:
             DISK_MODEL_MIN_BIAS and DISK_MODEL_MIN_Z standard errors; the edge-blur
             estimate (:func:`~py4dstem_prenet.refine.edge_blur_bias`) elsewhere;
             not subtracted from 'origin' here, 0 for sources 0, 4 and 8, nan where it
-            has no estimate); with the
+            has no estimate), 'origin_disk_fit' (N, 2) px and 'origin_disk_sigma' (N,)
+            px, that fit's centre and standard error where it counts (nan elsewhere and
+            for sources other than 1, 2 and 7; :func:`~py4dstem_prenet.preprocess`
+            weighs it against the symmetry centre); with the
             ellipse stage 'e12' (N, 2).
             (:func:`~py4dstem_prenet.preprocess` adds 3: re-refined at the scan's
             descan fit, 5: measured on pooled scan neighbourhoods, and 6: the
@@ -1566,6 +1569,8 @@ class PreNet:
                     # the edge-blur bias of the symmetry centres (preprocess smooths it over the
                     # scan and subtracts it); 0 where the origin is not an edge-symmetry centre
                     bias = torch.zeros_like(o)
+                    disk_fit = torch.full_like(o, float("nan"))
+                    disk_sigma = torch.full((len(o),), float("nan"), dtype=o.dtype)
                     edge = (source == 1) | (source == 2) | (source == 7)
                     if edge.any():
                         i = torch.nonzero(edge)[:, 0]
@@ -1578,6 +1583,9 @@ class PreNet:
                         fit, ok, fit_sigma = disk_model_centre(xi, o[i], _disk_radius(xi, o[i], r_net),
                                                                None if v is None else v.to(dev),
                                                                max_sigma=DISK_MODEL_MAX_SIGMA)
+                        fitted = ok.cpu()
+                        disk_fit[i[fitted]] = fit.cpu()[fitted].to(o.dtype)
+                        disk_sigma[i[fitted]] = fit_sigma.cpu()[fitted].to(o.dtype)
                         ok &= (fit_sigma <= DISK_MODEL_MAX_SIGMA) & (torch.linalg.norm(o[i] - fit, dim=1) > torch.clamp(
                             DISK_MODEL_MIN_Z * fit_sigma, min=DISK_MODEL_MIN_BIAS))
                         bias[i] = o[i] - fit.to(o.dtype)
@@ -1587,6 +1595,8 @@ class PreNet:
                             bias[i[j]] = edge_blur_bias(xi[j.to(dev)], o[i[j]].to(dev).to(xr.dtype),
                                                         _valid_for(v, j)).cpu().to(o.dtype)
                     out["origin_blur_bias"] = bias.numpy().astype(np.float64)
+                    out["origin_disk_fit"] = disk_fit.numpy().astype(np.float64)
+                    out["origin_disk_sigma"] = disk_sigma.numpy().astype(np.float64)
                 out["origin"] = o.numpy().astype(np.float64)
             if self.ellipse:
                 o_e = out["origin"] if self.center else origin

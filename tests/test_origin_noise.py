@@ -540,3 +540,44 @@ def test_an_origin_placed_at_the_detectors_edge_by_the_stop_search_moves_to_the_
     moved, o, _ = _intensity_under_stop(x, valid, region, edge, torch.tensor([0.9]), 6.0, torch.tensor([True]),
                                         torch.tensor([False]))
     assert not moved.item() and torch.equal(o, edge)
+
+
+def test_combine_disk_fit_is_an_inverse_variance_mean():
+    from py4dstem_prenet.preprocess import combine_disk_fit
+
+    origin = np.zeros((5, 2))
+    fit = np.ones((5, 2))
+    fit[4] = np.nan  # no fit
+    sigma = np.array([0.05, 0.1, 0.05, 0.05, 0.05])
+    source = np.array([1, 2, 0, 1, 1], np.int8)  # pattern 2: the network's origin
+    counts = np.array([1e4, 1e4, 1e4, 1e3, 1e4])  # pattern 3: read denoised (below LOW_DOSE_COUNTS)
+    before = [a.copy() for a in (origin, fit, sigma, source, counts)]
+    out, noise, n = combine_disk_fit(origin, fit, sigma, source, counts, 0.05)
+    for a, b in zip((origin, fit, sigma, source, counts), before):
+        assert np.array_equal(a, b, equal_nan=True)
+    assert n == 2
+    assert np.allclose(out[0], 0.5) and np.allclose(out[1], 0.2)  # weights 1/2 and 0.05^2 / (0.1^2 + 0.05^2)
+    assert np.array_equal(out[2:], origin[2:])
+    # noise: 0.05 / sqrt(2) where the two are equal, 0.05 x sqrt(0.8) at 1 : 4, 0.05 unweighed
+    expected = np.sqrt(np.mean([0.05**2 / 2, 0.8 * 0.05**2, 0.05**2, 0.05**2, 0.05**2]))
+    assert noise == pytest.approx(expected)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        combine_disk_fit(origin, fit, sigma, source, counts, 0.0)
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        combine_disk_fit(origin, fit[:4], sigma, source, counts, 0.05)
+
+
+def test_preprocess_weighs_in_the_bright_field_disk_fit(monkeypatch):
+    # a development crystal scan at 1e5 counts (seed disjoint from the benchmark's): the
+    # symmetry centres weighed against their bright-field disk's fit are nearer the truth
+    # (RMS 0.0206 -> 0.0201 px; see DISK_FIT_SIGMA_SCALE for 12 x 12 dev scans)
+    pp = sys.modules["py4dstem_prenet.preprocess"]
+    dc, truth = simulate_datacube((8, 8), (128, 128), "crystal", 1e5, (1.02, 0.6), seed=33_000_041)
+    rms = {}
+    for scale in (1e9, pp.DISK_FIT_SIGMA_SCALE):  # 1e9: the fit weighs nothing
+        monkeypatch.setattr(pp, "DISK_FIT_SIGMA_SCALE", scale)
+        out = prenet.preprocess(dc, denoise=False, ellipse=False, progress=False)
+        err = np.stack(out.calibration.get_origin(), -1) - truth.origin
+        rms[scale] = np.sqrt(np.mean(np.sum(err**2, -1)))
+        assert out.metadata["prenet"]["origin_disk_weighed"] > 32
+    assert rms[pp.DISK_FIT_SIGMA_SCALE] < 0.99 * rms[1e9]
