@@ -301,6 +301,9 @@ def test_engine_takes_the_slope_bias_from_the_disk_fit():
     err = out["origin"] - true
     assert np.linalg.norm(err, axis=1).min() > 0.15
     assert np.all(np.linalg.norm(err - out["origin_blur_bias"], axis=1) < 0.03)
+    # the disk fit itself, which preprocess weighs against the symmetry centre
+    assert np.all(np.linalg.norm(out["origin_disk_fit"] - true, axis=1) < 0.03)
+    assert np.all((out["origin_disk_sigma"] > 0) & (out["origin_disk_sigma"] < 0.05))
 
 
 def test_engine_origins_do_not_depend_on_the_block():
@@ -312,7 +315,7 @@ def test_engine_origins_do_not_depend_on_the_block():
     both = net.run(block)
     for i in range(2):
         alone = net.run(block[i:i + 1])
-        for key in ("origin", "origin_blur_bias"):
+        for key in ("origin", "origin_blur_bias", "origin_disk_fit", "origin_disk_sigma"):
             assert np.allclose(alone[key][0], both[key][i], rtol=0, atol=1e-6), key
 
 
