@@ -37,7 +37,7 @@ from .views import VIEW_SIZE, ellipse_view, full_view, polar_rmax, view_to_detec
 
 __all__ = ["PreNet", "overlay_mask", "ellipse_bands", "add_polar_sums", "fit_ellipse_bands", "ring_scan",
            "disk_offsets", "combine_disk_ellipses", "poisson_noise_fraction", "read_noise_sigma", "dark_level",
-           "measurement_block", "equivalent_counts", "count_quantum", "whole_counts", "LOW_DOSE_COUNTS"]
+           "measurement_block", "equivalent_counts", "detector_gain", "count_quantum", "whole_counts", "LOW_DOSE_COUNTS"]
 
 #: Below this many counts per pattern the edge refinement reads the denoised pattern;
 #: above it, the recorded one with hot pixels removed (the denoiser's smoothing then
@@ -554,21 +554,50 @@ def equivalent_counts(block: np.ndarray, x: torch.Tensor, sigma: np.ndarray,
     integrating = np.flatnonzero(np.asarray(sigma) > 0)
     if len(integrating) == 0:
         return counts
-    raw = np.asarray(block)[integrating].astype(np.float64)
+    v = None if valid is None else valid.cpu().numpy()
+    gain = detector_gain(np.asarray(block)[integrating], np.asarray(sigma)[integrating],
+                         None if v is None else (v if v.ndim == 2 else v[integrating]))
+    above = counts[torch.from_numpy(integrating)].numpy()
+    electrons = np.where(gain > 0, above / np.maximum(gain, 1e-12), 0.0)
+    counts[torch.from_numpy(integrating)] = torch.from_numpy(electrons)
+    return counts
+
+
+def detector_gain(block: np.ndarray, sigma: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Counts per electron of each pattern of an integrating detector (an upper bound).
+
+    The pixel-to-pixel noise variance V of the recorded counts (residual against the
+    four nearest neighbours, :func:`poisson_noise_fraction`) is gain * S + pixels *
+    sigma^2, with S the counts' sum (which the noise does not bias) and ``sigma`` the
+    read noise (:func:`read_noise_sigma`). Edges add to V, so the gain is an upper
+    bound.
+
+    Parameters
+    ----------
+    block : numpy.ndarray
+        (N, H, W) recorded patterns (dark level subtracted; NaN/Inf pixels count as 0).
+    sigma : numpy.ndarray
+        (N,) their read noise, counts.
+    valid : numpy.ndarray, optional
+        (H, W) or (N, H, W) bool, False on masked pixels (left out of S and V).
+
+    Returns
+    -------
+    numpy.ndarray
+        (N,) gains, counts per electron; 0 where the patterns hold no signal or the
+        noise is not above the read noise's.
+    """
+    raw = np.asarray(block).astype(np.float64)
     raw[~np.isfinite(raw)] = 0.0
     keep = np.ones(raw.shape, bool)
     if valid is not None:
-        v = valid.cpu().numpy()
-        keep &= v if v.ndim == 2 else v[integrating]
+        keep &= np.asarray(valid, bool)
     raw *= keep
     both = keep[:, 1:-1, 1:-1]
     var = _neighbour_noise_variance(torch.from_numpy(raw)[:, None], torch.from_numpy(both)[:, None]).numpy()
     signal = (raw[:, 1:-1, 1:-1] * both).sum(axis=(1, 2))
-    gain = (var - both.sum(axis=(1, 2)) * np.asarray(sigma)[integrating] ** 2) / np.maximum(signal, 1e-12)
-    above = counts[torch.from_numpy(integrating)].numpy()
-    electrons = np.where((signal > 0) & (gain > 0), above / np.maximum(gain, 1e-12), 0.0)
-    counts[torch.from_numpy(integrating)] = torch.from_numpy(electrons)
-    return counts
+    gain = (var - both.sum(axis=(1, 2)) * np.asarray(sigma, np.float64) ** 2) / np.maximum(signal, 1e-12)
+    return np.where((signal > 0) & (gain > 0), gain, 0.0)
 
 
 def measurement_block(block: np.ndarray) -> torch.Tensor:

@@ -170,3 +170,31 @@ def test_the_networks_see_the_counts_above_an_unsubtracted_dark_level():
     a, b, theta = out.calibration.get_ellipse()
     assert abs(a / b - 1.03) < 0.006 and abs(np.degrees(theta) - np.degrees(0.4)) < 5
     assert abs(np.median(out.data) / np.median(before) - 1) < 0.01  # still on its pedestal
+
+
+def test_detector_gain_of_an_integrating_detector():
+    from py4dstem_prenet.engine import detector_gain
+
+    dc, _ = simulate_datacube((2, 2), (96, 96), "crystal", 1e4, (1.0, 0.0), detector=Detector(gain=10.0, read_noise=10.0),
+                              seed=33_000_051)
+    x = np.asarray(dc.data, np.float64).reshape(4, 96, 96)
+    before = x.copy()
+    gain = detector_gain(x, np.full(4, 10.0))
+    assert np.array_equal(x, before)
+    assert np.all((gain > 9.0) & (gain < 12.0))  # an upper bound: edges add to the pixel noise
+    assert np.all(detector_gain(np.zeros((2, 96, 96)), np.full(2, 10.0)) == 0)  # no signal, no gain
+
+
+def test_origin_noise_of_an_integrating_detector_by_data_fission():
+    from py4dstem_prenet.engine import PreNet
+    from py4dstem_prenet.preprocess import origin_noise
+
+    engine = PreNet(ellipse=False, denoise=False)
+    dc, truth = simulate_datacube((5, 5), (96, 96), "crystal", 1e5, (1.02, 0.6),
+                                  detector=Detector(gain=10.0, read_noise=10.0), seed=33_000_052)
+    before = dc.data.copy()
+    res = engine.run(dc.data.reshape(25, 96, 96))
+    noise = origin_noise(engine, dc.data, res["origin"], res["origin_source"], res["counts"])
+    assert np.array_equal(dc.data, before)
+    err = np.sqrt(np.mean(np.sum((res["origin"] - truth.origin.reshape(-1, 2)) ** 2, axis=1)))
+    assert noise is not None and 0.2 * err < noise < 3 * err
