@@ -962,7 +962,8 @@ def combine_disk_fit(origin: np.ndarray, disk_fit: np.ndarray, disk_sigma: np.nd
     w[use] = s_f[use] ** 2 / (s_f[use] ** 2 + noise**2)
     out = origin.copy()
     out[use] = w[use, None] * origin[use] + (1 - w[use, None]) * np.asarray(disk_fit, np.float64)[use]
-    var = np.where(use, w**2 * noise**2 + (1 - w) ** 2 * np.where(use, s_f, 0.0) ** 2, noise**2)
+    var = np.full(n, noise**2)
+    var[use] = w[use] ** 2 * noise**2 + (1 - w[use]) ** 2 * s_f[use] ** 2
     return out, float(np.sqrt(var.mean())), int(use.sum())
 
 
